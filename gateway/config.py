@@ -1,0 +1,215 @@
+"""Deployment configuration: one YAML file, validated strictly.
+
+Our own config uses ``extra="forbid"`` so a typo in a key is an error naming that key.
+Secrets never live in the file: it names environment variables that hold them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ROUTE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or invalid."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RouteMode(str, Enum):
+    auto = "auto"
+    teacher_only = "teacher_only"
+    student_only = "student_only"
+    shadow = "shadow"
+
+
+class Prices(StrictModel):
+    """Dollars per million tokens. Unset teacher prices fall back to litellm's cost map."""
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+
+
+class ServerConfig(StrictModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_body_bytes: int = Field(1_048_576, gt=0)
+    max_tokens_limit: int = Field(32_768, gt=0)
+
+
+class AuthConfig(StrictModel):
+    # Comma-separated bearer keys for clients. When the variable is unset or empty the
+    # OpenAI surface is open, which suits a loopback-only development gateway.
+    client_keys_env: str = "DISTILLGATE_API_KEYS"
+    admin_token_env: str = "DISTILLGATE_ADMIN_TOKEN"
+
+    def client_keys(self) -> list[str]:
+        raw = os.environ.get(self.client_keys_env, "")
+        return [key.strip() for key in raw.split(",") if key.strip()]
+
+    def admin_token(self) -> str | None:
+        return os.environ.get(self.admin_token_env) or None
+
+
+class StoreConfig(StrictModel):
+    kind: str = Field("sqlite", pattern="^sqlite$")
+    path: Path = Path("var/distillgate.db")
+    batch_size: int = Field(128, gt=0)
+    flush_interval_s: float = Field(0.05, gt=0)
+    queue_max: int = Field(10_000, gt=0)
+
+
+class VLLMConfig(StrictModel):
+    """The student server. ``launch`` starts it as a child of ``distillgate serve``."""
+
+    url: str = "http://127.0.0.1:8100"
+    launch: bool = True
+    python: Path = Path(".venv-vllm/bin/python")
+    model_dir: Path = Path("var/models/base")
+    served_model_name: str = "base"
+    max_model_len: int = 512
+    max_lora_rank: int = 8
+    max_loras: int = 2
+    extra_args: list[str] = []
+
+
+class ReplayTeacherConfig(StrictModel):
+    """The stand-in for the frontier API (no frontier API is reachable offline)."""
+
+    launch: bool = True
+    dataset: Path = Path("data/clinc150/data_full.json")
+    port: int = Field(8200, ge=1, le=65535)
+    latency_ms: float = Field(0.0, ge=0)
+    latency_jitter_ms: float = Field(0.0, ge=0)
+    error_rate: float = Field(0.0, ge=0, le=1)
+    accuracy: float = Field(1.0, ge=0, le=1)
+    seed: int = 0
+
+
+class TeacherConfig(StrictModel):
+    model: str = Field(description="litellm model id, e.g. openai/gpt-4.1-mini")
+    api_base: str | None = None
+    api_key_env: str | None = None
+    fallback_model: str | None = None
+    timeout_s: float = Field(30.0, gt=0)
+    max_retries: int = Field(2, ge=0, le=10)
+    backoff_base_s: float = Field(0.2, ge=0)
+    params: dict[str, Any] = {}
+    prices: Prices | None = None
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class StudentConfig(StrictModel):
+    base_model: str = "var/models/base"
+    system_prompt: str = ""
+    timeout_s: float = Field(10.0, gt=0)
+    # What a student token costs to serve (hardware amortised); used for the savings figure.
+    prices: Prices = Prices(input_per_mtok=0.0, output_per_mtok=0.0)
+    # Served without any adapter: for smoke tests of the student path before training.
+    serve_base_model: bool = False
+
+
+class TrainingConfig(StrictModel):
+    min_new_examples: int = Field(200, ge=1)
+    interval_minutes: float = Field(10.0, gt=0)
+    holdout_fraction: float = Field(0.1, gt=0, lt=1)
+    epochs: float = Field(3.0, gt=0)
+    learning_rate: float = Field(2e-3, gt=0)
+    lora_rank: int = Field(8, ge=1)
+    max_steps: int | None = None
+
+
+class GateConfig(StrictModel):
+    metric: str = Field("agreement", pattern="^(agreement|validity)$")
+    minimum: float = Field(0.5, ge=0, le=1)
+    tolerance: float = Field(0.01, ge=0, le=1)
+
+
+class RouteConfig(StrictModel):
+    name: str
+    mode: RouteMode = RouteMode.auto
+    teacher: TeacherConfig
+    student: StudentConfig = StudentConfig()
+    labels_from_dataset: bool = Field(
+        False, description="label route: valid answers are the labels of the replay dataset"
+    )
+    ood_threshold: float = Field(0.5, ge=0)
+    confidence_threshold: float | None = None
+    shadow_rate: float = Field(0.0, ge=0, le=1)
+    training: TrainingConfig = TrainingConfig()
+    gate: GateConfig = GateConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        if not ROUTE_NAME_PATTERN.match(name):
+            raise ValueError("route names are 1-64 characters of letters, digits, '.', '_', '-'")
+        return name
+
+
+class Settings(StrictModel):
+    server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
+    store: StoreConfig = StoreConfig()
+    vllm: VLLMConfig = VLLMConfig()
+    replay_teacher: ReplayTeacherConfig | None = None
+    routes: list[RouteConfig]
+
+    @model_validator(mode="after")
+    def _unique_routes(self) -> Settings:
+        names = [route.name for route in self.routes]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate route names: {', '.join(duplicates)}")
+        if not names:
+            raise ValueError("at least one route is required")
+        return self
+
+    def route(self, name: str) -> RouteConfig | None:
+        return next((route for route in self.routes if route.name == name), None)
+
+
+def _format_validation_error(path: Path, error: ValidationError) -> str:
+    lines = [f"invalid configuration in {path}:"]
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        lines.append(f"  {location}: {message}")
+    return "\n".join(lines)
+
+
+def parse_settings(data: Any, source: Path = Path("<memory>")) -> Settings:
+    """Validate an already-parsed mapping; raises ConfigError naming each bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid configuration in {source}: the top level must be a mapping")
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(source, error)) from None
+
+
+def load_settings(path: str | Path) -> Settings:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"configuration file {path} is not valid YAML: {error}") from None
+    return parse_settings(data, path)

@@ -1,0 +1,159 @@
+"""Routes as they are live: config plus operator overrides plus the serving student version.
+
+The pointer from a route to its student adapter is switched atomically (one attribute
+assignment on the event loop); requests count themselves in and out per adapter so a
+hot swap can wait for the old adapter to drain before vLLM unloads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.config import RouteConfig, RouteMode, Settings
+from gateway.errors import InvalidRequest, RouteNotFound
+from gateway.store import Store
+from router.decision import Mode, RoutePolicy
+
+logger = logging.getLogger(__name__)
+
+BASE_MODEL_VERSION = "base"
+
+
+class RouteOverrides(BaseModel):
+    """The live-tunable settings; PATCH bodies are validated against this model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ood_threshold: float | None = Field(None, ge=0)
+    confidence_threshold: float | None = None
+    shadow_rate: float | None = Field(None, ge=0, le=1)
+    mode: RouteMode | None = None
+
+
+@dataclass(frozen=True)
+class StudentPointer:
+    version: str
+    adapter_name: str  # the model name vLLM serves it under
+
+
+def adapter_name(route: str, version: str) -> str:
+    return f"{route}@{version}"
+
+
+class RouteState:
+    def __init__(self, config: RouteConfig, overrides: dict[str, Any]) -> None:
+        self.config = config
+        self.overrides = overrides
+        self.student: StudentPointer | None = None
+
+    def setting(self, name: str) -> Any:
+        return self.overrides[name] if name in self.overrides else getattr(self.config, name)
+
+    def policy(self) -> RoutePolicy:
+        return RoutePolicy(
+            route=self.config.name,
+            mode=Mode(RouteMode(self.setting("mode")).value),
+            ood_threshold=float(self.setting("ood_threshold")),
+            confidence_threshold=self.setting("confidence_threshold"),
+            shadow_rate=float(self.setting("shadow_rate")),
+            student_version=self.student.version if self.student else None,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        policy = self.policy()
+        return {
+            "name": self.config.name,
+            "mode": policy.mode.value,
+            "ood_threshold": policy.ood_threshold,
+            "confidence_threshold": policy.confidence_threshold,
+            "shadow_rate": policy.shadow_rate,
+            "student_version": policy.student_version,
+            "student_adapter": self.student.adapter_name if self.student else None,
+            "teacher_model": self.config.teacher.model,
+            "student_base_model": self.config.student.base_model,
+            "overrides": dict(self.overrides),
+        }
+
+
+class RouteTable:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self._store = store
+        self._routes = {route.name: RouteState(route, store.route_overrides(route.name)) for route in settings.routes}
+        self._in_flight: Counter[str] = Counter()
+        self._drained = asyncio.Event()
+        for state in self._routes.values():
+            live = store.live_version(state.config.name)
+            if live is not None:
+                state.student = StudentPointer(live["version"], adapter_name(state.config.name, live["version"]))
+            elif state.config.student.serve_base_model:
+                state.student = StudentPointer(BASE_MODEL_VERSION, "base")
+
+    def get(self, name: str) -> RouteState:
+        state = self._routes.get(name)
+        if state is None:
+            raise RouteNotFound(f"The model `{name}` does not exist: it is not a configured route.", param="model")
+        return state
+
+    def __iter__(self) -> Iterator[RouteState]:
+        return iter(self._routes.values())
+
+    def update(self, name: str, changes: dict[str, Any], actor: str) -> RouteState:
+        """Validate, persist and apply live overrides; effective for the next request."""
+        state = self.get(name)
+        try:
+            validated = RouteOverrides.model_validate(changes)
+        except ValidationError as error:
+            first = error.errors()[0]
+            field = ".".join(str(part) for part in first["loc"])
+            message = "unknown setting" if first["type"] == "extra_forbidden" else first["msg"]
+            raise InvalidRequest(f"{field}: {message}", param=field) from None
+        applied = {key: (value.value if isinstance(value, RouteMode) else value)
+                   for key, value in validated.model_dump(exclude_unset=True).items()}
+        if not applied:
+            raise InvalidRequest("no setting to change: send one of " + ", ".join(RouteOverrides.model_fields))
+        self._store.set_route_overrides(name, applied, actor)
+        state.overrides.update(applied)
+        logger.info("route settings changed", extra={"route": name, "actor": actor, "changes": applied})
+        return state
+
+    # -- student pointer and drain (used by the hot swap) ------------------------------------
+    def switch_student(self, name: str, pointer: StudentPointer | None) -> StudentPointer | None:
+        state = self.get(name)
+        previous, state.student = state.student, pointer
+        logger.info("student switched", extra={"route": name, "from": previous, "to": pointer})
+        return previous
+
+    @contextlib.contextmanager
+    def track(self, adapter: str) -> Iterator[None]:
+        self._in_flight[adapter] += 1
+        try:
+            yield
+        finally:
+            self._in_flight[adapter] -= 1
+            if self._in_flight[adapter] <= 0:
+                del self._in_flight[adapter]
+                self._drained.set()
+
+    def in_flight(self, adapter: str) -> int:
+        return self._in_flight.get(adapter, 0)
+
+    async def wait_drained(self, adapter: str, timeout_s: float = 30.0) -> bool:
+        """Wait until no request that chose ``adapter`` is still running."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.in_flight(adapter) > 0:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            self._drained.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), remaining)
+        return True

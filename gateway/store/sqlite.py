@@ -1,0 +1,160 @@
+"""SQLite store through sqlite-utils: WAL mode, ordered migrations, one class."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from gateway.store.migrations import migrate
+
+VERSION_STATUSES = ("candidate", "live", "retired", "rejected", "failed")
+
+
+class SQLiteStore:
+    """All persistence for one deployment. Thread-safe: one connection behind a lock."""
+
+    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 5_000) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(str(self.path), check_same_thread=False, timeout=busy_timeout_ms / 1000)
+        self.db = sqlite_utils.Database(connection)
+        self.db.enable_wal()
+        # NORMAL in WAL mode survives a process crash; only an OS crash can lose the last commits.
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self._lock = threading.RLock()
+        with self._lock:
+            migrate(self.db)
+
+    # -- request log -------------------------------------------------------------------------
+    def insert_requests(self, rows: list[dict[str, Any]]) -> None:
+        with self._lock, self.db.conn:
+            self.db["requests"].insert_all(rows, batch_size=len(rows) or 1, replace=True)
+
+    def insert_shadow_results(self, rows: list[dict[str, Any]]) -> None:
+        with self._lock, self.db.conn:
+            self.db["shadow_results"].insert_all(rows, batch_size=len(rows) or 1)
+
+    def count_requests(self, route: str | None = None) -> int:
+        where, args = ("route = ?", [route]) if route else (None, None)
+        with self._lock:
+            return self.db["requests"].count_where(where, args) if where else self.db["requests"].count
+
+    def iter_requests(
+        self, route: str, *, target: str | None = None, after: float = 0.0, ok_only: bool = True
+    ) -> Iterator[dict[str, Any]]:
+        clauses, args = ["route = ?", "created_at > ?"], [route, after]
+        if target:
+            clauses.append("target = ?")
+            args.append(target)
+        if ok_only:
+            clauses.append("status_code = 200")
+        with self._lock:
+            rows = list(self.db["requests"].rows_where(" and ".join(clauses), args, order_by="created_at"))
+        yield from rows
+
+    def iter_shadow_results(self, route: str, *, after: float = 0.0) -> Iterator[dict[str, Any]]:
+        with self._lock:
+            rows = list(
+                self.db["shadow_results"].rows_where(
+                    "route = ? and created_at > ?", [route, after], order_by="created_at"
+                )
+            )
+        yield from rows
+
+    def query(self, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """Read-only reporting queries (report, dashboard)."""
+        with self._lock:
+            return list(self.db.query(sql, params))
+
+    # -- live route settings -----------------------------------------------------------------
+    def route_overrides(self, route: str) -> dict[str, Any]:
+        with self._lock:
+            rows = self.db["route_overrides"].rows_where("route = ?", [route])
+            return {row["field"]: json.loads(row["value_json"]) for row in rows}
+
+    def set_route_overrides(self, route: str, changes: dict[str, Any], actor: str) -> None:
+        now = time.time()
+        with self._lock, self.db.conn:
+            current = self.route_overrides(route)
+            for field, value in changes.items():
+                self.db["route_overrides"].upsert(
+                    {"route": route, "field": field, "value_json": json.dumps(value), "updated_at": now},
+                    pk=("route", "field"),
+                )
+                self.db["route_audit"].insert(
+                    {
+                        "route": route,
+                        "actor": actor,
+                        "field": field,
+                        "old_json": json.dumps(current.get(field)),
+                        "new_json": json.dumps(value),
+                        "at": now,
+                    }
+                )
+
+    def route_audit(self, route: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.db["route_audit"].rows_where("route = ?", [route], order_by="id desc"))
+
+    # -- student registry --------------------------------------------------------------------
+    def upsert_version(self, row: dict[str, Any]) -> None:
+        if row.get("status") and row["status"] not in VERSION_STATUSES:
+            raise ValueError(f"unknown version status {row['status']!r}")
+        with self._lock, self.db.conn:
+            self.db["student_versions"].upsert(row, pk=("route", "version"))
+
+    def versions(self, route: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(
+                self.db["student_versions"].rows_where("route = ?", [route], order_by="created_at desc")
+            )
+
+    def live_version(self, route: str) -> dict[str, Any] | None:
+        with self._lock:
+            rows = list(
+                self.db["student_versions"].rows_where("route = ? and status = 'live'", [route], limit=1)
+            )
+        return rows[0] if rows else None
+
+    def set_live_version(self, route: str, version: str | None) -> None:
+        """Atomically make ``version`` the only live one for the route (None: no student)."""
+        now = time.time()
+        with self._lock, self.db.conn:
+            self.db.execute(
+                "update student_versions set status = 'retired' where route = ? and status = 'live'",
+                [route],
+            )
+            if version is not None:
+                updated = self.db.execute(
+                    "update student_versions set status = 'live', promoted_at = ? "
+                    "where route = ? and version = ?",
+                    [now, route, version],
+                ).rowcount
+                if updated != 1:
+                    raise KeyError(f"route {route!r} has no version {version!r}")
+
+    def record_training_run(self, row: dict[str, Any]) -> int:
+        with self._lock, self.db.conn:
+            return self.db["training_runs"].insert(row, alter=False).last_pk
+
+    def training_runs(self, route: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.db["training_runs"].rows_where("route = ?", [route], order_by="id desc"))
+
+    # -- health ------------------------------------------------------------------------------
+    def check_writable(self) -> None:
+        """Raises sqlite3.Error when the database cannot take a write right now."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("ROLLBACK")
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.conn.close()

@@ -1,0 +1,112 @@
+"""The batched, asynchronous request-log writer: off the request path, never dropping.
+
+Handlers ``await writer.log(row)``; a full queue makes them wait (back-pressure) rather
+than drop a row. One task drains the queue in batches and writes each batch in a worker
+thread. A failed batch is retried with backoff until it is written or the writer closes
+(then the rows are reported as lost in the log, loudly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+WriteBatch = Callable[[list[dict[str, Any]]], None]
+
+
+class BatchWriter:
+    def __init__(
+        self,
+        write_batch: WriteBatch,
+        *,
+        batch_size: int = 128,
+        flush_interval_s: float = 0.05,
+        queue_max: int = 10_000,
+        retry_backoff_s: float = 0.2,
+        name: str = "requests",
+    ) -> None:
+        self._write_batch = write_batch
+        self._batch_size = batch_size
+        self._flush_interval_s = flush_interval_s
+        self._retry_backoff_s = retry_backoff_s
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=queue_max)
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.name = name
+        self.rows_written = 0
+        self.write_errors = 0
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"batch-writer-{self.name}")
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def healthy(self) -> bool:
+        return self.last_error is None
+
+    async def log(self, row: dict[str, Any]) -> None:
+        await self._queue.put(row)
+
+    async def _next_batch(self) -> list[dict[str, Any]]:
+        batch = [await self._queue.get()]
+        deadline = asyncio.get_running_loop().time() + self._flush_interval_s
+        while len(batch) < self._batch_size:
+            timeout = deadline - asyncio.get_running_loop().time()
+            if timeout <= 0 and self._queue.empty():
+                break
+            try:
+                batch.append(self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self._queue.get(), timeout))
+            except (asyncio.QueueEmpty, TimeoutError):
+                break
+        return batch
+
+    async def _write_with_retry(self, batch: list[dict[str, Any]]) -> None:
+        attempt = 0
+        while True:
+            try:
+                await asyncio.to_thread(self._write_batch, batch)
+                self.rows_written += len(batch)
+                self.last_error = None
+                return
+            except (sqlite3.Error, OSError) as error:
+                attempt += 1
+                self.write_errors += 1
+                self.last_error = f"{type(error).__name__}: {error}"
+                logger.warning(
+                    "store write failed; retrying",
+                    extra={"writer": self.name, "rows": len(batch), "attempt": attempt, "error": self.last_error},
+                )
+                await asyncio.sleep(min(self._retry_backoff_s * 2 ** min(attempt, 5), 5.0))
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            try:
+                await self._write_with_retry(batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Flush every queued row, then stop."""
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout_s)
+        except TimeoutError:
+            logger.error("store writer closed with rows unwritten", extra={"writer": self.name, "rows": self.pending})
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._task = None

@@ -1,0 +1,1 @@
+"""The two upstreams: the self-hosted student (vLLM over httpx) and the teacher (litellm)."""

@@ -1,0 +1,59 @@
+"""Seams for the upstreams and the result shape both return."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class UpstreamFailure(Exception):
+    """An upstream could not answer. ``retryable`` marks 429/5xx/connection/timeout."""
+
+    def __init__(self, message: str, *, status_code: int | None = None, timeout: bool = False,
+                 retryable: bool = False) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.timeout = timeout
+        self.retryable = retryable
+
+
+@dataclass
+class Completion:
+    """A non-streamed answer in OpenAI's ``chat.completion`` shape, plus accounting."""
+
+    body: dict[str, Any]
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    latency_ms: float
+    model: str
+
+    @property
+    def text(self) -> str:
+        choices = self.body.get("choices") or [{}]
+        return (choices[0].get("message") or {}).get("content") or ""
+
+
+class StudentBackend(Protocol):
+    async def chat(self, model: str, body: dict[str, Any], timeout_s: float) -> Completion: ...
+
+    def stream(self, model: str, body: dict[str, Any], timeout_s: float) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def healthy(self) -> bool: ...
+
+    async def load_adapter(self, name: str, path: str) -> None: ...
+
+    async def unload_adapter(self, name: str) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class TeacherClient(Protocol):
+    async def chat(self, body: dict[str, Any]) -> Completion: ...
+
+    def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float: ...
+
+    async def healthy(self) -> bool: ...

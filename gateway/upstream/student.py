@@ -1,0 +1,123 @@
+"""The student backend: plain httpx to vLLM's OpenAI-compatible server.
+
+No SDK on this path: it serves most traffic, and a bare POST costs a fraction of an SDK
+call. The adapter name (``route@version``) is the ``model`` field.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from gateway.upstream.base import Completion, UpstreamFailure
+
+
+class VLLMStudent:
+    def __init__(self, base_url: str, *, transport: httpx.AsyncBaseTransport | None = None,
+                 max_connections: int = 256) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            transport=transport,
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            timeout=httpx.Timeout(30.0),
+        )
+
+    async def chat(self, model: str, body: dict[str, Any], timeout_s: float) -> Completion:
+        started = time.perf_counter()
+        payload = {**body, "model": model, "stream": False}
+        try:
+            response = await self._client.post("/v1/chat/completions", json=payload, timeout=timeout_s)
+        except httpx.TimeoutException as error:
+            raise UpstreamFailure(f"student timed out: {error!r}", timeout=True, retryable=True) from error
+        except httpx.HTTPError as error:
+            raise UpstreamFailure(f"student unreachable: {error!r}", retryable=True) from error
+        if response.status_code != 200:
+            raise UpstreamFailure(
+                f"student answered {response.status_code}: {response.text[:300]}",
+                status_code=response.status_code,
+                retryable=True,
+            )
+        data = _parse_completion(response)
+        usage = data.get("usage") or {}
+        return Completion(
+            body=data,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            cost_usd=0.0,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            model=model,
+        )
+
+    async def stream(self, model: str, body: dict[str, Any], timeout_s: float) -> AsyncIterator[dict[str, Any]]:
+        payload = {**body, "model": model, "stream": True}
+        try:
+            async with self._client.stream("POST", "/v1/chat/completions", json=payload, timeout=timeout_s) as response:
+                if response.status_code != 200:
+                    detail = (await response.aread()).decode(errors="replace")[:300]
+                    raise UpstreamFailure(
+                        f"student answered {response.status_code}: {detail}", status_code=response.status_code,
+                        retryable=True,
+                    )
+                async for line in response.aiter_lines():
+                    chunk = _parse_sse_line(line)
+                    if chunk is not None:
+                        yield chunk
+        except httpx.TimeoutException as error:
+            raise UpstreamFailure(f"student timed out: {error!r}", timeout=True, retryable=True) from error
+        except httpx.HTTPError as error:
+            raise UpstreamFailure(f"student stream failed: {error!r}", retryable=True) from error
+
+    async def healthy(self) -> bool:
+        try:
+            response = await self._client.get("/health", timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        await self._admin("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._admin("/v1/unload_lora_adapter", {"lora_name": name})
+
+    async def _admin(self, path: str, payload: dict[str, str]) -> None:
+        try:
+            response = await self._client.post(path, json=payload, timeout=120.0)
+        except httpx.HTTPError as error:
+            raise UpstreamFailure(f"vLLM {path} failed: {error!r}") from error
+        if response.status_code != 200:
+            raise UpstreamFailure(f"vLLM {path} answered {response.status_code}: {response.text[:300]}",
+                                  status_code=response.status_code)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _parse_completion(response: httpx.Response) -> dict[str, Any]:
+    try:
+        data = response.json()
+    except ValueError as error:
+        raise UpstreamFailure("student returned a body that is not JSON", retryable=True) from error
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
+        raise UpstreamFailure("student returned a malformed completion", retryable=True)
+    return data
+
+
+def _parse_sse_line(line: str) -> dict[str, Any] | None:
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if not data or data == "[DONE]":
+        return None
+    try:
+        chunk = json.loads(data)
+    except ValueError as error:
+        raise UpstreamFailure("student streamed a chunk that is not JSON", retryable=True) from error
+    if "error" in chunk:
+        raise UpstreamFailure(f"student stream error: {chunk['error']}", retryable=True)
+    return chunk

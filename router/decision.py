@@ -1,0 +1,65 @@
+"""The routing seam: what a decision is, what a route's live policy is, and ``Router``.
+
+The gateway builds a :class:`RoutePolicy` from the route's config plus its live overrides
+and asks a :class:`Router` for a :class:`Decision`. Nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Literal, Protocol
+
+Target = Literal["student", "teacher"]
+
+
+class Mode(str, Enum):
+    auto = "auto"
+    teacher_only = "teacher_only"
+    student_only = "student_only"
+    shadow = "shadow"
+
+
+@dataclass(frozen=True)
+class RoutePolicy:
+    """A route's routing settings as they are right now (config + live overrides)."""
+
+    route: str
+    mode: Mode
+    ood_threshold: float
+    confidence_threshold: float | None
+    shadow_rate: float
+    student_version: str | None  # None: no student yet (cold start)
+
+
+@dataclass
+class Decision:
+    target: Target
+    score: float | None = None  # OOD score; higher = further from the student's training data
+    reasons: list[str] = field(default_factory=list)
+    cascade: bool = False  # the student answers first; low confidence sends it to the teacher
+    shadow: bool = False  # also send to the teacher off the hot path to measure agreement
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Router(Protocol):
+    async def decide(self, policy: RoutePolicy, messages: list[dict[str, Any]]) -> Decision: ...
+
+
+class PolicyRouter:
+    """Mode and cold-start rules only; no learned signal. The router of last resort."""
+
+    async def decide(self, policy: RoutePolicy, messages: list[dict[str, Any]]) -> Decision:
+        return decide_without_score(policy)
+
+
+def decide_without_score(policy: RoutePolicy) -> Decision:
+    if policy.mode is Mode.teacher_only:
+        return Decision("teacher", reasons=["mode=teacher_only"])
+    if policy.student_version is None:
+        return Decision("teacher", reasons=["cold_start: no live student"])
+    if policy.mode is Mode.student_only:
+        return Decision("student", reasons=["mode=student_only"])
+    if policy.mode is Mode.shadow:
+        return Decision("teacher", reasons=["mode=shadow"], shadow=True)
+    return Decision("student", reasons=["no OOD detector fitted"])

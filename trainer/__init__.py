@@ -1,0 +1,1 @@
+"""Closing the loop: curation, LoRA distillation, evaluation, registry, schedule, hot swap."""
