@@ -15,8 +15,10 @@ import sys
 
 COMMAND_MODULES = [
     "gateway.commands",
+    "gateway.replay_teacher",
     "router.cli",
     "trainer.cli",
+    "trainer.cli_training",
 ]
 
 

@@ -145,8 +145,8 @@ class RouteConfig(StrictModel):
     mode: RouteMode = RouteMode.auto
     teacher: TeacherConfig
     student: StudentConfig = StudentConfig()
-    labels_from_dataset: bool = Field(
-        False, description="label route: valid answers are the labels of the replay dataset"
+    labels_dataset: Path | None = Field(
+        None, description="label route: valid answers are the labels in this CLINC150-format file"
     )
     ood_threshold: float = Field(0.5, ge=0)
     confidence_threshold: float | None = None

@@ -36,7 +36,7 @@ class BatchWriter:
         self._retry_backoff_s = retry_backoff_s
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=queue_max)
         self._task: asyncio.Task[None] | None = None
-        self._closing = False
+        self._overflow: set[asyncio.Task[None]] = set()
         self.name = name
         self.rows_written = 0
         self.write_errors = 0
@@ -55,6 +55,16 @@ class BatchWriter:
 
     async def log(self, row: dict[str, Any]) -> None:
         await self._queue.put(row)
+
+    def submit(self, row: dict[str, Any]) -> None:
+        """Queue a row from a context that cannot wait (a cancelled stream's cleanup): never
+        dropped; when the queue is full a task waits for room instead."""
+        try:
+            self._queue.put_nowait(row)
+        except asyncio.QueueFull:
+            task = asyncio.get_running_loop().create_task(self._queue.put(row))
+            self._overflow.add(task)
+            task.add_done_callback(self._overflow.discard)
 
     async def _next_batch(self) -> list[dict[str, Any]]:
         batch = [await self._queue.get()]
@@ -100,6 +110,8 @@ class BatchWriter:
         """Flush every queued row, then stop."""
         if self._task is None:
             return
+        if self._overflow:
+            await asyncio.gather(*self._overflow)
         try:
             await asyncio.wait_for(self._queue.join(), timeout_s)
         except TimeoutError:

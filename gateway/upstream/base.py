@@ -50,6 +50,8 @@ class StudentBackend(Protocol):
 
 
 class TeacherClient(Protocol):
+    model: str
+
     async def chat(self, body: dict[str, Any]) -> Completion: ...
 
     def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...

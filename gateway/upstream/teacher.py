@@ -64,6 +64,7 @@ def split_params(body: dict[str, Any]) -> dict[str, Any]:
 class LiteLLMTeacher:
     def __init__(self, config: TeacherConfig) -> None:
         self.config = config
+        self.model = config.model
         self._litellm = import_litellm()
 
     def _call_kwargs(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -74,6 +75,10 @@ class LiteLLMTeacher:
         api_key = self.config.api_key()
         if api_key:
             kwargs["api_key"] = api_key
+        elif self.config.api_base:
+            # A self-hosted OpenAI-compatible upstream (the replay teacher) needs no key, but
+            # the OpenAI client refuses to start without one.
+            kwargs["api_key"] = "no-key"
         return kwargs
 
     def _models(self) -> list[str]:
@@ -144,10 +149,11 @@ class LiteLLMTeacher:
             return True
         import httpx
 
+        api_key = self.config.api_key()
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         try:
             async with httpx.AsyncClient(timeout=2.0) as client:
-                response = await client.get(self.config.api_base.rstrip("/") + "/models",
-                                            headers={"authorization": f"Bearer {self.config.api_key() or ''}"})
+                response = await client.get(self.config.api_base.rstrip("/") + "/models", headers=headers)
         except httpx.HTTPError:
             return False
         return response.status_code < 500

@@ -1,0 +1,1 @@
+"""The operators' API under ``/admin`` (admin token required)."""

@@ -1,0 +1,83 @@
+"""Admin API: read and tune routes live, list, promote and roll back student versions."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from gateway.auth import require_admin
+from gateway.chat.routes import read_json_body
+from gateway.errors import InvalidRequest, NotFound, Unavailable
+from gateway.routes import RouteTable
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+
+def _routes(request: Request) -> RouteTable:
+    return request.app.state.routes
+
+
+def _version_view(row: dict[str, Any]) -> dict[str, Any]:
+    view = dict(row)
+    view["metrics"] = json.loads(view.pop("metrics_json") or "{}")
+    return view
+
+
+@router.get("/routes")
+async def list_routes(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [state.describe() for state in _routes(request)]}
+
+
+@router.get("/routes/{route}")
+async def get_route(route: str, request: Request) -> dict[str, Any]:
+    return _routes(request).get(route).describe()
+
+
+@router.patch("/routes/{route}")
+async def patch_route(route: str, request: Request, actor: str = Depends(require_admin)) -> dict[str, Any]:
+    changes = await read_json_body(request)
+    if not isinstance(changes, dict):
+        raise InvalidRequest("Request body must be a JSON object of settings to change.")
+    return _routes(request).update(route, changes, actor).describe()
+
+
+@router.get("/routes/{route}/audit")
+async def route_audit(route: str, request: Request) -> dict[str, Any]:
+    _routes(request).get(route)
+    return {"object": "list", "data": request.app.state.store.route_audit(route)}
+
+
+@router.get("/routes/{route}/versions")
+async def route_versions(route: str, request: Request) -> dict[str, Any]:
+    _routes(request).get(route)
+    return {"object": "list", "data": [_version_view(row) for row in request.app.state.store.versions(route)]}
+
+
+def _swapper(request: Request) -> Any:
+    swapper = getattr(request.app.state, "swapper", None)
+    if swapper is None:
+        raise Unavailable("Hot swap is not available: the student server is not configured.")
+    return swapper
+
+
+@router.post("/routes/{route}/promote")
+async def promote(route: str, request: Request) -> dict[str, Any]:
+    _routes(request).get(route)
+    payload = await read_json_body(request)
+    version = payload.get("version") if isinstance(payload, dict) else None
+    if not isinstance(version, str) or not version:
+        raise InvalidRequest("Send {\"version\": \"<version>\"} to promote.", param="version")
+    known = {row["version"] for row in request.app.state.store.versions(route)}
+    if version not in known:
+        raise NotFound(f"Route {route!r} has no version {version!r}.", param="version")
+    await _swapper(request).promote(route, version)
+    return _routes(request).get(route).describe()
+
+
+@router.post("/routes/{route}/rollback")
+async def rollback(route: str, request: Request) -> dict[str, Any]:
+    _routes(request).get(route)
+    await _swapper(request).rollback(route)
+    return _routes(request).get(route).describe()

@@ -1,0 +1,113 @@
+"""The app factory: every live object is built in the lifespan and kept on ``app.state``.
+
+Nothing heavy happens at import: no clients, no models, no torch. Tests build an app with
+``create_app(settings, components=...)`` to swap in their own upstreams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+
+from gateway.admin.routes import router as admin_router
+from gateway.chat.routes import router as chat_router
+from gateway.chat.service import ChatService, Observer
+from gateway.config import Settings
+from gateway.error_handlers import install_error_handlers
+from gateway.health import router as health_router
+from gateway.models_api import router as models_router
+from gateway.routes import RouteTable
+from gateway.shadow import ShadowRunner
+from gateway.store import BatchWriter, SQLiteStore, Store
+from gateway.upstream.base import StudentBackend, TeacherClient
+from router.decision import PolicyRouter, Router
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    """Overrides for the live objects; anything left None is built from the settings."""
+
+    store: Store | None = None
+    student: StudentBackend | None = None
+    teachers: dict[str, TeacherClient] | None = None
+    router: Router | None = None
+    observers: list[Observer] = field(default_factory=list)
+    extra_startup: list[Callable[[FastAPI], Any]] = field(default_factory=list)
+
+
+def _build_teachers(settings: Settings) -> dict[str, TeacherClient]:
+    from gateway.upstream.teacher import LiteLLMTeacher
+
+    return {route.name: LiteLLMTeacher(route.teacher) for route in settings.routes}
+
+
+def _build_student(settings: Settings) -> StudentBackend:
+    from gateway.upstream.student import VLLMStudent
+
+    return VLLMStudent(settings.vllm.url)
+
+
+def _build_router(settings: Settings, store: Store) -> Router:
+    """The OOD router when the router's extra is installed, else mode rules only."""
+    try:
+        from router.ood_router import build_ood_router
+    except ImportError:
+        logger.warning("router extra not installed: routing by mode and cold start only")
+        return PolicyRouter()
+    return build_ood_router(settings, store)
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    components: Components = app.state.components
+    store = components.store or SQLiteStore(settings.store.path)
+    writer = BatchWriter(store.insert_requests, batch_size=settings.store.batch_size,
+                         flush_interval_s=settings.store.flush_interval_s, queue_max=settings.store.queue_max)
+    shadow_writer = BatchWriter(store.insert_shadow_results, name="shadow_results")
+    student = components.student or _build_student(settings)
+    teachers = components.teachers or _build_teachers(settings)
+    routes = RouteTable(settings, store)
+    router = components.router or _build_router(settings, store)
+    shadow = ShadowRunner(student, teachers, shadow_writer)
+    app.state.store, app.state.writer, app.state.routes = store, writer, routes
+    app.state.student, app.state.router, app.state.shadow = student, router, shadow
+    app.state.chat_service = ChatService(routes, router, student, teachers, writer, shadow, components.observers)
+    writer.start()
+    shadow_writer.start()
+    shadow.start()
+    for startup in components.extra_startup:
+        await startup(app)
+    logger.info("gateway ready", extra={"routes": [route.name for route in settings.routes]})
+    try:
+        yield
+    finally:
+        await shadow.close()
+        await writer.close()
+        await shadow_writer.close()
+        await student.aclose()
+        if components.store is None:
+            store.close()
+        logger.info("gateway stopped", extra={"rows_written": writer.rows_written})
+
+
+def create_app(settings: Settings, components: Components | None = None) -> FastAPI:
+    app = FastAPI(title="distillgate", version="0.1.0", lifespan=_lifespan,
+                  description="OpenAI-compatible gateway with online distillation.")
+    app.state.settings = settings
+    app.state.components = components or Components()
+    app.state.client_keys = settings.auth.client_keys()
+    app.state.admin_token = settings.auth.admin_token()
+    app.state.started_at = int(time.time())
+    install_error_handlers(app)
+    for router in (chat_router, models_router, health_router, admin_router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,78 @@
+"""HTTP route for chat completions: read, bound, parse, validate, hand to the service."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from gateway.auth import require_client
+from gateway.chat.protocol import ChatCompletionRequest
+from gateway.chat.service import ChatService
+from gateway.error_handlers import validation_error
+from gateway.errors import InvalidRequest, PayloadTooLarge
+
+router = APIRouter()
+
+REQUEST_SCHEMA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}},
+    }
+}
+
+
+async def read_json_body(request: Request) -> Any:
+    """The body as JSON, refusing oversized bodies before reading them whole."""
+    limit: int = request.app.state.settings.server.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError:
+        raise InvalidRequest("Request body is not valid UTF-8.") from None
+    except (ValueError, RecursionError):
+        raise InvalidRequest("Request body is not valid JSON.") from None
+
+
+def parse_chat_request(payload: Any, max_tokens_limit: int) -> ChatCompletionRequest:
+    if not isinstance(payload, dict):
+        raise InvalidRequest("Request body must be a JSON object.")
+    try:
+        chat_request = ChatCompletionRequest.model_validate(payload)
+    except ValidationError as error:
+        raise validation_error(list(error.errors())) from None
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = getattr(chat_request, field)
+        if value is not None and value > max_tokens_limit:
+            raise InvalidRequest(f"{field} must be at most {max_tokens_limit}.", param=field)
+    return chat_request
+
+
+@router.post("/v1/chat/completions", openapi_extra=REQUEST_SCHEMA, response_model=None)
+async def chat_completions(
+    request: Request, client_key_id: str | None = Depends(require_client)
+) -> JSONResponse | StreamingResponse:
+    settings = request.app.state.settings
+    chat_request = parse_chat_request(await read_json_body(request), settings.server.max_tokens_limit)
+    service: ChatService = request.app.state.chat_service
+    if chat_request.stream:
+        started = await service.start_stream(chat_request, client_key_id)
+        return StreamingResponse(
+            started.events,
+            media_type="text/event-stream",
+            headers={**started.headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+    served = await service.complete(chat_request, client_key_id)
+    return JSONResponse(served.body, headers=served.headers)

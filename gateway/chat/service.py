@@ -1,0 +1,283 @@
+"""Serving one chat completion: decide, call the student or the teacher, fall back, log.
+
+The client never sees a student failure: any student error, timeout or low-confidence
+answer (cascade) is served by the teacher instead. Teacher failures, after the teacher
+client's own retries, become 502/504 in OpenAI's error format.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.chat import shapes
+from gateway.chat.protocol import ChatCompletionRequest
+from gateway.chat.record import RequestRecord, estimate_tokens
+from gateway.errors import UpstreamError, UpstreamTimeout, gateway_error_body
+from gateway.prompting import student_messages
+from gateway.routes import RouteState, RouteTable
+from gateway.store import BatchWriter
+from gateway.upstream.base import Completion, StudentBackend, TeacherClient, UpstreamFailure
+from router.decision import Decision, Router
+
+logger = logging.getLogger(__name__)
+
+Observer = Callable[[RequestRecord], None]
+
+
+@dataclass
+class Served:
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+@dataclass
+class StreamStart:
+    headers: dict[str, str]
+    events: AsyncIterator[bytes]
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {payload}\n\n".encode()
+
+
+def teacher_error(failure: UpstreamFailure) -> UpstreamError:
+    if failure.timeout:
+        return UpstreamTimeout("The teacher model timed out.")
+    return UpstreamError(f"The teacher model failed: {failure}")
+
+
+def _confident(logprobs: Any, threshold: float | None) -> bool:
+    from router.uncertainty import confident
+
+    return confident(logprobs, threshold)
+
+
+class ChatService:
+    def __init__(
+        self,
+        routes: RouteTable,
+        router: Router,
+        student: StudentBackend,
+        teachers: dict[str, TeacherClient],
+        writer: BatchWriter,
+        shadow: Any | None = None,
+        observers: list[Observer] | None = None,
+    ) -> None:
+        self.routes = routes
+        self.router = router
+        self.student = student
+        self.teachers = teachers
+        self.writer = writer
+        self.shadow = shadow
+        self.observers = observers or []
+
+    # -- shared steps ------------------------------------------------------------------------
+    async def _begin(self, request: ChatCompletionRequest, client_key_id: str | None) -> tuple[
+        RouteState, RequestRecord, Decision, dict[str, Any]
+    ]:
+        state = self.routes.get(request.model)
+        body = request.upstream_body()
+        record = RequestRecord(route=state.config.name, request=body, stream=request.stream,
+                               client_key_id=client_key_id)
+        decision = await self.router.decide(state.policy(), body["messages"])
+        record.router_score = decision.score
+        record.decision_reasons = list(decision.reasons)
+        return state, record, decision, body
+
+    def _student_body(self, state: RouteState, body: dict[str, Any], decision: Decision) -> dict[str, Any]:
+        student_body = {**body, "messages": student_messages(state.config.student.system_prompt, body["messages"])}
+        if decision.cascade and not student_body.get("logprobs"):
+            student_body.update(logprobs=True, top_logprobs=1)
+        return student_body
+
+    def _account(self, state: RouteState, record: RequestRecord, completion: Completion, target: str) -> None:
+        record.target = target
+        record.prompt_tokens = completion.prompt_tokens
+        record.completion_tokens = completion.completion_tokens
+        record.upstream_latency_ms = completion.latency_ms
+        teacher = self.teachers[state.config.name]
+        if target == "teacher":
+            record.cost_usd += completion.cost_usd
+            record.teacher_cost_usd = completion.cost_usd
+            record.teacher_model = completion.model
+        else:
+            prices = state.config.student.prices
+            record.cost_usd += prices.cost(completion.prompt_tokens, completion.completion_tokens)
+            record.teacher_cost_usd = teacher.cost(estimate_tokens(record.request["messages"]),
+                                                   completion.completion_tokens)
+
+    def _headers(self, record: RequestRecord) -> dict[str, str]:
+        headers = {
+            "x-request-id": record.id,
+            "x-distillgate-route": record.route,
+            "x-distillgate-target": record.target or "none",
+            "x-distillgate-student-version": record.student_version or "none",
+        }
+        if record.router_score is not None:
+            headers["x-distillgate-ood-score"] = f"{record.router_score:.4f}"
+        if record.fallback:
+            headers["x-distillgate-fallback"] = "true"
+        return headers
+
+    async def _finish(self, record: RequestRecord) -> None:
+        for observer in self.observers:
+            observer(record)
+        await self.writer.log(record.to_row())
+
+    def _student_failed(self, record: RequestRecord, reason: str) -> None:
+        record.fallback = True
+        record.decision_reasons.append(reason)
+        logger.warning("student failed; serving from the teacher",
+                       extra={"route": record.route, "request_id": record.id, "reason": reason})
+
+    # -- non-streaming -----------------------------------------------------------------------
+    async def complete(self, request: ChatCompletionRequest, client_key_id: str | None = None) -> Served:
+        state, record, decision, body = await self._begin(request, client_key_id)
+        try:
+            completion = None
+            if decision.target == "student" and state.student is not None:
+                completion = await self._try_student(state, record, decision, body)
+            if completion is None:
+                completion = await self._call_teacher(state, record, body)
+            record.response = shapes.completion_body(
+                completion.body, record.route, completion.prompt_tokens, completion.completion_tokens
+            )
+            self._maybe_shadow(state, record, decision, body, completion)
+            return Served(record.response, self._headers(record))
+        finally:
+            await self._finish(record)
+
+    async def _try_student(self, state: RouteState, record: RequestRecord, decision: Decision,
+                           body: dict[str, Any]) -> Completion | None:
+        pointer = state.student
+        assert pointer is not None
+        record.student_version = pointer.version
+        try:
+            with self.routes.track(pointer.adapter_name):
+                completion = await self.student.chat(
+                    pointer.adapter_name, self._student_body(state, body, decision), state.config.student.timeout_s
+                )
+        except UpstreamFailure as failure:
+            self._student_failed(record, f"student_error: {failure}")
+            return None
+        if decision.cascade and not _confident(completion.body["choices"][0].get("logprobs"),
+                                              state.policy().confidence_threshold):
+            record.cost_usd += state.config.student.prices.cost(completion.prompt_tokens, completion.completion_tokens)
+            record.decision_reasons.append("cascade: low student confidence")
+            return None
+        self._account(state, record, completion, "student")
+        return completion
+
+    async def _call_teacher(self, state: RouteState, record: RequestRecord, body: dict[str, Any]) -> Completion:
+        record.target = "teacher"
+        try:
+            completion = await self.teachers[state.config.name].chat(body)
+        except UpstreamFailure as failure:
+            error = teacher_error(failure)
+            record.fail(error.status_code, str(failure))
+            raise error from failure
+        self._account(state, record, completion, "teacher")
+        return completion
+
+    def _maybe_shadow(self, state: RouteState, record: RequestRecord, decision: Decision,
+                      body: dict[str, Any], completion: Completion) -> None:
+        if self.shadow is None or not decision.shadow:
+            return
+        self.shadow.submit(state, record, body, completion)
+
+    # -- streaming ---------------------------------------------------------------------------
+    async def start_stream(self, request: ChatCompletionRequest, client_key_id: str | None = None) -> StreamStart:
+        """Resolve who serves (including a student failure before its first chunk), so the
+        headers are known before the first byte goes out."""
+        state, record, decision, body = await self._begin(request, client_key_id)
+        try:
+            upstream, first = None, None
+            if decision.target == "student" and state.student is not None:
+                upstream, first = await self._open_student_stream(state, record, decision, body)
+            if upstream is None:
+                upstream, first = await self._open_teacher_stream(state, record, body)
+        except Exception:
+            await self._finish(record)
+            raise
+        events = self._relay(state, record, upstream, first, request.include_usage)
+        return StreamStart(self._headers(record), events)
+
+    async def _open_student_stream(self, state: RouteState, record: RequestRecord, decision: Decision,
+                                   body: dict[str, Any]) -> tuple[AsyncIterator[dict[str, Any]] | None, Any]:
+        pointer = state.student
+        assert pointer is not None
+        record.student_version = pointer.version
+        student_body = self._student_body(state, body, decision)
+        student_body["stream_options"] = {"include_usage": True}
+        upstream = self.student.stream(pointer.adapter_name, student_body, state.config.student.timeout_s)
+        try:
+            first = await upstream.__anext__()
+        except (UpstreamFailure, StopAsyncIteration) as failure:
+            self._student_failed(record, f"student_error: {failure!r}")
+            return None, None
+        record.target = "student"
+        return upstream, first
+
+    async def _open_teacher_stream(self, state: RouteState, record: RequestRecord,
+                                   body: dict[str, Any]) -> tuple[AsyncIterator[dict[str, Any]], Any]:
+        record.target = "teacher"
+        record.teacher_model = self.teachers[state.config.name].model
+        upstream = self.teachers[state.config.name].stream(body)
+        try:
+            first = await upstream.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except UpstreamFailure as failure:
+            error = teacher_error(failure)
+            record.fail(error.status_code, str(failure))
+            raise error from failure
+        return upstream, first
+
+    async def _relay(self, state: RouteState, record: RequestRecord, upstream: AsyncIterator[dict[str, Any]],
+                     first: Any, include_usage: bool) -> AsyncIterator[bytes]:
+        chunk_id, created = shapes.completion_id(), int(time.time())
+        started = time.perf_counter()
+        text: list[str] = []
+        usage: tuple[int, int] | None = None
+        finish_reason = None
+        completed = False
+        try:
+            chunk = first
+            while chunk is not None:
+                usage = shapes.chunk_usage(chunk) or usage
+                text.append(shapes.chunk_text(chunk))
+                outgoing = shapes.chunk_body(chunk, record.route, chunk_id, created)
+                if outgoing is not None:
+                    finish_reason = outgoing["choices"][0]["finish_reason"] or finish_reason
+                    yield sse(outgoing)
+                chunk = await anext(upstream, None)
+            prompt_tokens, completion_tokens = usage or (estimate_tokens(record.request["messages"]), len(text))
+            completion = Completion({}, prompt_tokens, completion_tokens, 0.0, (time.perf_counter() - started) * 1000,
+                                    record.teacher_model or "")
+            if record.target == "teacher":
+                completion.cost_usd = self.teachers[record.route].cost(prompt_tokens, completion_tokens)
+            self._account(state, record, completion, record.target or "teacher")
+            if include_usage:
+                yield sse(shapes.usage_chunk(record.route, chunk_id, created,
+                                             shapes.usage_of(prompt_tokens, completion_tokens)))
+            yield sse("[DONE]")
+            completed = True
+        except UpstreamFailure as failure:
+            record.fail(502, f"stream interrupted: {failure}")
+            yield sse(gateway_error_body(UpstreamError("The upstream stream was interrupted mid-answer.")))
+            completed = True
+        finally:
+            if not completed:
+                record.fail(499, "client disconnected mid-stream")
+            record.response = {"object": "chat.completion", "model": record.route, "streamed": True,
+                               "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                                            "finish_reason": finish_reason}]}
+            for observer in self.observers:
+                observer(record)
+            self.writer.submit(record.to_row())

@@ -1,0 +1,111 @@
+"""Upstream answers → OpenAI's exact shapes, under the route's name.
+
+vLLM and litellm both add fields of their own; clients get OpenAI's shape and nothing else,
+so a student-served and a teacher-served answer are indistinguishable but for our headers.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+MESSAGE_KEYS = ("role", "content", "tool_calls", "refusal", "function_call")
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def _message(raw: dict[str, Any]) -> dict[str, Any]:
+    message = {key: raw.get(key) for key in MESSAGE_KEYS if raw.get(key) is not None}
+    message.setdefault("role", "assistant")
+    message.setdefault("content", None)
+    message.setdefault("refusal", None)
+    return message
+
+
+def usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_body(
+    upstream: dict[str, Any], route: str, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    choices = [
+        {
+            "index": choice.get("index", index),
+            "message": _message(choice.get("message") or {}),
+            "logprobs": choice.get("logprobs"),
+            "finish_reason": choice.get("finish_reason") or "stop",
+        }
+        for index, choice in enumerate(upstream.get("choices") or [])
+    ]
+    return {
+        "id": completion_id(),
+        "object": "chat.completion",
+        "created": int(upstream.get("created") or time.time()),
+        "model": route,
+        "choices": choices,
+        "usage": usage_of(prompt_tokens, completion_tokens),
+        "system_fingerprint": None,
+    }
+
+
+def _delta(raw: dict[str, Any]) -> dict[str, Any]:
+    return {key: raw[key] for key in MESSAGE_KEYS if raw.get(key) is not None}
+
+
+def chunk_body(
+    upstream: dict[str, Any], route: str, chunk_id: str, created: int
+) -> dict[str, Any] | None:
+    """One ``chat.completion.chunk``; None for chunks that carry nothing for the client."""
+    choices = [
+        {
+            "index": choice.get("index", 0),
+            "delta": _delta(choice.get("delta") or {}),
+            "logprobs": choice.get("logprobs"),
+            "finish_reason": choice.get("finish_reason"),
+        }
+        for choice in upstream.get("choices") or []
+    ]
+    if not choices:
+        return None
+    return {
+        "id": chunk_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": route,
+        "choices": choices,
+        "system_fingerprint": None,
+    }
+
+
+def usage_chunk(route: str, chunk_id: str, created: int, usage: dict[str, int]) -> dict[str, Any]:
+    return {
+        "id": chunk_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": route,
+        "choices": [],
+        "usage": usage,
+        "system_fingerprint": None,
+    }
+
+
+def chunk_text(upstream: dict[str, Any]) -> str:
+    choices = upstream.get("choices") or []
+    if not choices:
+        return ""
+    return (choices[0].get("delta") or {}).get("content") or ""
+
+
+def chunk_usage(upstream: dict[str, Any]) -> tuple[int, int] | None:
+    usage = upstream.get("usage")
+    if not usage:
+        return None
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)

@@ -1,0 +1,139 @@
+"""``distillgate serve``: the gateway and, on the embedded default, what it stands on.
+
+With ``replay_teacher.launch`` the replay teacher (the stand-in for the frontier API) runs
+as a child process; with ``vllm.launch`` the student base model is built if missing and a
+real vLLM server runs as a child. The gateway starts at once and serves from the teacher
+until the student is up: student failures, including "not started yet", fall back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.config import ConfigError, Settings, load_settings
+
+logger = logging.getLogger(__name__)
+
+
+def _child(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _start_replay_teacher(settings: Settings, log_dir: Path) -> subprocess.Popen[bytes] | None:
+    options = settings.replay_teacher
+    if options is None or not options.launch:
+        return None
+    command = [
+        sys.executable, "-m", "gateway.cli", "replay-teacher",
+        "--dataset", str(options.dataset), "--port", str(options.port),
+        "--latency-ms", str(options.latency_ms), "--latency-jitter-ms", str(options.latency_jitter_ms),
+        "--error-rate", str(options.error_rate), "--accuracy", str(options.accuracy), "--seed", str(options.seed),
+    ]
+    logger.info("starting the replay teacher (stand-in for the frontier API)", extra={"port": options.port})
+    return _child(command, log_dir / "replay-teacher.log")
+
+
+def _ensure_student_base(config_path: Path, settings: Settings) -> None:
+    model_dir = settings.vllm.model_dir
+    if (model_dir / "config.json").exists():
+        return
+    route = settings.routes[0].name
+    logger.info("building the student base model", extra={"dir": str(model_dir), "route": route})
+    subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "init-student", "--config", str(config_path), "--route", route,
+         "--out", str(model_dir)],
+        check=True,
+    )
+
+
+def _start_vllm(settings: Settings, log_dir: Path) -> Any:
+    if not settings.vllm.launch:
+        return None
+    from gateway.vllm_process import VLLMProcess
+
+    vllm = settings.vllm
+    port = int(vllm.url.rsplit(":", 1)[1].split("/")[0])
+    process = VLLMProcess(vllm.python, vllm.model_dir, port, served_model_name=vllm.served_model_name,
+                          max_model_len=vllm.max_model_len, max_lora_rank=vllm.max_lora_rank,
+                          max_loras=vllm.max_loras, extra_args=vllm.extra_args, log_path=log_dir / "vllm.log")
+    logger.info("starting vLLM for the student", extra={"url": vllm.url, "log": str(log_dir / "vllm.log")})
+    process.start()
+    return process
+
+
+def _admin_token(settings: Settings) -> None:
+    if settings.auth.admin_token() is None:
+        token = secrets.token_urlsafe(24)
+        os.environ[settings.auth.admin_token_env] = token
+        print(f"admin token for this run (set {settings.auth.admin_token_env} to choose one): {token}", flush=True)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    log_dir = Path(args.log_dir)
+    _admin_token(settings)
+    children: list[Any] = []
+    try:
+        if settings.vllm.launch:
+            _ensure_student_base(Path(args.config), settings)
+        replay = _start_replay_teacher(settings, log_dir)
+        children += [child for child in (replay, _start_vllm(settings, log_dir)) if child is not None]
+        app = create_app(settings)
+        uvicorn.run(app, host=args.host or settings.server.host, port=args.port or settings.server.port,
+                    log_level="warning", timeout_graceful_shutdown=30)
+    finally:
+        for child in children:
+            _stop(child)
+    return 0
+
+
+def _stop(child: Any) -> None:
+    if hasattr(child, "stop"):
+        child.stop()
+        return
+    child.terminate()
+    deadline = time.monotonic() + 10
+    while child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if child.poll() is None:
+        child.kill()
+
+
+def check_config(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
+    print(f"{args.config}: ok ({len(settings.routes)} route(s): {', '.join(r.name for r in settings.routes)})")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("serve", help="run the gateway (and its student/teacher children)")
+    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("--host", default=None)
+    parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--log-dir", default="var/logs")
+    parser.set_defaults(func=serve)
+    check = subparsers.add_parser("check-config", help="validate a config file")
+    check.add_argument("--config", default="configs/default.yaml")
+    check.set_defaults(func=check_config)
