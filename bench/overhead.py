@@ -1,0 +1,150 @@
+"""The gateway's added latency and throughput, side by side in one run.
+
+Against one local OpenAI-compatible upstream (the replay teacher at zero latency), at
+several concurrencies, this measures:
+  direct          — clients call the upstream themselves;
+  gateway_student — distillgate serving a route from that upstream as its student
+                    (httpx hot path: the path most traffic takes);
+  gateway_teacher — distillgate serving a route from that upstream as its teacher (litellm);
+  litellm_proxy   — the LiteLLM proxy in front of the same upstream.
+Each process runs alone on the machine in turn (the upstream excepted), so the numbers
+compare configurations, not absolute capacity. Prints JSON.
+
+    python bench/overhead.py [--requests 400] [--concurrency 1 8 32] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import CLINC, Child, LoadResult, closed_loop, free_port, python_module  # noqa: E402
+
+BENCH_KEY = "sk-distillgate-bench-key"
+AUTH = {"authorization": f"Bearer {BENCH_KEY}"}
+PAYLOAD_MESSAGES = [{"role": "user", "content": "transfer $20000 from my savings account to checking account"}]
+
+
+def gateway_config(upstream: str, store_path: Path) -> dict[str, Any]:
+    def route(name: str, mode: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "mode": mode,
+            "teacher": {"model": "openai/replay-teacher", "api_base": f"{upstream}/v1", "max_retries": 0,
+                        "prices": {"input_per_mtok": 2.5, "output_per_mtok": 10.0}},
+            "student": {"serve_base_model": True, "timeout_s": 30},
+        }
+
+    return {
+        "store": {"path": str(store_path)},
+        "vllm": {"url": upstream, "launch": False},
+        "routes": [route("bench-student", "student_only"), route("bench-teacher", "teacher_only")],
+    }
+
+
+def litellm_config(upstream: str) -> dict[str, Any]:
+    return {
+        "model_list": [{"model_name": "bench", "litellm_params": {
+            "model": "openai/replay-teacher", "api_base": f"{upstream}/v1", "api_key": "no-key"}}],
+        "litellm_settings": {"telemetry": False, "drop_params": True},
+        "general_settings": {"master_key": BENCH_KEY},
+    }
+
+
+def measure(url: str, model: str, concurrency: int, requests: int) -> LoadResult:
+    payload = {"model": model, "messages": PAYLOAD_MESSAGES, "max_tokens": 8}
+    asyncio.run(closed_loop(url, payload, concurrency, min(requests, 50), AUTH))  # warm-up
+    return asyncio.run(closed_loop(url, payload, concurrency, requests, AUTH))
+
+
+def run(requests: int, concurrencies: list[int], workdir: Path, console: Console) -> dict[str, Any]:
+    upstream_port, gateway_port, proxy_port = free_port(), free_port(), free_port()
+    upstream = f"http://127.0.0.1:{upstream_port}"
+    config_path = workdir / "gateway.yaml"
+    config_path.write_text(yaml.safe_dump(gateway_config(upstream, workdir / "bench.db")))
+    proxy_path = workdir / "litellm.yaml"
+    proxy_path.write_text(yaml.safe_dump(litellm_config(upstream)))
+    targets = {
+        "direct": (None, f"{upstream}/v1/chat/completions", "replay-teacher"),
+        "gateway_student": ("gateway", f"http://127.0.0.1:{gateway_port}/v1/chat/completions", "bench-student"),
+        "gateway_teacher": ("gateway", f"http://127.0.0.1:{gateway_port}/v1/chat/completions", "bench-teacher"),
+        "litellm_proxy": ("proxy", f"http://127.0.0.1:{proxy_port}/v1/chat/completions", "bench"),
+    }
+    servers = {
+        "gateway": lambda: Child(python_module("gateway.cli", "--log-level", "WARNING", "serve", "--config",
+                                               str(config_path), "--port", str(gateway_port)),
+                                 f"http://127.0.0.1:{gateway_port}/healthz", workdir / "gateway.log",
+                                 env={"DISTILLGATE_API_KEYS": BENCH_KEY}),
+        "proxy": lambda: Child([str(Path(sys.executable).with_name("litellm")), "--config", str(proxy_path),
+                                "--port", str(proxy_port), "--num_workers", "1"],
+                               f"http://127.0.0.1:{proxy_port}/health/liveliness", workdir / "litellm.log"),
+    }
+    results: dict[str, dict[str, Any]] = {name: {} for name in targets}
+    upstream_server = Child(python_module("gateway.cli", "--log-level", "WARNING", "replay-teacher", "--dataset",
+                                          str(CLINC), "--port", str(upstream_port)),
+                            f"{upstream}/health", workdir / "upstream.log")
+    with upstream_server:
+        for name, (server, url, model) in targets.items():
+            child = servers[server]() if server else None
+            if child:
+                child.start(timeout_s=180)
+            try:
+                for concurrency in concurrencies:
+                    console.log(f"{name}: concurrency {concurrency}, {requests} requests")
+                    results[name][str(concurrency)] = measure(url, model, concurrency, requests).summary()
+            finally:
+                if child:
+                    child.stop()
+    return {"results": results, "comparison": compare(results, concurrencies)}
+
+
+def compare(results: dict[str, dict[str, Any]], concurrencies: list[int]) -> dict[str, Any]:
+    comparison: dict[str, Any] = {}
+    for concurrency in map(str, concurrencies):
+        direct = results["direct"][concurrency]
+        row: dict[str, Any] = {}
+        for name in ("gateway_student", "gateway_teacher", "litellm_proxy"):
+            measured = results[name][concurrency]
+            if measured["p50_ms"] is None or direct["p50_ms"] is None:
+                continue
+            row[f"{name}_added_p50_ms"] = round(measured["p50_ms"] - direct["p50_ms"], 3)
+            row[f"{name}_added_p99_ms"] = round(measured["p99_ms"] - direct["p99_ms"], 3)
+        proxy_rps = results["litellm_proxy"][concurrency]["requests_per_s"]
+        for name in ("gateway_student", "gateway_teacher"):
+            rps = results[name][concurrency]["requests_per_s"]
+            if rps and proxy_rps:
+                row[f"{name}_throughput_vs_litellm_proxy"] = round(rps / proxy_rps, 2)
+        comparison[concurrency] = row
+    return comparison
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=400, help="requests per configuration and concurrency")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: few requests, two concurrencies")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.concurrency = 40, [1, 4]
+    console = Console(stderr=True)
+    with tempfile.TemporaryDirectory(prefix="distillgate-bench-") as workdir:
+        report = run(args.requests, args.concurrency, Path(workdir), console)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

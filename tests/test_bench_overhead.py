@@ -1,0 +1,26 @@
+"""Smoke test of bench/overhead.py: it runs end to end and prints comparable JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.integration
+def test_overhead_benchmark_prints_side_by_side_json() -> None:
+    completed = subprocess.run(
+        [sys.executable, "bench/overhead.py", "--requests", "10", "--concurrency", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(completed.stdout)
+    for name in ("direct", "gateway_student", "gateway_teacher", "litellm_proxy"):
+        measured = report["results"][name]["2"]
+        assert measured["errors"] == 0 and measured["requests"] == 10 and measured["p50_ms"] > 0
+    assert report["comparison"]["2"]["gateway_student_throughput_vs_litellm_proxy"] > 0
