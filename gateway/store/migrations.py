@@ -128,7 +128,7 @@ def migrate(db: sqlite_utils.Database) -> list[str]:
     for migration in MIGRATIONS:
         if migration.__name__ in done:
             continue
-        with db.conn:
+        with db.atomic():
             migration(db)
             db["_migrations"].insert({"name": migration.__name__, "applied_at": time.time()})
         applied.append(migration.__name__)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -23,7 +24,10 @@ class SQLiteStore:
     def __init__(self, path: str | Path, *, busy_timeout_ms: int = 5_000) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(str(self.path), check_same_thread=False, timeout=busy_timeout_ms / 1000)
+        # Autocommit mode with explicit transactions (sqlite-utils' atomic(), savepoints when
+        # nested): a half-applied promotion must roll back whole.
+        connection = sqlite3.connect(str(self.path), check_same_thread=False, timeout=busy_timeout_ms / 1000,
+                                     isolation_level=None)
         self.db = sqlite_utils.Database(connection)
         self.db.enable_wal()
         # NORMAL in WAL mode survives a process crash; only an OS crash can lose the last commits.
@@ -32,13 +36,18 @@ class SQLiteStore:
         with self._lock:
             migrate(self.db)
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        with self._lock, self.db.atomic():
+            yield
+
     # -- request log -------------------------------------------------------------------------
     def insert_requests(self, rows: list[dict[str, Any]]) -> None:
-        with self._lock, self.db.conn:
+        with self._transaction():
             self.db["requests"].insert_all(rows, batch_size=len(rows) or 1, replace=True)
 
     def insert_shadow_results(self, rows: list[dict[str, Any]]) -> None:
-        with self._lock, self.db.conn:
+        with self._transaction():
             self.db["shadow_results"].insert_all(rows, batch_size=len(rows) or 1)
 
     def count_requests(self, route: str | None = None) -> int:
@@ -81,7 +90,7 @@ class SQLiteStore:
 
     def set_route_overrides(self, route: str, changes: dict[str, Any], actor: str) -> None:
         now = time.time()
-        with self._lock, self.db.conn:
+        with self._transaction():
             current = self.route_overrides(route)
             for field, value in changes.items():
                 self.db["route_overrides"].upsert(
@@ -107,7 +116,7 @@ class SQLiteStore:
     def upsert_version(self, row: dict[str, Any]) -> None:
         if row.get("status") and row["status"] not in VERSION_STATUSES:
             raise ValueError(f"unknown version status {row['status']!r}")
-        with self._lock, self.db.conn:
+        with self._transaction():
             self.db["student_versions"].upsert(row, pk=("route", "version"))
 
     def versions(self, route: str) -> list[dict[str, Any]]:
@@ -126,7 +135,7 @@ class SQLiteStore:
     def set_live_version(self, route: str, version: str | None) -> None:
         """Atomically make ``version`` the only live one for the route (None: no student)."""
         now = time.time()
-        with self._lock, self.db.conn:
+        with self._transaction():
             self.db.execute(
                 "update student_versions set status = 'retired' where route = ? and status = 'live'",
                 [route],
@@ -141,7 +150,7 @@ class SQLiteStore:
                     raise KeyError(f"route {route!r} has no version {version!r}")
 
     def record_training_run(self, row: dict[str, Any]) -> int:
-        with self._lock, self.db.conn:
+        with self._transaction():
             return self.db["training_runs"].insert(row, alter=False).last_pk
 
     def training_runs(self, route: str) -> list[dict[str, Any]]:
