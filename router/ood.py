@@ -1,0 +1,279 @@
+"""Out-of-distribution detectors: how far a prompt is from what the student was trained on.
+
+``OODDetector`` is the seam: ``fit(embeddings, labels=None)`` on the student's training
+prompts, ``score(embeddings)`` for new ones (higher = further out, never negative, so an
+operator's ``ood_threshold`` is a plain non-negative number). Detectors save as one
+``.npz`` of arrays plus a JSON header (no pickled code) and are registered by name.
+
+Measured on CLINC150 (train -> test vs. oos_test, frozen all-MiniLM-L6-v2): plain kNN cosine
+distance (k=5) 0.966 AUROC; centred and projected on 64 principal directions 0.973; plus the
+distance to the nearest class centroid (when labels exist) 0.975, the default. Mahalanobis
+(class-conditional, Ledoit-Wolf) 0.946.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_CALIBRATION_SAMPLE = 2000  # training rows used to learn score scales (leave-one-out)
+
+
+@runtime_checkable
+class OODDetector(Protocol):
+    name: str
+    meta: dict[str, Any]
+
+    def fit(self, embeddings: np.ndarray, labels: Sequence[str] | None = None) -> OODDetector: ...
+
+    def score(self, embeddings: np.ndarray) -> np.ndarray: ...
+
+    def save(self, path: str | Path) -> Path: ...
+
+
+def _normalize(matrix: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return (matrix / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _as_matrix(embeddings: np.ndarray) -> np.ndarray:
+    matrix = np.asarray(embeddings, dtype=np.float32)
+    return matrix[None, :] if matrix.ndim == 1 else matrix
+
+
+def _class_means(matrix: np.ndarray, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    classes, index = np.unique(np.asarray(labels, dtype=str), return_inverse=True)
+    sums = np.zeros((len(classes), matrix.shape[1]), dtype=np.float64)
+    np.add.at(sums, index, matrix)
+    means = sums / np.bincount(index, minlength=len(classes))[:, None]
+    return means.astype(np.float32), index, [str(name) for name in classes]
+
+
+class KNNDetector:
+    """Mean cosine distance to the k nearest training prompts, in a small PCA space.
+
+    Embeddings are centred on the training mean and projected on the top ``dims`` principal
+    directions before the cosine kNN: on CLINC150 that is both better (AUROC 0.968 -> 0.973)
+    and six times cheaper per request than the full 384 dimensions. With labels, the cosine
+    distance to the nearest class centroid (full dimension) is added, scaled so both parts
+    spread alike on the training data (leave-one-out): a prompt near one odd training example
+    but far from every class is still flagged.
+    """
+
+    name = "knn"
+
+    def __init__(self, k: int = 5, dims: int = 64, use_centroids: bool = True) -> None:
+        self.k = k
+        self.dims = dims
+        self.use_centroids = use_centroids
+        self.meta: dict[str, Any] = {}
+        self.mean: np.ndarray | None = None
+        self.basis: np.ndarray | None = None  # (dim, dims) PCA projection
+        self.bank: np.ndarray | None = None
+        self.centroids: np.ndarray | None = None
+        self.centroid_weight = 0.0
+
+    def _centre(self, embeddings: np.ndarray) -> np.ndarray:
+        assert self.mean is not None, "detector is not fitted"
+        return _normalize(_as_matrix(embeddings) - self.mean)
+
+    def _project(self, centred: np.ndarray) -> np.ndarray:
+        assert self.basis is not None
+        return _normalize(centred @ self.basis)
+
+    def fit(self, embeddings: np.ndarray, labels: Sequence[str] | None = None) -> KNNDetector:
+        matrix = _as_matrix(embeddings)
+        if len(matrix) < 2:
+            raise ValueError("kNN detector needs at least two training prompts")
+        self.mean = matrix.mean(axis=0).astype(np.float32)
+        centred = self._centre(matrix)
+        dims = max(1, min(self.dims, matrix.shape[1], len(matrix) - 1))
+        _, vectors = np.linalg.eigh(np.cov(centred.T.astype(np.float64)))
+        self.basis = np.ascontiguousarray(vectors[:, ::-1][:, :dims], dtype=np.float32)
+        self.bank = np.ascontiguousarray(self._project(centred))
+        self.centroids, self.centroid_weight = None, 0.0
+        sample = np.random.default_rng(0).permutation(len(matrix))[:_CALIBRATION_SAMPLE]
+        train_scores = self._knn(self.bank[sample], exclude_self=True)
+        if labels is not None and self.use_centroids and len(set(labels)) > 1:
+            means, _, _ = _class_means(centred, labels)
+            self.centroids = _normalize(means)
+            centroid_part = self._centroid(centred[sample])
+            # Equal spread on the training data: same ranking as a sum of z-scores, but stays >= 0.
+            self.centroid_weight = float(train_scores.std() / max(centroid_part.std(), 1e-6))
+            train_scores = self._combine(train_scores, centroid_part)
+        self.meta = {"k": self.k, "dims": dims, "train_size": int(len(matrix)),
+                     "centroids": self.centroids is not None,
+                     "threshold_keep_95": float(np.quantile(train_scores, 0.95))}
+        return self
+
+    def _knn(self, projected: np.ndarray, exclude_self: bool = False) -> np.ndarray:
+        assert self.bank is not None
+        k = min(self.k + int(exclude_self), len(self.bank))
+        sims = projected @ self.bank.T
+        top = -np.partition(-sims, k - 1, axis=1)[:, :k]
+        if exclude_self:  # the query's best match is itself
+            top = np.sort(top, axis=1)[:, :-1]
+        return 1.0 - top.mean(axis=1)
+
+    def _centroid(self, centred: np.ndarray) -> np.ndarray:
+        assert self.centroids is not None
+        return 1.0 - (centred @ self.centroids.T).max(axis=1)
+
+    def _combine(self, knn_part: np.ndarray, centroid_part: np.ndarray) -> np.ndarray:
+        return (knn_part + self.centroid_weight * centroid_part) / (1 + self.centroid_weight)
+
+    def score(self, embeddings: np.ndarray) -> np.ndarray:
+        centred = self._centre(embeddings)
+        scores = self._knn(self._project(centred))
+        if self.centroids is not None:
+            scores = self._combine(scores, self._centroid(centred))
+        return np.maximum(scores, 0.0)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        arrays = {"mean": self.mean, "basis": self.basis, "bank": self.bank}
+        if self.centroids is not None:
+            arrays["centroids"] = self.centroids
+        return arrays
+
+    def params(self) -> dict[str, Any]:
+        return {"k": self.k, "dims": self.dims, "use_centroids": self.use_centroids,
+                "centroid_weight": self.centroid_weight}
+
+    def restore(self, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> None:
+        self.mean, self.basis, self.bank = arrays["mean"], arrays["basis"], arrays["bank"]
+        self.centroids = arrays.get("centroids")
+        self.centroid_weight = float(params.get("centroid_weight", 0.0))
+
+    def save(self, path: str | Path) -> Path:
+        return save_detector(self, path)
+
+
+class MahalanobisDetector:
+    """Mahalanobis distance with a Ledoit-Wolf shrinkage covariance.
+
+    With labels: class-conditional means and one shared covariance of the residuals (the
+    usual recipe for sentence embeddings), scoring the distance to the nearest class mean.
+    """
+
+    name = "mahalanobis"
+
+    def __init__(self) -> None:
+        self.meta: dict[str, Any] = {}
+        self.means: np.ndarray | None = None
+        self.precision: np.ndarray | None = None
+
+    def fit(self, embeddings: np.ndarray, labels: Sequence[str] | None = None) -> MahalanobisDetector:
+        from sklearn.covariance import LedoitWolf
+
+        matrix = _as_matrix(embeddings).astype(np.float64)
+        if labels is not None and len(set(labels)) > 1:
+            means, index, _ = _class_means(matrix, labels)
+            residuals = matrix - means[index]
+        else:
+            means = matrix.mean(axis=0, keepdims=True)
+            residuals = matrix - means
+        estimator = LedoitWolf().fit(residuals)
+        self.means = np.asarray(means, dtype=np.float32)
+        self.precision = estimator.precision_.astype(np.float32)
+        self.meta = {"train_size": int(len(matrix)), "classes": int(len(self.means)),
+                     "shrinkage": float(estimator.shrinkage_)}
+        self.meta["threshold_keep_95"] = float(np.quantile(self.score(matrix), 0.95))
+        return self
+
+    def score(self, embeddings: np.ndarray) -> np.ndarray:
+        assert self.means is not None and self.precision is not None, "detector is not fitted"
+        queries = _as_matrix(embeddings)
+        projected = queries @ self.precision
+        # |x - m|^2_P expanded so all classes are scored in one matrix product.
+        squared = (
+            (projected * queries).sum(axis=1)[:, None]
+            - 2.0 * projected @ self.means.T
+            + ((self.means @ self.precision) * self.means).sum(axis=1)[None, :]
+        )
+        return np.sqrt(np.maximum(squared.min(axis=1), 0.0) / queries.shape[1])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"means": self.means, "precision": self.precision}
+
+    def params(self) -> dict[str, Any]:
+        return {}
+
+    def restore(self, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> None:
+        self.means, self.precision = arrays["means"], arrays["precision"]
+
+    def save(self, path: str | Path) -> Path:
+        return save_detector(self, path)
+
+
+DETECTORS: dict[str, type] = {KNNDetector.name: KNNDetector, MahalanobisDetector.name: MahalanobisDetector}
+DEFAULT_DETECTOR = KNNDetector.name
+
+
+def create_detector(kind: str = DEFAULT_DETECTOR, **kwargs: Any) -> Any:
+    """A new, unfitted detector of a registered kind."""
+    try:
+        return DETECTORS[kind](**kwargs)
+    except KeyError:
+        raise ValueError(f"unknown detector {kind!r}; known: {', '.join(sorted(DETECTORS))}") from None
+
+
+def _npz_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
+def save_detector(detector: Any, path: str | Path) -> Path:
+    """Write ``<path>.npz`` (arrays) with a JSON header inside; returns the file written."""
+    target = _npz_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": FORMAT_VERSION, "kind": detector.name, "params": detector.params(),
+              "meta": detector.meta}
+    arrays = {key: value for key, value in detector.arrays().items() if value is not None}
+    tmp = target.with_name(target.name + ".tmp.npz")
+    np.savez(tmp, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
+    tmp.replace(target)  # atomic: a loader never sees a half-written detector
+    return target
+
+
+def load_detector(path: str | Path) -> Any:
+    """Load a detector written by :func:`save_detector` (no pickle: ``allow_pickle=False``)."""
+    with np.load(_npz_path(path), allow_pickle=False) as data:
+        header = json.loads(bytes(data["header"]).decode())
+        arrays = {key: data[key] for key in data.files if key != "header"}
+    if header.get("format") != FORMAT_VERSION:
+        raise ValueError(f"unsupported detector format {header.get('format')!r} in {path}")
+    params = header.get("params", {})
+    init = {key: params[key] for key in ("k", "dims", "use_centroids")} if header["kind"] == "knn" else {}
+    detector = create_detector(header["kind"], **init)
+    detector.restore(arrays, params)
+    detector.meta = header.get("meta", {})
+    return detector
+
+
+def fit_detector_for_texts(
+    texts: Sequence[str],
+    labels: Sequence[str] | None,
+    kind: str,
+    out_path: str | Path,
+    embedder: Any,
+) -> Path:
+    """Fit a detector on a student's training prompts and save it; returns the saved file.
+
+    The trainer calls this when it trains a student version, and stores the path in
+    ``student_versions.detector_path`` so the detector is versioned with the student.
+    ``meta["threshold_keep_95"]`` is a starting threshold that keeps 95% of the training
+    prompts on the student, until ``distillgate calibrate`` has shadow data to do better.
+    """
+    embeddings = embedder.encode(list(texts))
+    detector = create_detector(kind).fit(embeddings, labels)
+    saved = save_detector(detector, out_path)
+    logger.info("ood detector fitted", extra={"kind": kind, "examples": len(texts), "path": str(saved)})
+    return saved
