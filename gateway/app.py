@@ -19,8 +19,11 @@ from gateway.admin.routes import router as admin_router
 from gateway.chat.routes import router as chat_router
 from gateway.chat.service import ChatService, Observer
 from gateway.config import Settings
+from gateway.dashboard.routes import router as dashboard_router
 from gateway.error_handlers import install_error_handlers
 from gateway.health import router as health_router
+from gateway.metrics import GatewayMetrics, scrape_token_from_env
+from gateway.metrics import router as metrics_router
 from gateway.models_api import router as models_router
 from gateway.routes import RouteTable
 from gateway.shadow import ShadowRunner
@@ -80,7 +83,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     shadow = ShadowRunner(student, teachers, shadow_writer)
     app.state.store, app.state.writer, app.state.routes = store, writer, routes
     app.state.student, app.state.router, app.state.shadow = student, router, shadow
-    app.state.chat_service = ChatService(routes, router, student, teachers, writer, shadow, components.observers)
+    metrics: GatewayMetrics = app.state.metrics
+    metrics.bind(store=store, routes=routes, writers=[writer, shadow_writer], shadow=shadow)
+    app.state.chat_service = ChatService(routes, router, student, teachers, writer, shadow,
+                                         [*components.observers, metrics.observe])
     writer.start()
     shadow_writer.start()
     shadow.start()
@@ -107,7 +113,8 @@ def create_app(settings: Settings, components: Components | None = None) -> Fast
     app.state.client_keys = settings.auth.client_keys()
     app.state.admin_token = settings.auth.admin_token()
     app.state.started_at = int(time.time())
+    app.state.metrics = GatewayMetrics(scrape_token=scrape_token_from_env())
     install_error_handlers(app)
-    for router in (chat_router, models_router, health_router, admin_router):
+    for router in (chat_router, models_router, health_router, admin_router, metrics_router, dashboard_router):
         app.include_router(router)
     return app

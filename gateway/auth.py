@@ -2,6 +2,13 @@
 
 Keys are compared in constant time and never logged: a request is identified in the log
 by a short hash of its key.
+
+The dashboard's browser session carries the admin credential as an HttpOnly, SameSite=Strict
+cookie holding an HMAC of the admin token (never the token itself; rotating the token ends
+every session). Because a cookie rides along on cross-site requests, a cookie alone only
+authorises safe methods: a state-changing request must also carry the
+``x-distillgate-dashboard`` header, which another origin's page cannot add without a CORS
+preflight that this server never grants.
 """
 
 from __future__ import annotations
@@ -34,6 +41,30 @@ def _matches(token: str, candidates: list[str]) -> bool:
     return found
 
 
+def constant_time_in(token: str, candidates: list[str]) -> bool:
+    """Whether ``token`` is one of ``candidates``, compared in constant time."""
+    return _matches(token, candidates)
+
+
+ADMIN_COOKIE = "distillgate_admin"
+DASHBOARD_HEADER = "x-distillgate-dashboard"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def admin_session_value(admin_token: str) -> str:
+    """The dashboard cookie's value for this admin token."""
+    return hmac.new(admin_token.encode(), b"distillgate-dashboard-session", hashlib.sha256).hexdigest()
+
+
+def _cookie_admin(request: Request, admin_token: str) -> str | None:
+    cookie = request.cookies.get(ADMIN_COOKIE)
+    if not cookie or not _matches(cookie, [admin_session_value(admin_token)]):
+        return None
+    if request.method not in SAFE_METHODS and request.headers.get(DASHBOARD_HEADER) is None:
+        return None
+    return f"dashboard:{key_id(admin_token)}"
+
+
 def require_client(request: Request) -> str | None:
     """The caller's key id; raises 401 unless the key is configured (open when none are)."""
     keys: list[str] = request.app.state.client_keys
@@ -54,6 +85,9 @@ def require_admin(request: Request) -> str:
     if admin_token is None:
         raise PermissionDenied("The admin API is disabled: set the admin token environment variable.")
     token = bearer_token(request)
-    if token is None or not _matches(token, [admin_token]):
+    if token is not None and _matches(token, [admin_token]):
+        return f"admin:{key_id(token)}"
+    session = _cookie_admin(request, admin_token)
+    if session is None:
         raise AuthenticationFailed("This endpoint requires the admin token.")
-    return f"admin:{key_id(token)}"
+    return session

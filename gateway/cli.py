@@ -16,6 +16,7 @@ import sys
 COMMAND_MODULES = [
     "gateway.commands",
     "gateway.replay_teacher",
+    "gateway.report",
     "router.cli",
     "trainer.cli",
     "trainer.cli_training",

@@ -1,0 +1,1 @@
+"""Operators' dashboard: server-rendered pages over ``gateway.reporting`` (see routes.py)."""

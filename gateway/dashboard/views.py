@@ -1,0 +1,84 @@
+"""The dashboard's view models: plain dicts built from ``gateway.reporting`` and the live
+route table, ready for the templates. Blocking store reads; callers run them in a thread."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from gateway import reporting
+from gateway.routes import RouteState, RouteTable
+
+WINDOWS = ("1h", "24h", "7d", "30d", "all")
+DEFAULT_WINDOW = "7d"
+
+
+def _live(state: RouteState) -> dict[str, Any]:
+    described = state.describe()
+    return {"name": described["name"], "mode": described["mode"], "ood_threshold": described["ood_threshold"],
+            "student_version": described["student_version"], "teacher_model": described["teacher_model"],
+            "shadow_rate": described["shadow_rate"]}
+
+
+def overview(store: reporting.Queryable, routes: RouteTable, since: str) -> dict[str, Any]:
+    """Every configured route's summary for the index page."""
+    states = {state.config.name: state for state in routes}
+    summaries = reporting.route_summaries(store, list(states), reporting.parse_since(since))
+    rows = []
+    for summary in summaries:
+        state = states.get(summary.route)
+        rows.append({"summary": summary, "live": _live(state) if state else None})
+    totals = {
+        "requests": sum(s.requests for s in summaries),
+        "cost_usd": sum(s.cost_usd for s in summaries),
+        "teacher_cost_usd": sum(s.teacher_cost_usd for s in summaries),
+    }
+    totals["savings_usd"] = totals["teacher_cost_usd"] - totals["cost_usd"]
+    return {"rows": rows, "totals": totals, "since": since, "windows": WINDOWS}
+
+
+def _version_rows(store: Any, route: str) -> list[dict[str, Any]]:
+    rows = []
+    for row in store.versions(route):
+        metrics = json.loads(row.get("metrics_json") or "{}")
+        shown = {key: value for key, value in metrics.items() if isinstance(value, int | float)}
+        rows.append({**row, "metrics": shown})
+    return rows
+
+
+def route_page(store: Any, state: RouteState, since: str) -> dict[str, Any]:
+    """Everything the per-route page shows; ``chart_data`` goes to the browser as JSON."""
+    route = state.config.name
+    since_s = reporting.parse_since(since)
+    [summary] = [s for s in reporting.route_summaries(store, [route], since_s) if s.route == route]
+    live = _live(state)
+    series = reporting.cost_series(store, route, since_s)
+    calibration = reporting.route_calibration(store, route, live["ood_threshold"], since_s)
+    latency_rows = [{"target": target, **values} for target, values in sorted(summary.latency_ms.items())
+                    if target != "all"]
+    chart_data = {
+        "route": route,
+        "ood_threshold": live["ood_threshold"],
+        "cost": {
+            "t": [point["bucket"] for point in series],
+            "actual": [point["cumulative_cost_usd"] for point in series],
+            "teacher": [point["cumulative_teacher_cost_usd"] for point in series],
+            "student_share": [point["student_requests"] / point["requests"] if point["requests"] else None
+                              for point in series],
+        },
+        "calibration": calibration,
+    }
+    return {
+        "route": route,
+        "live": live,
+        "summary": summary,
+        "latency_rows": latency_rows,
+        "versions": _version_rows(store, route),
+        "training_runs": store.training_runs(route)[:10],
+        "calibration": calibration,
+        "chart_data": chart_data,
+        "since": since,
+        "windows": WINDOWS,
+        "generated_at": time.time(),
+    }

@@ -1,0 +1,231 @@
+"""Prometheus metrics: one ``GatewayMetrics`` per app, with its own registry (several apps
+live in one test process, so nothing is registered globally).
+
+Two sources feed it:
+- the request observer (``GatewayMetrics.observe``, registered with ``ChatService``): one
+  call per finished request, updating counters and histograms labelled by route and target;
+- a collector run at scrape time, reading what already has a home elsewhere: the live
+  student version and threshold (the route table), the store writers' health, the shadow
+  runner's skips, shadow agreement and training runs (the store; shadow rows are read
+  incrementally by id, so a scrape never rescans the table).
+
+``GET /metrics`` is open unless ``DISTILLGATE_METRICS_TOKEN`` is set; then it takes that
+token (or the admin token) as a bearer. Scrapers get their own token so that Prometheus
+never holds the admin token, which can change routes. The figures hold no prompts, answers
+or keys; set the token whenever the gateway listens beyond loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway import reporting
+from gateway.auth import bearer_token, constant_time_in
+from gateway.chat.record import RequestRecord
+from gateway.errors import AuthenticationFailed
+
+logger = logging.getLogger(__name__)
+
+METRICS_TOKEN_ENV = "DISTILLGATE_METRICS_TOKEN"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# OOD scores are distances in the detector's own units; most thresholds sit in [0, 1].
+SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.5, 2.0, 5.0, 10.0)
+ROUTE_TARGET = ("route", "target")
+
+
+class GatewayMetrics:
+    """Every metric of one gateway app, in ``self.registry``."""
+
+    def __init__(self, scrape_token: str | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.scrape_token = scrape_token
+        registry = self.registry
+        self.requests = Counter("distillgate_requests", "Chat completion requests finished, by HTTP status.",
+                                [*ROUTE_TARGET, "status"], registry=registry)
+        self.errors = Counter("distillgate_errors", "Requests that ended in an error status (>= 400).",
+                              [*ROUTE_TARGET, "status"], registry=registry)
+        self.latency = Histogram("distillgate_request_duration_seconds", "Request time in the gateway, end to end.",
+                                 ROUTE_TARGET, buckets=LATENCY_BUCKETS, registry=registry)
+        self.upstream_latency = Histogram("distillgate_upstream_duration_seconds",
+                                          "Time spent in the model that answered (student or teacher).",
+                                          ROUTE_TARGET, buckets=LATENCY_BUCKETS, registry=registry)
+        self.tokens = Counter("distillgate_tokens", "Tokens, by kind (prompt = in, completion = out).",
+                              [*ROUTE_TARGET, "kind"], registry=registry)
+        self.cost = Counter("distillgate_cost_dollars", "What the requests actually cost.",
+                            ROUTE_TARGET, registry=registry)
+        self.teacher_cost = Counter("distillgate_teacher_cost_dollars",
+                                    "What the same requests would have cost on the teacher (all-teacher "
+                                    "counterfactual).", ROUTE_TARGET, registry=registry)
+        # A gauge: a cascaded request (student tried, teacher answered) saves a negative amount.
+        self.savings = Gauge("distillgate_savings_dollars",
+                             "All-teacher cost minus actual cost since this process started.",
+                             ROUTE_TARGET, registry=registry)
+        self.router_score = Histogram("distillgate_router_score", "The router's OOD score per request.",
+                                      ["route"], buckets=SCORE_BUCKETS, registry=registry)
+        self.fallbacks = Counter("distillgate_fallbacks", "Student failures served by the teacher instead.",
+                                 ["route"], registry=registry)
+        self._state = _StateCollector()
+        registry.register(self._state)
+
+    def bind(self, *, store: Any, routes: Any, writers: Iterable[Any] = (), shadow: Any = None) -> None:
+        """Give the scrape-time collector the live objects (built in the app's lifespan)."""
+        self._state.bind(store=store, routes=routes, writers=list(writers), shadow=shadow)
+
+    def observe(self, record: RequestRecord) -> None:
+        """The ChatService observer: account for one finished request."""
+        route, target, status = record.route, record.target or "none", str(record.status_code)
+        self.requests.labels(route, target, status).inc()
+        if record.status_code >= 400:
+            self.errors.labels(route, target, status).inc()
+        self.latency.labels(route, target).observe(time.perf_counter() - record.started)
+        if record.upstream_latency_ms is not None:
+            self.upstream_latency.labels(route, target).observe(record.upstream_latency_ms / 1000)
+        self.tokens.labels(route, target, "prompt").inc(max(0, record.prompt_tokens))
+        self.tokens.labels(route, target, "completion").inc(max(0, record.completion_tokens))
+        self.cost.labels(route, target).inc(max(0.0, record.cost_usd))
+        self.teacher_cost.labels(route, target).inc(max(0.0, record.teacher_cost_usd))
+        self.savings.labels(route, target).inc(record.teacher_cost_usd - record.cost_usd)
+        if record.router_score is not None:
+            self.router_score.labels(route).observe(record.router_score)
+        if record.fallback:
+            self.fallbacks.labels(route).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector(Collector):
+    """Metrics read at scrape time from the route table, the writers and the store."""
+
+    def __init__(self) -> None:
+        self._store: Any = None
+        self._routes: Any = None
+        self._writers: list[Any] = []
+        self._shadow: Any = None
+        self._lock = threading.Lock()
+        self._shadow_last_id = 0
+        self._shadow_totals: dict[tuple[str, str], list[int]] = {}
+
+    def bind(self, *, store: Any, routes: Any, writers: list[Any], shadow: Any) -> None:
+        self._store, self._routes, self._writers, self._shadow = store, routes, writers, shadow
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # dynamic families: skip registration-time collection
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._route_families()
+        yield from self._writer_families()
+        if self._store is not None:
+            try:
+                yield from self._shadow_families()
+                yield from self._training_families()
+            except sqlite3.Error as error:  # a locked or broken store must not break the scrape
+                logger.warning("metrics could not read the store", extra={"error": str(error)})
+
+    def _route_families(self) -> Iterator[Metric]:
+        if self._routes is None:
+            return
+        version = GaugeMetricFamily("distillgate_student_version_info",
+                                    "The student version serving each route (version=none: teacher only).",
+                                    labels=["route", "version"])
+        threshold = GaugeMetricFamily("distillgate_route_ood_threshold", "The route's live OOD threshold.",
+                                      labels=["route"])
+        for state in self._routes:
+            described = state.describe()
+            version.add_metric([described["name"], described["student_version"] or "none"], 1)
+            threshold.add_metric([described["name"]], described["ood_threshold"])
+        yield version
+        yield threshold
+
+    def _writer_families(self) -> Iterator[Metric]:
+        pending = GaugeMetricFamily("distillgate_store_pending_rows", "Rows queued for the store.", labels=["writer"])
+        written = CounterMetricFamily("distillgate_store_rows_written", "Rows written to the store.", labels=["writer"])
+        errors = CounterMetricFamily("distillgate_store_write_errors", "Failed store writes (each retried).",
+                                     labels=["writer"])
+        healthy = GaugeMetricFamily("distillgate_store_writer_healthy", "1 when the writer's last write succeeded.",
+                                    labels=["writer"])
+        for writer in self._writers:
+            pending.add_metric([writer.name], writer.pending)
+            written.add_metric([writer.name], writer.rows_written)
+            errors.add_metric([writer.name], writer.write_errors)
+            healthy.add_metric([writer.name], 1 if writer.healthy else 0)
+        yield from (pending, written, errors, healthy)
+        if self._shadow is not None:
+            skipped = CounterMetricFamily("distillgate_shadow_skipped", "Shadow samples skipped (queue full).")
+            skipped.add_metric([], self._shadow.skipped)
+            failed = CounterMetricFamily("distillgate_shadow_failed", "Shadow calls that failed.")
+            failed.add_metric([], self._shadow.failed)
+            yield from (skipped, failed)
+
+    def _shadow_families(self) -> Iterator[Metric]:
+        with self._lock:
+            for row in reporting.shadow_tally_since(self._store, self._shadow_last_id):
+                totals = self._shadow_totals.setdefault((row["route"], row["student_version"]), [0, 0])
+                totals[0] += row["comparisons"]
+                totals[1] += row["agreements"]
+                self._shadow_last_id = max(self._shadow_last_id, row["last_id"])
+            snapshot = dict(self._shadow_totals)
+        comparisons = CounterMetricFamily("distillgate_shadow_comparisons",
+                                          "Shadow comparisons of student and teacher answers (from the store).",
+                                          labels=["route", "student_version"])
+        agreements = CounterMetricFamily("distillgate_shadow_agreements",
+                                         "Shadow comparisons where the student agreed with the teacher.",
+                                         labels=["route", "student_version"])
+        for (route, version), (total, agreed) in sorted(snapshot.items()):
+            comparisons.add_metric([route, version], total)
+            agreements.add_metric([route, version], agreed)
+        yield from (comparisons, agreements)
+
+    def _training_families(self) -> Iterator[Metric]:
+        runs = CounterMetricFamily("distillgate_training_runs", "Training runs by outcome (from the store).",
+                                   labels=["route", "outcome"])
+        last = GaugeMetricFamily("distillgate_training_last_finished_timestamp_seconds",
+                                 "When the route's last training run finished.", labels=["route"])
+        latest: dict[str, float] = {}
+        for row in reporting.training_tally(self._store):
+            runs.add_metric([row["route"], row["outcome"]], row["runs"])
+            if row["last_finished"] is not None:
+                latest[row["route"]] = max(latest.get(row["route"], 0.0), row["last_finished"])
+        for route, finished in sorted(latest.items()):
+            last.add_metric([route], finished)
+        yield from (runs, last)
+
+
+# -- GET /metrics ----------------------------------------------------------------------------
+router = APIRouter()
+
+
+def scrape_token_from_env() -> str | None:
+    return os.environ.get(METRICS_TOKEN_ENV) or None
+
+
+def require_scraper(request: Request) -> None:
+    """Open when no scrape token is configured; else the scrape token or the admin token."""
+    metrics: GatewayMetrics = request.app.state.metrics
+    if metrics.scrape_token is None:
+        return
+    accepted = [metrics.scrape_token, *([request.app.state.admin_token] if request.app.state.admin_token else [])]
+    token = bearer_token(request)
+    if token is None or not constant_time_in(token, accepted):
+        raise AuthenticationFailed(f"/metrics requires the scrape token ({METRICS_TOKEN_ENV}) as a bearer.")
+
+
+@router.get("/metrics", dependencies=[Depends(require_scraper)], include_in_schema=False)
+async def metrics_endpoint(request: Request) -> Response:
+    metrics: GatewayMetrics = request.app.state.metrics
+    # Collectors read the store: off the event loop so a scrape never stalls requests.
+    body = await asyncio.to_thread(metrics.exposition)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

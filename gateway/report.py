@@ -1,0 +1,106 @@
+"""``distillgate report``: per-route requests, student share, cost, all-teacher cost, savings,
+shadow agreement, latency and live version, read from the store (the gateway need not run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway import reporting
+from gateway.config import ConfigError, Settings, load_settings
+
+logger = logging.getLogger(__name__)
+
+
+def _open_store(settings: Settings) -> Any:
+    from gateway.store import SQLiteStore
+
+    path = Path(settings.store.path)
+    # A report must not create a database as a side effect: no file yet reads as an empty store.
+    return SQLiteStore(path if path.exists() else ":memory:")
+
+
+def _live_version(store: Any, settings: Settings, route: str) -> str | None:
+    live = store.live_version(route)
+    if live is not None:
+        return live["version"]
+    config = settings.route(route)
+    return "base" if config is not None and config.student.serve_base_model else None
+
+
+def collect(settings: Settings, since_s: float | None) -> list[reporting.RouteSummary]:
+    """Every configured route's summary (plus routes found only in the store)."""
+    store = _open_store(settings)
+    try:
+        summaries = reporting.route_summaries(store, [route.name for route in settings.routes], since_s)
+        for summary in summaries:
+            summary.live_version = _live_version(store, settings, summary.route)
+        return summaries
+    finally:
+        store.close()
+
+
+def _money(value: float) -> str:
+    return f"${value:,.2f}" if abs(value) >= 100 else f"${value:,.6f}"
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{value * 100:.1f}%"
+
+
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.0f} ms" if value >= 10 else f"{value:.1f} ms"
+
+
+def render_table(summaries: list[reporting.RouteSummary], since: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"distillgate — last {since}" if since != "all" else "distillgate — all time")
+    for column in ("route", "requests", "student share", "cost", "all-teacher cost", "savings", "agreement",
+                   "p50", "p99", "live version"):
+        table.add_column(column, justify="left" if column in ("route", "live version") else "right")
+    for summary in summaries:
+        table.add_row(summary.route, str(summary.requests), _percent(summary.student_share),
+                      _money(summary.cost_usd), _money(summary.teacher_cost_usd), _money(summary.savings_usd),
+                      _percent(summary.agreement), _ms(summary.latency("p50")), _ms(summary.latency("p99")),
+                      summary.live_version or "none")
+    if len(summaries) > 1:
+        cost, teacher = sum(s.cost_usd for s in summaries), sum(s.teacher_cost_usd for s in summaries)
+        table.add_section()
+        table.add_row("total", str(sum(s.requests for s in summaries)), "", _money(cost), _money(teacher),
+                      _money(teacher - cost), "", "", "", "")
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+        since_s = reporting.parse_since(args.since)
+    except (ConfigError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    summaries = collect(settings, since_s)
+    if args.json:
+        print(json.dumps({"since": args.since, "routes": [summary.to_dict() for summary in summaries]}, indent=2))
+        return 0
+    from rich.console import Console
+
+    # Piped output (a file, CI log) gets a wide table rather than rich's 80-column default.
+    console = Console() if sys.stdout.isatty() else Console(width=180)
+    console.print(render_table(summaries, args.since))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("report", help="per-route cost, savings, student share and quality",
+                                   description="Per-route requests, student share, cost, all-teacher cost, "
+                                               "savings, shadow agreement, p50/p99 latency and live version.")
+    parser.add_argument("--config", required=True, help="the gateway's YAML config (names the store)")
+    parser.add_argument("--since", default="24h", help="window: e.g. 30m, 24h, 7d, or all (default 24h)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=run)
