@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +156,30 @@ class OODRouter:
     def close(self) -> None:
         self._batcher.close()
         self.embedder.close()
+
+
+def build_ood_router(settings: Any, store: Any, *, embedder: Embedder | None = None,
+                     learned_dir: str | Path | None = None) -> OODRouter:
+    """The gateway's router: one detector per route's live student version, from the store.
+
+    Reads ``student_versions.detector_path`` of each route's live version; a route whose live
+    version has none routes by mode rules only until the hot swap registers one. A learned
+    router is used for a route when ``<learned_dir>/<route>.npz`` exists. The embedding model
+    warms up in a background thread so neither startup nor the first request waits for it.
+    """
+    router = OODRouter(embedder)
+    loaded = 0
+    for route in settings.routes:
+        live = store.live_version(route.name)
+        path = (live or {}).get("detector_path")
+        if path and (Path(path).exists() or Path(f"{path}.npz").exists()):
+            router.load_detector(route.name, live["version"], path)
+            loaded += 1
+        elif live is not None:
+            logger.warning("live student has no ood detector", extra={"route": route.name, "version": live["version"]})
+        learned_path = Path(learned_dir) / f"{route.name}.npz" if learned_dir else None
+        if learned_path is not None and learned_path.exists():
+            router.set_learned(route.name, LearnedRouter.load(learned_path))
+    if loaded:
+        threading.Thread(target=router.embedder.encode, args=(["warm up"],), name="embed-warmup", daemon=True).start()
+    return router

@@ -1,0 +1,159 @@
+"""Choose a route's ``ood_threshold`` from (ood_score, agree) pairs, with a guarantee.
+
+The pairs come from shadow results (the student answered, the teacher answered the same
+prompt, ``agree`` says whether they matched) and held-out evaluations. For each candidate
+threshold ``t`` the student would serve every prompt with score <= t; the question is how
+often it would disagree with the teacher on those.
+
+A bare point estimate overfits the sweep, so the threshold is certified instead: for each
+candidate, a one-sided Clopper-Pearson upper confidence bound on the disagreement rate among
+student-served prompts, tested in fixed sequence from the most conservative threshold up and
+stopping at the first failure (Learn-then-Test, Angelopoulos et al. 2021). Then, with
+probability at least ``confidence`` over the calibration data, the recommended threshold's
+disagreement rate on student-served traffic (from the same distribution) is at most
+``1 - target_agreement``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+GUARANTEE = "Clopper-Pearson upper bound on disagreement, fixed-sequence testing (Learn-then-Test)"
+
+
+class CurvePoint(BaseModel):
+    threshold: float
+    student_share: float
+    accepted: int
+    disagreements: int
+    agreement: float  # point estimate among student-served prompts
+    agreement_lcb: float  # lower confidence bound (1 - Clopper-Pearson upper on disagreement)
+    overall_agreement: float  # teacher-served prompts count as agreeing
+    relative_cost: float  # cost per request relative to sending everything to the teacher
+    certified: bool = False
+
+
+class Calibration(BaseModel):
+    target_agreement: float
+    confidence: float
+    guarantee: str = GUARANTEE
+    pairs: int
+    base_agreement: float | None
+    recommended_threshold: float | None
+    recommended: CurvePoint | None
+    curve: list[CurvePoint] = Field(default_factory=list)
+    note: str = ""
+
+
+def clopper_pearson_upper(failures: int, trials: int, confidence: float) -> float:
+    """One-sided upper confidence bound on a binomial rate (exact, conservative)."""
+    if trials == 0:
+        return 1.0
+    if failures >= trials:
+        return 1.0
+    from scipy.stats import beta
+
+    return float(beta.ppf(confidence, failures + 1, trials - failures))
+
+
+def min_trials(target_agreement: float, confidence: float) -> int:
+    """Fewest accepted prompts for which zero disagreements could pass the bound."""
+    risk = 1.0 - target_agreement
+    return max(1, math.ceil(math.log(1.0 - confidence) / math.log(1.0 - risk))) if risk > 0 else 1
+
+
+def _candidates(scores: np.ndarray, max_points: int) -> np.ndarray:
+    unique = np.unique(scores)
+    if len(unique) <= max_points:
+        return unique
+    return np.unique(np.quantile(scores, np.linspace(0, 1, max_points), method="higher"))
+
+
+def calibrate(
+    pairs: Iterable[tuple[float, int | bool]],
+    *,
+    target_agreement: float = 0.97,
+    confidence: float = 0.95,
+    student_cost: float = 0.0,
+    teacher_cost: float = 1.0,
+    max_points: int = 200,
+) -> Calibration:
+    """Sweep thresholds over the observed scores and recommend the certified maximum."""
+    data = [(float(score), int(bool(agree))) for score, agree in pairs if score is not None]
+    if not data:
+        return Calibration(target_agreement=target_agreement, confidence=confidence, pairs=0,
+                           base_agreement=None, recommended_threshold=None, recommended=None,
+                           note="no (score, agree) pairs: run with shadow_rate > 0 first")
+    scores = np.array([score for score, _ in data])
+    disagree = 1 - np.array([agree for _, agree in data])
+    order = np.argsort(scores, kind="stable")
+    scores, disagree = scores[order], disagree[order]
+    cumulative = np.cumsum(disagree)
+    risk, level = 1.0 - target_agreement, confidence
+    curve, still_passing, n_min = [], True, min_trials(target_agreement, confidence)
+    for threshold in _candidates(scores, max_points):
+        accepted = int(np.searchsorted(scores, threshold, side="right"))
+        failures = int(cumulative[accepted - 1]) if accepted else 0
+        upper = clopper_pearson_upper(failures, accepted, level)
+        share = accepted / len(scores)
+        point = CurvePoint(
+            threshold=float(threshold), student_share=share, accepted=accepted, disagreements=failures,
+            agreement=1.0 - failures / accepted if accepted else 1.0, agreement_lcb=1.0 - upper,
+            overall_agreement=1.0 - failures / len(scores),
+            relative_cost=((1 - share) * teacher_cost + share * student_cost) / teacher_cost if teacher_cost else 0.0,
+        )
+        if accepted >= n_min and still_passing:
+            # Fixed sequence: the first failure ends the certified run (no multiplicity cost).
+            still_passing = upper <= risk
+            point.certified = still_passing
+        curve.append(point)
+    certified = [point for point in curve if point.certified]
+    best = certified[-1] if certified else None
+    note = _note(best, curve, n_min)
+    return Calibration(target_agreement=target_agreement, confidence=confidence, pairs=len(data),
+                       base_agreement=float(1.0 - disagree.mean()), recommended_threshold=best.threshold if best else None,
+                       recommended=best, curve=curve, note=note)
+
+
+def _note(best: CurvePoint | None, curve: Sequence[CurvePoint], n_min: int) -> str:
+    if best is None:
+        return (f"no threshold certified: needs at least {n_min} student-served pairs with few enough "
+                "disagreements; keep the current threshold and collect more shadow data")
+    if best is curve[-1]:
+        return ("every observed score passes: the threshold is the highest score seen; scores above it "
+                "were never observed, so raising it further is not covered by the guarantee")
+    return ""
+
+
+def plot(result: Calibration, path: str | Path, route: str = "") -> Path:
+    """Save the trade-off curve (student share, agreement and its bound, cost) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    thresholds = [point.threshold for point in result.curve]
+    figure, axis = plt.subplots(figsize=(8, 5))
+    axis.plot(thresholds, [p.student_share for p in result.curve], label="student share")
+    axis.plot(thresholds, [p.agreement for p in result.curve], label="agreement (student-served)")
+    axis.plot(thresholds, [p.agreement_lcb for p in result.curve], "--",
+              label=f"agreement lower bound ({result.confidence:.0%})")
+    axis.plot(thresholds, [p.relative_cost for p in result.curve], ":", label="cost vs. all-teacher")
+    axis.axhline(result.target_agreement, color="grey", linewidth=0.8, label="target agreement")
+    if result.recommended_threshold is not None:
+        axis.axvline(result.recommended_threshold, color="red", linewidth=0.8, label="recommended")
+    axis.set_xlabel("ood_threshold")
+    axis.set_ylim(0, 1.02)
+    axis.set_title(f"calibration {route}: {result.pairs} pairs")
+    axis.legend(loc="lower left", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
