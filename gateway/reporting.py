@@ -195,7 +195,8 @@ def cost_series(store: Queryable, route: str, since_s: float | None = None,
     for row in store.query(_COST_SERIES_SQL, [width, width, route, start]):
         cost += row["cost_usd"]
         teacher_cost += row["teacher_cost_usd"]
-        points.append({**row, "cumulative_cost_usd": cost, "cumulative_teacher_cost_usd": teacher_cost})
+        points.append({**row, "bucket_s": width, "cumulative_cost_usd": cost,
+                       "cumulative_teacher_cost_usd": teacher_cost})
     return points
 
 

@@ -62,6 +62,9 @@ def route_page(store: Any, state: RouteState, since: str) -> dict[str, Any]:
         "ood_threshold": live["ood_threshold"],
         "cost": {
             "t": [point["bucket"] for point in series],
+            # One bucket each side, so a single point is not stretched over years.
+            "x_range": [series[0]["bucket"] - series[0]["bucket_s"], series[-1]["bucket"] + series[-1]["bucket_s"]]
+            if series else None,
             "actual": [point["cumulative_cost_usd"] for point in series],
             "teacher": [point["cumulative_teacher_cost_usd"] for point in series],
             "student_share": [point["student_requests"] / point["requests"] if point["requests"] else None

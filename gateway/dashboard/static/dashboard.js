@@ -17,7 +17,7 @@
     if (!el) { return; }
     var c = data.cost;
     new uPlot({
-      width: width(el), height: 260,
+      width: width(el), height: 260, scales: {x: {range: c.x_range}},
       series: [{}, {label: "actual", stroke: "#2f9e44", width: 2, value: dollars},
                {label: "all-teacher", stroke: "#e8590c", width: 2, dash: [6, 4], value: dollars}],
       axes: [{}, {values: function (u, vals) { return vals.map(function (v) { return dollars(u, v); }); }, size: 80}],
@@ -30,7 +30,7 @@
     var c = data.cost;
     new uPlot({
       width: width(el), height: 200,
-      scales: {y: {range: [0, 1]}},
+      scales: {x: {range: c.x_range}, y: {range: [0, 1]}},
       series: [{}, {label: "student share", stroke: "#4a6cf7", width: 2, fill: "rgba(74,108,247,.1)", value: pct}],
       axes: [{}, {values: function (u, vals) { return vals.map(function (v) { return pct(u, v); }); }}],
     }, [c.t, c.student_share], el);
