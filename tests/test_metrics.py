@@ -3,16 +3,23 @@ replay teacher, a mock vLLM student), parsed from the Prometheus text format."""
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import Settings
 from gateway.metrics import GatewayMetrics
 from gateway.store import SQLiteStore
+from tests.conftest import ROOT
 from tests.operators import STUDENT_SETTINGS, UTTERANCES, messages, operator_app, scrape, total, wait_for
 from tests.servers import UvicornThread, free_port
 from tests.test_gateway_api import log_rows, sdk
@@ -123,3 +130,33 @@ def test_each_app_has_its_own_registry() -> None:
     assert first.registry is not second.registry
     assert b"distillgate_cost_dollars_total" in first.exposition()
     assert b"distillgate_cost_dollars_total{" not in second.exposition()
+
+
+def test_grafana_dashboard_uses_only_exported_metrics(tmp_path: Path) -> None:
+    """Every series the shipped Grafana dashboard queries is one the gateway exports."""
+    from gateway.chat.record import RequestRecord
+    from gateway.store import BatchWriter
+
+    store = SQLiteStore(tmp_path / "metrics.db")
+    store.insert_shadow_results([{"request_id": "r1", "created_at": time.time(), "route": ROUTE,
+                                  "student_version": "v1", "router_score": 0.2, "agree": 1}])
+    store.record_training_run({"route": ROUTE, "started_at": 1.0, "finished_at": 2.0, "outcome": "promoted"})
+    metrics = GatewayMetrics()
+    metrics.bind(store=store, routes=[_FakeRoute()], writers=[BatchWriter(store.insert_requests)],
+                 shadow=SimpleNamespace(skipped=0, failed=0))
+    record = RequestRecord(route=ROUTE, request={}, stream=False, client_key_id=None, target="student",
+                           router_score=0.2, fallback=True, upstream_latency_ms=3.0, cost_usd=0.1,
+                           teacher_cost_usd=1.0, status_code=500)
+    metrics.observe(record)
+    exported = {sample.name for family in text_string_to_metric_families(metrics.exposition().decode())
+                for sample in family.samples}
+    store.close()
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "distillgate.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"distillgate_[a-z_]+", target["expr"])}
+    assert queried and queried <= exported, queried - exported
+
+
+class _FakeRoute:
+    def describe(self) -> dict[str, Any]:
+        return {"name": ROUTE, "student_version": None, "ood_threshold": 0.5}
