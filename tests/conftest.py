@@ -66,3 +66,4 @@ def replay_teacher() -> Iterator[str]:
 
     with UvicornThread(create_replay_app(ReplayOptions(dataset=CLINC))) as server:
         yield server.url
+pytest_plugins = ["tests.fixtures_processes"]
