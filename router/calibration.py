@@ -7,8 +7,8 @@ often it would disagree with the teacher on those.
 
 A bare point estimate overfits the sweep, so the threshold is certified instead: for each
 candidate, a one-sided Clopper-Pearson upper confidence bound on the disagreement rate among
-student-served prompts, tested in fixed sequence from the most conservative threshold up and
-stopping at the first failure (Learn-then-Test, Angelopoulos et al. 2021). Then, with
+student-served prompts, tested in fixed sequence from a conservative threshold up (the first
+serving ``4 x min_trials`` prompts) and stopping at the first failure (Learn-then-Test, Angelopoulos et al. 2021). Then, with
 probability at least ``confidence`` over the calibration data, the recommended threshold's
 disagreement rate on student-served traffic (from the same distribution) is at most
 ``1 - target_agreement``.
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
+START_FACTOR = 4
 GUARANTEE = "Clopper-Pearson upper bound on disagreement, fixed-sequence testing (Learn-then-Test)"
 
 
@@ -95,7 +96,12 @@ def calibrate(
     scores, disagree = scores[order], disagree[order]
     cumulative = np.cumsum(disagree)
     risk, level = 1.0 - target_agreement, confidence
-    curve, still_passing, n_min = [], True, min_trials(target_agreement, confidence)
+    n_min = min_trials(target_agreement, confidence)
+    # Where the sequence starts: a test at n_min passes only with zero disagreements, so one
+    # early unlucky failure would end it. Starting at 4x n_min accepted prompts keeps power;
+    # the start depends on the scores alone, never on the agreement labels, so it stays valid.
+    n_start = min(START_FACTOR * n_min, len(scores))
+    curve, still_passing = [], True
     for threshold in _candidates(scores, max_points):
         accepted = int(np.searchsorted(scores, threshold, side="right"))
         failures = int(cumulative[accepted - 1]) if accepted else 0
@@ -107,7 +113,7 @@ def calibrate(
             overall_agreement=1.0 - failures / len(scores),
             relative_cost=((1 - share) * teacher_cost + share * student_cost) / teacher_cost if teacher_cost else 0.0,
         )
-        if accepted >= n_min and still_passing:
+        if accepted >= n_start and still_passing:
             # Fixed sequence: the first failure ends the certified run (no multiplicity cost).
             still_passing = upper <= risk
             point.certified = still_passing
