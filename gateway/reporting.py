@@ -235,16 +235,39 @@ def threshold_range(request_scores: list[float], current: float) -> float:
 
 
 def route_calibration(store: Queryable, route: str, current: float, since_s: float | None = None,
-                      steps: int = 50) -> dict[str, Any]:
-    """The calibration curve for the dashboard's threshold control."""
+                      steps: int = 50, target_agreement: float = 0.97, confidence: float = 0.95) -> dict[str, Any]:
+    """The calibration curve for the dashboard's threshold control: student share over every
+    scored request, expected agreement over the shadow comparisons, and, from
+    ``router.calibration``, the agreement lower bound and the certified recommended threshold
+    (same defaults as ``distillgate calibrate``)."""
     start = window_start(since_s)
     scores = [row["router_score"] for row in store.query(_REQUEST_SCORES_SQL, [route, start])]
     shadow = [(row["router_score"], int(row["agree"] or 0)) for row in store.query(_SHADOW_SCORES_SQL, [route, start])]
     top = threshold_range(scores, current)
     thresholds = [round(top * step / steps, 6) for step in range(steps + 1)]
-    points = calibration_curve(scores, shadow, thresholds)
-    return {"max": top, "step": round(top / steps, 6), "scored_requests": len(scores),
-            "shadow_samples": len(shadow), "points": [asdict(point) for point in points]}
+    points = [asdict(point) for point in calibration_curve(scores, shadow, thresholds)]
+    result = {"max": top, "step": round(top / steps, 6), "scored_requests": len(scores),
+              "shadow_samples": len(shadow), "points": points, "recommended_threshold": None,
+              "target_agreement": target_agreement, "confidence": confidence, "note": ""}
+    if shadow:
+        result.update(_certified(shadow, points, target_agreement, confidence))
+    return result
+
+
+def _certified(shadow: list[tuple[float, int]], points: list[dict[str, Any]], target_agreement: float,
+               confidence: float) -> dict[str, Any]:
+    """The router's certified calibration (a lower confidence bound on agreement and the
+    recommended threshold) laid over the dashboard's sweep; nothing when it is unavailable."""
+    try:
+        from router.calibration import calibrate
+    except ImportError:  # the router package without its numeric extras: the plain sweep stands
+        return {}
+    result = calibrate(shadow, target_agreement=target_agreement, confidence=confidence)
+    curve = sorted(result.curve, key=lambda point: point.threshold)
+    for point in points:
+        under = [entry for entry in curve if entry.threshold <= point["threshold"]]
+        point["agreement_lcb"] = under[-1].agreement_lcb if under else None
+    return {"recommended_threshold": result.recommended_threshold, "note": result.note}
 
 
 def shadow_tally_since(store: Queryable, last_id: int) -> list[dict[str, Any]]:

@@ -102,3 +102,19 @@ def test_calibration_curve_sweeps_thresholds() -> None:
     assert [point.student_share for point in points] == [0.0, 0.5, 0.75, 1.0]
     assert [point.expected_agreement for point in points] == [None, 1.0, pytest.approx(2 / 3), 0.5]
     assert reporting.parse_since("90m") == 5400 and reporting.parse_since("all") is None
+
+
+def test_route_calibration_uses_the_certified_router_calibration() -> None:
+    store = SQLiteStore(":memory:")
+    now = time.time()
+    store.insert_requests([{**_request(i, target="student", latency_ms=1, cost=0, teacher_cost=0),
+                            "router_score": i / 300} for i in range(300)])
+    store.insert_shadow_results([{"request_id": f"r{i}", "created_at": now, "route": ROUTE, "router_score": i / 300,
+                                  "agree": int(i < 200)} for i in range(300)])
+    result = reporting.route_calibration(store, ROUTE, current=0.5, target_agreement=0.9)
+    store.close()
+    assert result["scored_requests"] == result["shadow_samples"] == 300
+    assert result["recommended_threshold"] is not None and result["recommended_threshold"] < 200 / 300
+    at_half = next(point for point in result["points"] if point["threshold"] == 0.5)
+    assert at_half["student_share"] == pytest.approx(151 / 300)
+    assert at_half["expected_agreement"] == 1.0 and 0.9 < at_half["agreement_lcb"] < 1.0

@@ -86,12 +86,14 @@
       scales: {x: {time: false}, y: {range: [0, 1]}},
       series: [{label: "threshold"},
                {label: "student share", stroke: "#4a6cf7", width: 2, value: pct},
-               {label: "expected agreement", stroke: "#2f9e44", width: 2, value: pct}],
+               {label: "expected agreement", stroke: "#2f9e44", width: 2, value: pct},
+               {label: "agreement lower bound", stroke: "#2f9e44", width: 1, dash: [4, 4], value: pct}],
       axes: [{label: "OOD threshold"},
              {values: function (u, vals) { return vals.map(function (v) { return pct(u, v); }); }}],
     }, [points.map(function (p) { return p.threshold; }),
         points.map(function (p) { return p.student_share; }),
-        points.map(function (p) { return p.expected_agreement; })], el);
+        points.map(function (p) { return p.expected_agreement; }),
+        points.map(function (p) { return p.agreement_lcb === undefined ? null : p.agreement_lcb; })], el);
   }
 
   function admin(method, path, body) {
@@ -140,6 +142,13 @@
   slider.addEventListener("input", showEstimate);
   showEstimate();
   document.getElementById("threshold-apply").addEventListener("click", applyThreshold);
+  var recommended = document.getElementById("use-recommended");
+  if (recommended) {
+    recommended.addEventListener("click", function () {
+      slider.value = recommended.getAttribute("data-threshold");
+      showEstimate();
+    });
+  }
   document.getElementById("rollback").addEventListener("click", function () {
     if (window.confirm("Roll back the live student of " + route + "?")) { versionAction("rollback"); }
   });
