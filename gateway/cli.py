@@ -16,6 +16,7 @@ import sys
 COMMAND_MODULES = [
     "gateway.commands",
     "gateway.replay_teacher",
+    "gateway.demo.command",
     "gateway.report",
     "router.cli",
     "trainer.cli",

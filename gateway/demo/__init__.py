@@ -1,0 +1,1 @@
+"""`distillgate demo`: the whole loop on CLINC150 traffic, measured."""

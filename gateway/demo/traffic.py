@@ -1,0 +1,120 @@
+"""The demo's traffic: CLINC150 queries sent through the gateway with the official SDK.
+
+The app's system prompt is long (it lists every intent, as a real app instructing a frontier
+model would); the teacher pays for it on every request, the student never sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+
+OUT_OF_SCOPE = "oos"
+
+
+@dataclass(frozen=True)
+class Query:
+    text: str
+    label: str
+
+    @property
+    def in_scope(self) -> bool:
+        return self.label != OUT_OF_SCOPE
+
+
+@dataclass
+class Outcome:
+    index: int
+    query: Query
+    answer: str | None
+    target: str | None
+    student_version: str | None
+    request_id: str | None
+    latency_ms: float
+    error: str | None = None
+
+    @property
+    def correct(self) -> bool:
+        return self.answer is not None and self.answer.strip().lower() == self.query.label
+
+
+def load_splits(path: Path) -> dict[str, list[Query]]:
+    data = json.loads(Path(path).read_text())
+    return {split: [Query(text, label) for text, label in pairs] for split, pairs in data.items()}
+
+
+def app_system_prompt(labels: list[str]) -> str:
+    return (
+        "You are the intent classifier of a banking, travel and home assistant. Read the customer's "
+        "utterance and answer with exactly one intent label from this list, and nothing else. If the "
+        "utterance fits none of them, answer oos.\nLabels: " + ", ".join(sorted(labels))
+    )
+
+
+def traffic_stream(splits: dict[str, list[Query]], requests: int, oos_rate: float, seed: int) -> list[Query]:
+    """Shuffled in-scope training utterances with out-of-scope ones mixed in at ``oos_rate``."""
+    rng = random.Random(seed)
+    in_scope = list(splits["train"])
+    out_of_scope = list(splits.get("oos_train", [])) + list(splits.get("oos_val", []))
+    rng.shuffle(in_scope)
+    rng.shuffle(out_of_scope)
+    in_scope_cycle, out_of_scope_cycle = itertools.cycle(in_scope), itertools.cycle(out_of_scope)
+    return [
+        next(out_of_scope_cycle) if out_of_scope and rng.random() < oos_rate else next(in_scope_cycle)
+        for _ in range(requests)
+    ]
+
+
+def heldout_queries(splits: dict[str, list[Query]], limit: int | None, seed: int) -> list[Query]:
+    """CLINC150's test + oos_test (never used as traffic), subsampled evenly when limited."""
+    test, oos_test = list(splits["test"]), list(splits["oos_test"])
+    if limit is not None and limit < len(test) + len(oos_test):
+        rng = random.Random(seed)
+        share = len(oos_test) / (len(test) + len(oos_test))
+        oos_count = max(1, round(limit * share))
+        test, oos_test = rng.sample(test, limit - oos_count), rng.sample(oos_test, oos_count)
+    return test + oos_test
+
+
+async def _send_one(client: openai.AsyncOpenAI, route: str, system_prompt: str, index: int,
+                    query: Query) -> Outcome:
+    started = time.perf_counter()
+    messages: list[Any] = [{"role": "system", "content": system_prompt}, {"role": "user", "content": query.text}]
+    try:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=route, messages=messages, temperature=0, max_tokens=16)
+    except openai.APIError as error:
+        return Outcome(index, query, None, None, None, None, (time.perf_counter() - started) * 1000,
+                       error=f"{type(error).__name__}: {error}")
+    completion = raw.parse()
+    return Outcome(
+        index, query, completion.choices[0].message.content or "", raw.headers.get("x-distillgate-target"),
+        raw.headers.get("x-distillgate-student-version"), raw.headers.get("x-request-id"),
+        (time.perf_counter() - started) * 1000,
+    )
+
+
+async def send_all(client: openai.AsyncOpenAI, route: str, system_prompt: str, queries: list[Query],
+                   concurrency: int, on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+    """Send every query with ``concurrency`` clients in flight; outcomes in query order."""
+    outcomes: list[Outcome | None] = [None] * len(queries)
+    cursor = iter(enumerate(queries))
+
+    async def worker() -> None:
+        for index, query in cursor:
+            outcome = await _send_one(client, route, system_prompt, index, query)
+            outcomes[index] = outcome
+            if on_outcome:
+                on_outcome(outcome)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return [outcome for outcome in outcomes if outcome is not None]
