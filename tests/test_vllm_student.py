@@ -109,3 +109,8 @@ def test_missing_vllm_python_is_a_clear_error(tmp_path: Path) -> None:
     process = VLLMProcess(tmp_path / "no-python", tmp_path, free_port())
     with pytest.raises(VLLMStartError, match="vLLM's Python not found"):
         process.start()
+
+
+async def test_async_readiness_and_warm_up_on_a_running_server(vllm_server: VLLMProcess) -> None:
+    assert await vllm_server.wait_ready(timeout_s=10) < 10
+    assert await vllm_server.warm_up_async(timeout_s=60) < 10
