@@ -1,0 +1,244 @@
+"""A route's training data, curated from the teacher answers the gateway logged.
+
+Sources: requests the teacher answered (``target == "teacher"``, status 200) and shadow
+results (teacher answers to student-served requests). Dropped, with a count per reason:
+errors, empty or truncated answers, refusals, answers failing the route's validity check
+(label routes: one of the known labels; ``response_format`` JSON requests: must parse)
+and duplicate prompts (the newest answer wins: a teacher upgrade should win over stale data).
+
+The holdout is fixed and grows with the data: an example's split is a pure function of a
+hash of its prompt, so it never moves between splits, and every candidate and the live
+student are compared on the same examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.config import RouteConfig, Settings
+from gateway.prompting import student_messages, user_text
+from gateway.store import Store
+
+logger = logging.getLogger(__name__)
+
+# Phrases that open a refusal; a distilled student must not learn to refuse in-scope work.
+_REFUSAL = re.compile(
+    r"^\s*(i'?m sorry|i am sorry|sorry, (but )?i|i can(no|')t (help|assist|do|provide|comply)|"
+    r"i cannot (help|assist|do|provide|comply)|i'?m (not able|unable) to|i am (not able|unable) to|"
+    r"as an ai( language model)?,? i)",
+    re.IGNORECASE,
+)
+_THINK = re.compile(r"<think>.*?</think>\s*", re.DOTALL | re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt (the student's exact serving prompt) and the teacher's answer."""
+
+    messages: list[dict[str, Any]]
+    answer: str
+    prompt_text: str  # the last user message: what the router embeds and the holdout hashes
+    source: str = "teacher"  # "teacher" or "shadow"
+    json_request: bool = False  # the request asked for JSON (response_format): answers must parse
+    request_id: str = ""
+    created_at: float = 0.0
+    # The teacher's per-token ``logprobs.content`` (token, logprob, top_logprobs) when logged.
+    teacher_logprobs: list[dict[str, Any]] | None = None
+
+
+@dataclass
+class Dataset:
+    route: str
+    train: list[Example]
+    holdout: list[Example]
+    dropped: Counter[str] = field(default_factory=Counter)
+    newest_at: float = 0.0  # created_at of the newest example used
+
+    def summary(self) -> dict[str, Any]:
+        return {"route": self.route, "train": len(self.train), "holdout": len(self.holdout),
+                "dropped": dict(self.dropped), "newest_at": self.newest_at}
+
+
+def normalize_answer(text: str) -> str:
+    """Comparison key for answers: single spaces, no surrounding quotes/periods, case-folded."""
+    return " ".join(text.split()).strip(" .\"'`").casefold()
+
+
+def strip_reasoning(text: str) -> str:
+    """The answer without ``<think>…</think>`` reasoning (rationale targets; stripping at serving)."""
+    return _THINK.sub("", text).strip()
+
+
+def holdout_score(prompt_text: str) -> float:
+    """A number in [0, 1) fixed by the prompt alone; below the holdout fraction means holdout."""
+    key = " ".join(prompt_text.split()).casefold()
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def in_holdout(prompt_text: str, fraction: float) -> bool:
+    return holdout_score(prompt_text) < fraction
+
+
+def labels_for_route(settings: Settings, route: RouteConfig) -> set[str] | None:
+    """The valid answers of a label route (the replay dataset's intents), else None."""
+    if not route.labels_from_dataset:
+        return None
+    if settings.replay_teacher is None:
+        raise ValueError(f"route {route.name} sets labels_from_dataset but no replay_teacher dataset is configured")
+    return labels_from_file(settings.replay_teacher.dataset)
+
+
+def labels_from_file(path: str | Path) -> set[str]:
+    """Intents of a CLINC150-format file (splits of ``[utterance, intent]``), plus ``oos``."""
+    splits = json.loads(Path(path).read_text())
+    return {intent for rows in splits.values() for _, intent in rows} | {"oos"}
+
+
+# -- validity ---------------------------------------------------------------------------------
+def wants_json(request: dict[str, Any]) -> bool:
+    response_format = request.get("response_format") or {}
+    return isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema")
+
+
+def rejection_reason(request: dict[str, Any], answer: str, finish_reason: str | None,
+                     labels: Collection[str] | None) -> str | None:
+    """Why this answer must not become training data, or None when it is fit."""
+    if finish_reason == "length":
+        return "truncated"
+    text = strip_reasoning(answer)
+    if not text:
+        return "empty"
+    if _REFUSAL.match(text):
+        return "refusal"
+    if labels is not None and normalize_answer(text) not in labels:
+        return "invalid_label"
+    if wants_json(request):
+        try:
+            json.loads(text)
+        except ValueError:
+            return "invalid_json"
+    return None
+
+
+# -- reading the store ------------------------------------------------------------------------
+def _loads(raw: str | None) -> Any:
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _first_choice(response: Any) -> dict[str, Any]:
+    if not isinstance(response, dict):
+        return {}
+    choices = response.get("choices") or [{}]
+    return choices[0] if isinstance(choices[0], dict) else {}
+
+
+def _candidate(request: Any, response: Any, *, source: str, request_id: str, created_at: float,
+               system_prompt: str, labels: Collection[str] | None, keep_reasoning: bool
+               ) -> Example | str:
+    """An Example, or the reason to drop this row."""
+    if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
+        return "bad_request"
+    choice = _first_choice(response)
+    message = choice.get("message") or {}
+    answer = message.get("content") if isinstance(message.get("content"), str) else ""
+    if message.get("refusal"):
+        return "refusal"
+    reason = rejection_reason(request, answer, choice.get("finish_reason"), labels)
+    if reason:
+        return reason
+    target = answer.strip() if keep_reasoning else strip_reasoning(answer)
+    if labels is not None:
+        target = normalize_answer(target)
+    logprobs = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), dict) else None
+    return Example(
+        messages=student_messages(system_prompt, request["messages"]),
+        answer=target,
+        prompt_text=user_text(request["messages"]),
+        source=source,
+        json_request=wants_json(request),
+        request_id=request_id,
+        created_at=created_at,
+        # Logprobs describe the raw answer's tokens; only usable when the target is that answer.
+        teacher_logprobs=logprobs if target == answer else None,
+    )
+
+
+def _teacher_rows(store: Store, route: str, after: float) -> Iterable[dict[str, Any]]:
+    yield from store.iter_requests(route, target="teacher", after=after, ok_only=True)
+
+
+def _shadow_rows(store: Store, route: str, after: float) -> Iterable[tuple[dict[str, Any], dict[str, Any]]]:
+    """Shadow results joined with the logged request they shadowed."""
+    shadows = list(store.iter_shadow_results(route, after=after))
+    if not shadows:
+        return
+    wanted = {row["request_id"] for row in shadows}
+    requests = {row["id"]: row for row in store.iter_requests(route, target="student", ok_only=False)
+                if row["id"] in wanted}
+    for shadow in shadows:
+        request = requests.get(shadow["request_id"])
+        if request is not None:
+            yield shadow, request
+
+
+def collect_examples(store: Store, route: RouteConfig, *, labels: Collection[str] | None = None,
+                     after: float = 0.0, keep_reasoning: bool = False) -> tuple[list[Example], Counter[str]]:
+    """Every fit example since ``after``, deduplicated (newest answer wins), and drop counts."""
+    dropped: Counter[str] = Counter()
+    label_set = {normalize_answer(label) for label in labels} if labels is not None else None
+    options = {"system_prompt": route.student.system_prompt, "labels": label_set, "keep_reasoning": keep_reasoning}
+    found: list[Example | str] = []
+    for row in _teacher_rows(store, route.name, after):
+        found.append(_candidate(_loads(row["request_json"]), _loads(row["response_json"]), source="teacher",
+                                request_id=row["id"], created_at=row["created_at"], **options))
+    for shadow, request in _shadow_rows(store, route.name, after):
+        response = _loads(shadow.get("teacher_response_json"))
+        if response is None and shadow.get("teacher_answer"):
+            response = {"choices": [{"message": {"content": shadow["teacher_answer"]}, "finish_reason": "stop"}]}
+        found.append(_candidate(_loads(request["request_json"]), response, source="shadow",
+                                request_id=request["id"], created_at=shadow["created_at"], **options))
+    newest: dict[str, Example] = {}
+    for item in found:
+        if isinstance(item, str):
+            dropped[item] += 1
+            continue
+        key = json.dumps(item.messages, sort_keys=True, ensure_ascii=False)
+        if key in newest:
+            dropped["duplicate"] += 1
+            if newest[key].created_at > item.created_at:
+                continue
+        newest[key] = item
+    return sorted(newest.values(), key=lambda example: example.created_at), dropped
+
+
+def build_dataset(store: Store, route: RouteConfig, *, labels: Collection[str] | None = None,
+                  keep_reasoning: bool = False) -> Dataset:
+    """The route's curated dataset, split by prompt hash into train and the fixed holdout."""
+    examples, dropped = collect_examples(store, route, labels=labels, keep_reasoning=keep_reasoning)
+    fraction = route.training.holdout_fraction
+    train = [example for example in examples if not in_holdout(example.prompt_text, fraction)]
+    holdout = [example for example in examples if in_holdout(example.prompt_text, fraction)]
+    dataset = Dataset(route.name, train, holdout, dropped,
+                      newest_at=max((example.created_at for example in examples), default=0.0))
+    logger.info("dataset built", extra=dataset.summary())
+    return dataset
+
+
+def count_new_examples(store: Store, route: str, after: float) -> int:
+    """Teacher answers (status 200) and shadow results logged since ``after``; cheap, unfiltered."""
+    teacher = sum(1 for _ in store.iter_requests(route, target="teacher", after=after, ok_only=True))
+    return teacher + sum(1 for _ in store.iter_shadow_results(route, after=after))

@@ -1,0 +1,145 @@
+"""Evaluating a student version on the route's holdout, and the promotion gate.
+
+In-process, with transformers and peft: batched greedy decoding of the exact serving prompt
+(the chat template with the generation prompt, as vLLM renders it). Metrics: agreement
+with the teacher (exact match after normalization), validity (label routes: a known label;
+JSON requests: parses; otherwise non-empty) and latency (batched, per example).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway.config import GateConfig
+from trainer.dataset import Example, normalize_answer, strip_reasoning
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    agreement: float
+    validity: float
+    examples: int
+    latency_ms_per_example: float
+    wall_s: float
+
+    def metric(self, name: str) -> float:
+        return float(getattr(self, name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GateDecision:
+    passed: bool
+    reason: str
+    metric: str
+    candidate: float
+    live: float | None
+
+
+def is_valid(answer: str, labels: Collection[str] | None, json_request: bool) -> bool:
+    text = strip_reasoning(answer)
+    if labels is not None:
+        return normalize_answer(text) in labels
+    if json_request:
+        try:
+            json.loads(text)
+        except ValueError:
+            return False
+        return True
+    return bool(text)
+
+
+def score_answers(examples: Sequence[Example], answers: Sequence[str], labels: Collection[str] | None,
+                  wall_s: float) -> EvalResult:
+    """Agreement and validity of ``answers`` against the teacher's answers in ``examples``."""
+    label_set = {normalize_answer(label) for label in labels} if labels is not None else None
+    agree = sum(normalize_answer(strip_reasoning(answer)) == normalize_answer(strip_reasoning(example.answer))
+                for example, answer in zip(examples, answers, strict=True))
+    valid = sum(is_valid(answer, label_set, example.json_request)
+                for example, answer in zip(examples, answers, strict=True))
+    count = max(1, len(examples))
+    return EvalResult(agreement=agree / count, validity=valid / count, examples=len(examples),
+                      latency_ms_per_example=wall_s * 1000 / count, wall_s=wall_s)
+
+
+def load_for_inference(base_dir: str | Path, adapter_dir: str | Path | None) -> tuple[Any, Any]:
+    """The base model with ``adapter_dir`` applied (None: the bare base), and its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)  # see TrainParams.threads: one thread is faster on these machines
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    tokenizer.padding_side = "left"  # generation continues from the right edge of every row
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        model = model.merge_and_unload()  # same outputs, no LoRA overhead per forward
+    model.eval()
+    return model, tokenizer
+
+
+def generate(model: Any, tokenizer: Any, prompts: Sequence[list[dict[str, Any]]], *, max_new_tokens: int,
+             batch_size: int = 64) -> list[str]:
+    """Greedy answers for chat prompts, batched (left padding)."""
+    import torch
+
+    from trainer.train import render_prompt
+
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        texts = [render_prompt(tokenizer, messages) for messages in prompts[start:start + batch_size]]
+        batch = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        new_tokens = output[:, batch["input_ids"].shape[1]:]
+        answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return [answer.strip() for answer in answers]
+
+
+def answer_budget(tokenizer: Any, examples: Sequence[Example], cap: int = 128) -> int:
+    """Enough new tokens for the longest teacher answer (plus EOS), capped."""
+    longest = max((len(tokenizer(example.answer, add_special_tokens=False)["input_ids"]) for example in examples),
+                  default=1)
+    return min(cap, longest + 2)
+
+
+def evaluate_adapter(base_dir: str | Path, adapter_dir: str | Path | None, holdout: Sequence[Example], *,
+                     labels: Collection[str] | None = None, batch_size: int = 64) -> EvalResult:
+    """Evaluate one student version (``adapter_dir`` None: the bare base) on ``holdout``."""
+    model, tokenizer = load_for_inference(base_dir, adapter_dir)
+    started = time.perf_counter()
+    answers = generate(model, tokenizer, [example.messages for example in holdout],
+                       max_new_tokens=answer_budget(tokenizer, holdout), batch_size=batch_size)
+    result = score_answers(holdout, answers, labels, time.perf_counter() - started)
+    logger.info("student evaluated", extra={"adapter": str(adapter_dir), **result.to_dict()})
+    return result
+
+
+def gate(candidate: EvalResult, live: EvalResult | None, config: GateConfig) -> GateDecision:
+    """Promote only if the metric meets the minimum and is not worse than live beyond the tolerance."""
+    value = candidate.metric(config.metric)
+    live_value = live.metric(config.metric) if live is not None else None
+    if candidate.examples == 0:
+        return GateDecision(False, "empty holdout", config.metric, value, live_value)
+    if value < config.minimum:
+        return GateDecision(False, f"{config.metric} {value:.3f} < minimum {config.minimum:.3f}",
+                            config.metric, value, live_value)
+    if live_value is not None and value < live_value - config.tolerance:
+        return GateDecision(False, f"{config.metric} {value:.3f} worse than live {live_value:.3f} "
+                                   f"beyond tolerance {config.tolerance:.3f}", config.metric, value, live_value)
+    return GateDecision(True, "passed", config.metric, value, live_value)

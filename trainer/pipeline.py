@@ -1,0 +1,153 @@
+"""One training cycle for a route: dataset → train → OOD detector → evaluate vs live → registry.
+
+``Trainer.run(route)`` produces a registry row with status ``candidate`` (passed the gate)
+or ``rejected``; it never makes a version live (that is the hot swap's job). A crash
+mid-run leaves nothing promotable: the adapter appears only by an atomic rename, the
+registry row is written last, and the training run is recorded as ``failed``. A rerun of
+the same version on the same data resumes from the run's checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway.config import RouteConfig, Settings
+from gateway.store import Store
+from trainer.dataset import Dataset, build_dataset, labels_for_route
+from trainer.registry import CandidateVersion, Registry
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DETECTOR_KIND = "knn"
+
+
+class NotEnoughData(Exception):
+    """The route has too few curated examples to train or evaluate a student."""
+
+
+class Trainer:
+    def __init__(self, settings: Settings, store: Store, *, adapters_root: str | Path = "var/adapters",
+                 min_train_examples: int = 20, min_holdout_examples: int = 5,
+                 detector_kind: str = DEFAULT_DETECTOR_KIND, embedder_factory: Callable[[], Any] | None = None,
+                 train_overrides: dict[str, Any] | None = None, progress: bool = True) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = Registry(store)
+        self.adapters_root = Path(adapters_root)
+        self.min_train_examples = min_train_examples
+        self.min_holdout_examples = min_holdout_examples
+        self.detector_kind = detector_kind
+        self.embedder_factory = embedder_factory
+        self.train_overrides = train_overrides or {}
+        self.progress = progress
+
+    def _route(self, route: RouteConfig | str) -> RouteConfig:
+        if isinstance(route, RouteConfig):
+            return route
+        config = self.settings.route(route)
+        if config is None:
+            raise KeyError(f"no route named {route!r} in the configuration")
+        return config
+
+    def run(self, route: RouteConfig | str) -> CandidateVersion:
+        """Train, evaluate and register one new version of ``route``'s student."""
+        config = self._route(route)
+        started = time.time()
+        version = self.registry.next_version(config.name)
+        detail: dict[str, Any] = {}
+        try:
+            candidate = self._cycle(config, version, detail)
+        except BaseException as error:
+            detail["error"] = f"{type(error).__name__}: {error}"
+            outcome = "skipped" if isinstance(error, NotEnoughData) else "failed"
+            self._record_run(config.name, started, outcome, version, detail)
+            logger.error("training cycle did not produce a version",
+                         extra={"route": config.name, "version": version, "outcome": outcome, **detail})
+            raise
+        self._record_run(config.name, started, candidate.status, version, detail)
+        return candidate
+
+    def _cycle(self, config: RouteConfig, version: str, detail: dict[str, Any]) -> CandidateVersion:
+        labels = labels_for_route(self.settings, config)
+        dataset = build_dataset(self.store, config, labels=labels)
+        detail["dataset"] = dataset.summary()
+        self._check_size(dataset)
+        out_dir = self.adapters_root / config.name / version
+        adapter_dir = out_dir / "adapter"
+        trained = self._train(config, dataset, adapter_dir, version)
+        detail["train"] = trained
+        detector_path = self._fit_detector(config, dataset, out_dir / "detector")
+        metrics = self._evaluate(config, dataset, adapter_dir, labels)
+        detail["gate"] = metrics["gate"]
+        live = self.registry.live(config.name)
+        candidate = CandidateVersion(
+            route=config.name, version=version, status="candidate" if metrics["gate"]["passed"] else "rejected",
+            adapter_path=str(adapter_dir), detector_path=str(detector_path) if detector_path else None,
+            parent=live.version if live else None, metrics={**metrics, "train": trained},
+            train_examples=len(dataset.train), holdout_examples=len(dataset.holdout),
+            note=metrics["gate"]["reason"],
+        )
+        logger.info("training cycle finished", extra={"route": config.name, "version": version,
+                                                      "status": candidate.status, "gate": metrics["gate"]})
+        return self.registry.record(candidate)
+
+    def _check_size(self, dataset: Dataset) -> None:
+        if len(dataset.train) < self.min_train_examples or len(dataset.holdout) < self.min_holdout_examples:
+            raise NotEnoughData(f"route {dataset.route}: {len(dataset.train)} training and {len(dataset.holdout)} "
+                                f"holdout examples; need {self.min_train_examples} and {self.min_holdout_examples}")
+
+    def _train(self, config: RouteConfig, dataset: Dataset, adapter_dir: Path, version: str) -> dict[str, Any]:
+        from trainer.train import TrainParams, train_adapter
+
+        params = TrainParams.from_route(config, **self.train_overrides)
+        result = train_adapter(config.student.base_model, dataset.train, adapter_dir, params,
+                               progress=self.progress,
+                               metadata={"route": config.name, "version": version,
+                                         "system_prompt": config.student.system_prompt})
+        return result.to_dict()
+
+    def _fit_detector(self, config: RouteConfig, dataset: Dataset, path: Path) -> Path | None:
+        """The router's OOD detector, fitted on this version's training prompts."""
+        try:
+            from router.ood import fit_detector_for_texts
+        except ImportError:
+            logger.warning("router.ood is unavailable; this version has no OOD detector", extra={"route": config.name})
+            return None
+        embedder = self.embedder_factory() if self.embedder_factory else _default_embedder()
+        texts = [example.prompt_text for example in dataset.train]
+        labels = [example.answer for example in dataset.train] if config.labels_from_dataset else None
+        return Path(fit_detector_for_texts(texts, labels, self.detector_kind, path, embedder))
+
+    def _evaluate(self, config: RouteConfig, dataset: Dataset, adapter_dir: Path,
+                  labels: set[str] | None) -> dict[str, Any]:
+        """Candidate and live student on the same holdout, and the gate's verdict."""
+        from trainer.evaluate import evaluate_adapter, gate
+
+        base = config.student.base_model
+        candidate = evaluate_adapter(base, adapter_dir, dataset.holdout, labels=labels)
+        live_version = self.registry.live(config.name)
+        live = None
+        if live_version is not None and Path(live_version.adapter_path).exists():
+            live = evaluate_adapter(base, live_version.adapter_path, dataset.holdout, labels=labels)
+        decision = gate(candidate, live, config.gate)
+        return {"candidate": candidate.to_dict(), "live": live.to_dict() if live else None,
+                "live_version": live_version.version if live_version else None,
+                "gate": {"passed": decision.passed, "reason": decision.reason, "metric": decision.metric,
+                         "candidate": decision.candidate, "live": decision.live}}
+
+    def _record_run(self, route: str, started: float, outcome: str, version: str, detail: dict[str, Any]) -> None:
+        import json
+
+        self.store.record_training_run({"route": route, "started_at": started, "finished_at": time.time(),
+                                        "outcome": outcome, "version": version,
+                                        "detail_json": json.dumps(detail, default=str)})
+
+
+def _default_embedder() -> Any:
+    from router.embeddings import Embedder
+
+    return Embedder()

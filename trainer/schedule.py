@@ -1,0 +1,146 @@
+"""Scheduled retraining: one apscheduler (3.x) job per route, inside the gateway's event loop.
+
+Each tick checks whether at least ``training.min_new_examples`` teacher answers arrived
+since the route's last training run; if so it runs ``distillgate train`` in a child process
+(training must not take CPU time or the GIL from the gateway's request handling) and, when
+the candidate passed the gate, promotes it through the :class:`~trainer.swap.Swapper`.
+``max_instances=1`` and ``coalesce=True``: one run per route at a time, missed ticks merge.
+
+No torch here: the gateway imports this module at startup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway.config import RouteConfig, Settings
+from gateway.store import Store
+from trainer.dataset import count_new_examples
+from trainer.swap import SwapError, Swapper
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingScheduler:
+    def __init__(self, settings: Settings, store: Store, swapper: Swapper, *, config_path: str | Path,
+                 python: str = sys.executable, cwd: str | Path | None = None,
+                 extra_args: Sequence[str] = (), train_timeout_s: float = 3600.0) -> None:
+        self.settings = settings
+        self.store = store
+        self.swapper = swapper
+        self.config_path = str(config_path)
+        self.python = python
+        self.cwd = str(cwd) if cwd else None
+        self.extra_args = list(extra_args)
+        self.train_timeout_s = train_timeout_s
+        self.scheduler: Any = None
+        self._children: set[asyncio.subprocess.Process] = set()
+        self.last_outcome: dict[str, dict[str, Any]] = {}
+
+    def start(self) -> None:
+        """Add one interval job per route and start the scheduler on the running event loop."""
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        self.scheduler = AsyncIOScheduler()
+        for route in self.settings.routes:
+            self.scheduler.add_job(self.tick, "interval", args=[route.name], id=f"train:{route.name}",
+                                   minutes=route.training.interval_minutes, max_instances=1, coalesce=True)
+        self.scheduler.start()
+        logger.info("training scheduler started", extra={"routes": [route.name for route in self.settings.routes]})
+
+    async def shutdown(self) -> None:
+        """Stop scheduling and end any training child (its checkpoint lets the next run resume)."""
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+            self.scheduler = None
+        for child in list(self._children):
+            if child.returncode is None:
+                child.terminate()
+                try:
+                    await asyncio.wait_for(child.wait(), 10.0)
+                except TimeoutError:
+                    child.kill()
+
+    def new_examples(self, route: str) -> int:
+        runs = self.store.training_runs(route)
+        since = max((run["started_at"] or 0.0 for run in runs), default=0.0)
+        return count_new_examples(self.store, route, since)
+
+    async def tick(self, route: str) -> dict[str, Any]:
+        """One scheduled check for ``route``; returns what happened (also kept in last_outcome)."""
+        config = self.settings.route(route)
+        assert config is not None, route
+        try:
+            outcome = await self._tick(config)
+        except Exception as error:  # the job's outer boundary: log it, the next tick retries
+            logger.exception("scheduled training failed", extra={"route": route})
+            outcome = {"action": "error", "error": f"{type(error).__name__}: {error}"}
+        self.last_outcome[route] = {**outcome, "at": time.time()}
+        return outcome
+
+    async def _tick(self, config: RouteConfig) -> dict[str, Any]:
+        fresh = await asyncio.to_thread(self.new_examples, config.name)
+        if fresh < config.training.min_new_examples:
+            return {"action": "waiting", "new_examples": fresh}
+        candidate = await self.train_in_subprocess(config.name)
+        if candidate is None:
+            return {"action": "train_failed", "new_examples": fresh}
+        if candidate.get("status") != "candidate":
+            return {"action": "rejected", "version": candidate.get("version"), "note": candidate.get("note")}
+        try:
+            swap = await self.swapper.promote(config.name, candidate["version"])
+        except SwapError as error:
+            return {"action": "promotion_failed", "version": candidate["version"], "error": str(error)}
+        return {"action": "promoted", "version": swap.version, "previous": swap.previous}
+
+    def command(self, route: str) -> list[str]:
+        return [self.python, "-m", "gateway.cli", "train", "--config", self.config_path, "--route", route,
+                "--json", "--no-progress", *self.extra_args]
+
+    async def train_in_subprocess(self, route: str) -> dict[str, Any] | None:
+        """Run ``distillgate train`` in a child process; the candidate as JSON, or None on failure."""
+        command = self.command(route)
+        logger.info("training started", extra={"route": route, "command": command})
+        child = await asyncio.create_subprocess_exec(*command, cwd=self.cwd, stdout=asyncio.subprocess.PIPE,
+                                                     stderr=asyncio.subprocess.PIPE)
+        self._children.add(child)
+        try:
+            stdout, stderr = await asyncio.wait_for(child.communicate(), self.train_timeout_s)
+        except TimeoutError:
+            child.kill()
+            await child.wait()
+            logger.error("training timed out", extra={"route": route, "timeout_s": self.train_timeout_s})
+            return None
+        finally:
+            self._children.discard(child)
+        if child.returncode != 0:
+            logger.error("training failed", extra={"route": route, "returncode": child.returncode,
+                                                   "stderr": stderr.decode(errors="replace")[-2000:]})
+            return None
+        return _last_json_line(stdout.decode(errors="replace"))
+
+
+def _last_json_line(text: str) -> dict[str, Any] | None:
+    for line in reversed(text.strip().splitlines()):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def start_training_scheduler(settings: Settings, store: Store, swapper: Swapper, *, config_path: str | Path,
+                             **options: Any) -> TrainingScheduler:
+    """Called in the gateway's lifespan (on the event loop); ``await scheduler.shutdown()`` at exit."""
+    scheduler = TrainingScheduler(settings, store, swapper, config_path=config_path, **options)
+    scheduler.start()
+    return scheduler

@@ -1,0 +1,269 @@
+"""The zero-downtime hot swap of a route's student adapter, the way vLLM loads adapters.
+
+Per route, under a lock: validate the adapter directory, ``load_lora_adapter`` under a new
+versioned name, smoke-test one chat request on that name, register the version's OOD
+detector, switch the route's pointer (one assignment on the event loop), record the new
+live version, then wait until the requests that chose the old adapter have finished and
+unload it (PLATFORM.md: unloading without the drain failed requests). Any failure before
+the switch leaves the old version serving and marks the candidate ``failed``.
+
+No torch and no FastAPI here: the gateway imports this module at startup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from gateway.config import RouteConfig
+from gateway.prompting import student_messages
+from gateway.routes import BASE_MODEL_VERSION, StudentPointer, adapter_name
+from gateway.upstream.base import UpstreamFailure
+from trainer.registry import ROLLED_BACK_NOTE, CandidateVersion, Registry, VersionStore
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+SMOKE_PROMPT = "hello"
+
+
+class AdapterServer(Protocol):
+    """The student server (``gateway.upstream.student.VLLMStudent`` fits)."""
+
+    async def chat(self, model: str, body: dict[str, Any], timeout_s: float) -> Any: ...
+
+    async def load_adapter(self, name: str, path: str) -> None: ...
+
+    async def unload_adapter(self, name: str) -> None: ...
+
+
+class LiveRouteState(Protocol):
+    student: StudentPointer | None
+
+
+class LiveRoutes(Protocol):
+    """The gateway's live route pointers (``gateway.routes.RouteTable`` fits)."""
+
+    def get(self, name: str) -> Any: ...
+
+    def switch_student(self, name: str, pointer: StudentPointer | None) -> StudentPointer | None: ...
+
+    async def wait_drained(self, adapter: str, timeout_s: float = 30.0) -> bool: ...
+
+
+class DetectorSink(Protocol):
+    """Where a version's OOD detector goes (``router.ood_router.OODRouter`` fits).
+
+    Detectors are keyed by (route, version): registering the new one before the pointer
+    switch changes nothing until the switch makes that version the one requests see.
+    """
+
+    async def aload_detector(self, route: str, version: str, path: str | Path) -> Any: ...
+
+    def drop_detector(self, route: str, version: str) -> None: ...
+
+
+class SwapError(Exception):
+    """A promotion or rollback did not happen; the previous version keeps serving."""
+
+
+@dataclass
+class SwapResult:
+    route: str
+    version: str
+    previous: str | None
+    load_ms: float
+    smoke_ms: float
+    drain_ms: float
+    drained: bool
+    unloaded: str | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def validate_adapter_dir(path: Path, max_rank: int) -> None:
+    """Raise SwapError unless ``path`` holds a peft LoRA adapter vLLM can load at this rank."""
+    config_path = path / "adapter_config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:
+        raise SwapError(f"adapter {path}: unreadable adapter_config.json ({error})") from None
+    rank = config.get("r")
+    if not isinstance(rank, int) or not 1 <= rank <= max_rank:
+        raise SwapError(f"adapter {path}: LoRA rank {rank!r} is outside 1..{max_rank} (vLLM --max-lora-rank)")
+    weights = next((path / name for name in WEIGHT_FILES if (path / name).is_file()), None)
+    if weights is None:
+        raise SwapError(f"adapter {path}: no adapter weights ({' or '.join(WEIGHT_FILES)})")
+    if weights.suffix == ".safetensors":
+        _check_safetensors(weights)
+
+
+def _check_safetensors(path: Path) -> None:
+    """The header parses and the file is as long as the header says: catches truncation."""
+    try:
+        with path.open("rb") as handle:
+            (header_size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(header_size))
+    except (OSError, ValueError, struct.error) as error:
+        raise SwapError(f"adapter weights {path} are corrupt ({error})") from None
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    if not ends or path.stat().st_size < 8 + header_size + max(ends):
+        raise SwapError(f"adapter weights {path} are truncated or empty")
+
+
+class Swapper:
+    def __init__(self, student: AdapterServer, routes: LiveRoutes, store: VersionStore, *,
+                 route_configs: dict[str, RouteConfig] | None = None, detectors: DetectorSink | None = None,
+                 max_lora_rank: int = 8, drain_timeout_s: float = 60.0, smoke_timeout_s: float = 30.0) -> None:
+        self.student = student
+        self.routes = routes
+        self.registry = Registry(store)
+        self.route_configs = route_configs or {}
+        self.detectors = detectors
+        self.max_lora_rank = max_lora_rank
+        self.drain_timeout_s = drain_timeout_s
+        self.smoke_timeout_s = smoke_timeout_s
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, route: str) -> asyncio.Lock:
+        return self._locks.setdefault(route, asyncio.Lock())
+
+    async def promote(self, route: str, version: str, *, force: bool = False) -> SwapResult:
+        """Make ``version`` the route's serving student; raises SwapError and keeps the old one.
+
+        ``force`` lets an operator promote a version the gate rejected.
+        """
+        async with self._lock(route):
+            candidate = self.registry.get(route, version)
+            if candidate is None:
+                raise SwapError(f"route {route!r} has no version {version!r}")
+            if candidate.status == "failed" or (candidate.status == "rejected" and not force):
+                raise SwapError(f"version {version} of {route} is {candidate.status}; it cannot be promoted")
+            return await self._swap(candidate)
+
+    async def rollback(self, route: str) -> SwapResult:
+        """Serve the version that served before the live one again."""
+        async with self._lock(route):
+            live = self.registry.live(route)
+            target = self.registry.rollback_target(route)
+            if live is None or target is None:
+                raise SwapError(f"route {route!r} has no earlier version to roll back to")
+            result = await self._swap(target)
+            self.registry.mark(route, live.version, "retired", note=ROLLED_BACK_NOTE)
+            return result
+
+    async def _swap(self, candidate: CandidateVersion) -> SwapResult:
+        route, version = candidate.route, candidate.version
+        name = adapter_name(route, version)
+        previous = self.routes.get(route).student
+        if previous is not None and previous.version == version:
+            raise SwapError(f"version {version} of {route} is already serving")
+        started = time.perf_counter()
+        try:
+            validate_adapter_dir(Path(candidate.adapter_path), self.max_lora_rank)
+            await self._load(name, candidate.adapter_path)
+        except (SwapError, UpstreamFailure) as error:
+            self._fail(candidate, f"load failed: {error}")
+            raise SwapError(f"version {version} of {route} did not load: {error}") from error
+        loaded = time.perf_counter()
+        try:
+            await self._smoke_test(route, name)
+            if self.detectors is not None and candidate.detector_path:
+                await self.detectors.aload_detector(route, version, candidate.detector_path)
+        except (SwapError, UpstreamFailure, OSError, ValueError) as error:
+            await self._unload_quietly(name)
+            self._fail(candidate, f"smoke test failed: {error}")
+            raise SwapError(f"version {version} of {route} failed its smoke test: {error}") from error
+        smoked = time.perf_counter()
+        # The switch: from here on new requests choose the new adapter (and its detector).
+        self.routes.switch_student(route, StudentPointer(version, name))
+        self.registry.set_live(route, version)
+        logger.info("student promoted", extra={"route": route, "version": version,
+                                               "previous": previous.version if previous else None})
+        drained, unloaded = await self._retire(route, previous)
+        finished = time.perf_counter()
+        return SwapResult(route, version, previous.version if previous else None,
+                          load_ms=(loaded - started) * 1000, smoke_ms=(smoked - loaded) * 1000,
+                          drain_ms=(finished - smoked) * 1000, drained=drained, unloaded=unloaded)
+
+    async def _load(self, name: str, path: str) -> None:
+        try:
+            await self.student.load_adapter(name, str(Path(path).resolve()))
+        except UpstreamFailure as error:
+            # vLLM kept running while the gateway restarted: the name is still loaded, fine.
+            if error.status_code == 400 and "already" in str(error).lower():
+                logger.info("adapter already loaded", extra={"adapter": name})
+                return
+            raise
+
+    async def _smoke_test(self, route: str, name: str) -> None:
+        """One real chat request on the new adapter name before any client is sent to it."""
+        config = self.route_configs.get(route)
+        system_prompt = config.student.system_prompt if config else ""
+        body = {"messages": student_messages(system_prompt, [{"role": "user", "content": SMOKE_PROMPT}]),
+                "max_tokens": 4, "temperature": 0.0}
+        completion = await self.student.chat(name, body, self.smoke_timeout_s)
+        choices = (getattr(completion, "body", None) or {}).get("choices")
+        if not choices:
+            raise SwapError("the smoke-test answer has no choices")
+
+    async def _retire(self, route: str, previous: StudentPointer | None) -> tuple[bool, str | None]:
+        """Drain the old adapter's in-flight requests, then unload it (never the base model)."""
+        if previous is None or previous.version == BASE_MODEL_VERSION:
+            return True, None
+        drained = await self.routes.wait_drained(previous.adapter_name, self.drain_timeout_s)
+        if not drained:
+            # Unloading anyway bounds vLLM's adapter slots; the stragglers fall back to the teacher.
+            logger.warning("old adapter did not drain in time; unloading anyway",
+                           extra={"route": route, "adapter": previous.adapter_name})
+        await self._unload_quietly(previous.adapter_name)
+        if self.detectors is not None:
+            self.detectors.drop_detector(route, previous.version)
+        return drained, previous.adapter_name
+
+    async def _unload_quietly(self, name: str) -> None:
+        try:
+            await self.student.unload_adapter(name)
+        except UpstreamFailure as error:
+            # Not fatal: the name is no longer routed to; vLLM only holds the slot.
+            logger.warning("adapter unload failed", extra={"adapter": name, "error": str(error)})
+
+    def _fail(self, candidate: CandidateVersion, reason: str) -> None:
+        logger.error("student promotion failed", extra={"route": candidate.route, "version": candidate.version,
+                                                        "reason": reason})
+        self.registry.mark(candidate.route, candidate.version, "failed", note=reason[:500])
+
+    async def restore_live(self) -> dict[str, str]:
+        """At gateway start: load every route's live adapter (and detector) into a fresh vLLM.
+
+        Returns route -> outcome. A route whose adapter cannot load serves from the teacher
+        (its pointer is cleared) rather than failing every student request with a 404.
+        """
+        outcomes: dict[str, str] = {}
+        for route in self.route_configs:
+            live = self.registry.live(route)
+            if live is None:
+                continue
+            async with self._lock(route):
+                outcomes[route] = await self._restore(live)
+        return outcomes
+
+    async def _restore(self, live: CandidateVersion) -> str:
+        name = adapter_name(live.route, live.version)
+        try:
+            validate_adapter_dir(Path(live.adapter_path), self.max_lora_rank)
+            await self._load(name, live.adapter_path)
+            if self.detectors is not None and live.detector_path:
+                await self.detectors.aload_detector(live.route, live.version, live.detector_path)
+        except (SwapError, UpstreamFailure, OSError, ValueError) as error:
+            logger.error("live student could not be restored; serving the route from the teacher",
+                         extra={"route": live.route, "version": live.version, "error": str(error)})
+            self.routes.switch_student(live.route, None)
+            return f"failed: {error}"
+        self.routes.switch_student(live.route, StudentPointer(live.version, name))
+        return "loaded"
