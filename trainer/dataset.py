@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.config import RouteConfig, Settings
+from gateway.config import RouteConfig
 from gateway.prompting import student_messages, user_text
 from gateway.store import Store
 
@@ -88,13 +88,9 @@ def in_holdout(prompt_text: str, fraction: float) -> bool:
     return holdout_score(prompt_text) < fraction
 
 
-def labels_for_route(settings: Settings, route: RouteConfig) -> set[str] | None:
-    """The valid answers of a label route (the replay dataset's intents), else None."""
-    if not route.labels_from_dataset:
-        return None
-    if settings.replay_teacher is None:
-        raise ValueError(f"route {route.name} sets labels_from_dataset but no replay_teacher dataset is configured")
-    return labels_from_file(settings.replay_teacher.dataset)
+def labels_for_route(route: RouteConfig) -> set[str] | None:
+    """The valid answers of a label route (``labels_dataset``'s intents), else None."""
+    return labels_from_file(route.labels_dataset) if route.labels_dataset is not None else None
 
 
 def labels_from_file(path: str | Path) -> set[str]:

@@ -72,7 +72,7 @@ class Trainer:
         return candidate
 
     def _cycle(self, config: RouteConfig, version: str, detail: dict[str, Any]) -> CandidateVersion:
-        labels = labels_for_route(self.settings, config)
+        labels = labels_for_route(config)
         dataset = build_dataset(self.store, config, labels=labels)
         detail["dataset"] = dataset.summary()
         self._check_size(dataset)
@@ -119,7 +119,7 @@ class Trainer:
             return None
         embedder = self.embedder_factory() if self.embedder_factory else _default_embedder()
         texts = [example.prompt_text for example in dataset.train]
-        labels = [example.answer for example in dataset.train] if config.labels_from_dataset else None
+        labels = [example.answer for example in dataset.train] if config.labels_dataset is not None else None
         return Path(fit_detector_for_texts(texts, labels, self.detector_kind, path, embedder))
 
     def _evaluate(self, config: RouteConfig, dataset: Dataset, adapter_dir: Path,
