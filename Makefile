@@ -8,7 +8,7 @@ VLLM_VENV := .venv-vllm
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install serve test demo bench lint clean
+.PHONY: install browser serve test demo bench lint clean
 
 install: $(VENV)/.installed $(VLLM_VENV)/.installed
 
@@ -32,8 +32,13 @@ $(VLLM_VENV)/.installed:
 serve: install
 	$(VENV)/bin/distillgate serve --config configs/default.yaml
 
-test: install
+test: install browser
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The dashboard's tests drive Debian's headless Chromium (never a downloaded browser).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
 
 demo: install
 	$(VENV)/bin/distillgate demo --quick --out var/demo

@@ -9,6 +9,7 @@ Exception tree::
     ├── PermissionDenied            403 permission_error
     ├── RouteNotFound               404 invalid_request_error (code model_not_found)
     ├── NotFound                    404 invalid_request_error
+    ├── Conflict                    409 invalid_request_error
     ├── RateLimited                 429 rate_limit_error
     ├── Unavailable                 503 service_unavailable
     └── UpstreamError               502 upstream_error
@@ -74,6 +75,12 @@ class NotFound(GatewayError):
     status_code = 404
     error_type = "invalid_request_error"
     default_code = "not_found"
+
+
+class Conflict(GatewayError):
+    status_code = 409
+    error_type = "invalid_request_error"
+    default_code = "conflict"
 
 
 class RateLimited(GatewayError):
