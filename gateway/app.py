@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -28,6 +29,7 @@ from gateway.models_api import router as models_router
 from gateway.routes import RouteTable
 from gateway.shadow import ShadowRunner
 from gateway.store import BatchWriter, SQLiteStore, Store
+from gateway.training import TrainingLoop
 from gateway.upstream.base import StudentBackend, TeacherClient
 from router.decision import PolicyRouter, Router
 
@@ -43,6 +45,8 @@ class Components:
     teachers: dict[str, TeacherClient] | None = None
     router: Router | None = None
     observers: list[Observer] = field(default_factory=list)
+    # The config file the app was built from; scheduled retraining runs only when it is known.
+    config_path: Path | None = None
     extra_startup: list[Callable[[FastAPI], Any]] = field(default_factory=list)
 
 
@@ -87,15 +91,19 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics.bind(store=store, routes=routes, writers=[writer, shadow_writer], shadow=shadow)
     app.state.chat_service = ChatService(routes, router, student, teachers, writer, shadow,
                                          [*components.observers, metrics.observe])
+    training = TrainingLoop(settings, store, student, routes, router, components.config_path)
+    app.state.training, app.state.swapper = training, training.swapper
     writer.start()
     shadow_writer.start()
     shadow.start()
+    training.start()
     for startup in components.extra_startup:
         await startup(app)
     logger.info("gateway ready", extra={"routes": [route.name for route in settings.routes]})
     try:
         yield
     finally:
+        await training.stop()
         await shadow.close()
         await writer.close()
         await shadow_writer.close()

@@ -81,7 +81,7 @@ def _admin_token(settings: Settings) -> None:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway.app import create_app
+    from gateway.app import Components, create_app
 
     try:
         settings = load_settings(args.config)
@@ -96,7 +96,7 @@ def serve(args: argparse.Namespace) -> int:
             _ensure_student_base(Path(args.config), settings)
         replay = _start_replay_teacher(settings, log_dir)
         children += [child for child in (replay, _start_vllm(settings, log_dir)) if child is not None]
-        app = create_app(settings)
+        app = create_app(settings, Components(config_path=Path(args.config)))
         uvicorn.run(app, host=args.host or settings.server.host, port=args.port or settings.server.port,
                     log_level="warning", timeout_graceful_shutdown=30)
     finally:

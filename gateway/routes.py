@@ -89,11 +89,10 @@ class RouteTable:
         self._routes = {route.name: RouteState(route, store.route_overrides(route.name)) for route in settings.routes}
         self._in_flight: Counter[str] = Counter()
         self._drained = asyncio.Event()
+        # A live version's pointer is set once its adapter is loaded into vLLM (the training
+        # loop restores it at start); until then the route serves from the teacher.
         for state in self._routes.values():
-            live = store.live_version(state.config.name)
-            if live is not None:
-                state.student = StudentPointer(live["version"], adapter_name(state.config.name, live["version"]))
-            elif state.config.student.serve_base_model:
+            if state.config.student.serve_base_model:
                 state.student = StudentPointer(BASE_MODEL_VERSION, "base")
 
     def get(self, name: str) -> RouteState:

@@ -9,8 +9,9 @@ from fastapi import APIRouter, Depends, Request
 
 from gateway.auth import require_admin
 from gateway.chat.routes import read_json_body
-from gateway.errors import InvalidRequest, NotFound, Unavailable
+from gateway.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from gateway.routes import RouteTable
+from trainer.swap import SwapError
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
@@ -72,12 +73,19 @@ async def promote(route: str, request: Request) -> dict[str, Any]:
     known = {row["version"] for row in request.app.state.store.versions(route)}
     if version not in known:
         raise NotFound(f"Route {route!r} has no version {version!r}.", param="version")
-    await _swapper(request).promote(route, version)
+    force = bool(payload.get("force", False))
+    try:
+        await _swapper(request).promote(route, version, force=force)
+    except SwapError as error:
+        raise Conflict(str(error), param="version") from error
     return _routes(request).get(route).describe()
 
 
 @router.post("/routes/{route}/rollback")
 async def rollback(route: str, request: Request) -> dict[str, Any]:
     _routes(request).get(route)
-    await _swapper(request).rollback(route)
+    try:
+        await _swapper(request).rollback(route)
+    except SwapError as error:
+        raise Conflict(str(error)) from error
     return _routes(request).get(route).describe()

@@ -1,0 +1,62 @@
+"""The gateway's side of the training loop: hot swap, restoring live adapters, the schedule.
+
+vLLM forgets runtime-loaded adapters when it restarts, and it may still be starting when
+the gateway comes up; so the live versions are loaded in the background once the student
+answers its health check. Until then (and if that fails) the route serves from the teacher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from gateway.config import Settings
+from gateway.routes import RouteTable
+from gateway.store import Store
+from gateway.upstream.base import StudentBackend
+from trainer.schedule import TrainingScheduler
+from trainer.swap import Swapper
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingLoop:
+    def __init__(self, settings: Settings, store: Store, student: StudentBackend, routes: RouteTable,
+                 router: Any, config_path: Path | None, *, restore_timeout_s: float = 1800.0) -> None:
+        detectors = router if hasattr(router, "aload_detector") else None
+        self.student = student
+        self.swapper = Swapper(student, routes, store, route_configs={route.name: route for route in settings.routes},
+                               detectors=detectors, max_lora_rank=settings.vllm.max_lora_rank)
+        # Scheduled retraining needs the config file: the training child process reads it.
+        self.scheduler = TrainingScheduler(settings, store, self.swapper, config_path=config_path) \
+            if config_path is not None else None
+        self.restore_timeout_s = restore_timeout_s
+        self.restored: dict[str, str] | None = None
+        self._restore_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._restore_task = asyncio.create_task(self._restore_when_ready(), name="restore-live-students")
+        if self.scheduler is not None:
+            self.scheduler.start()
+
+    async def _restore_when_ready(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.restore_timeout_s
+        while not await self.student.healthy():
+            if loop.time() > deadline:
+                logger.error("student server never became healthy; live students not restored")
+                return
+            await asyncio.sleep(2.0)
+        self.restored = await self.swapper.restore_live()
+        logger.info("live students restored", extra={"outcomes": self.restored})
+
+    async def stop(self) -> None:
+        if self._restore_task is not None:
+            self._restore_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._restore_task
+        if self.scheduler is not None:
+            await self.scheduler.shutdown()
