@@ -59,16 +59,18 @@ class MicroBatcher(Generic[Item, Result]):
         self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
         self._worker: asyncio.Task[None] | None = None
         self._full: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0
         self.items = 0
 
     async def submit(self, item: Item) -> Result:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
+        if self._loop is not loop:  # first use, or a new event loop (tests, restarts)
+            self._loop, self._full, self._worker, self._pending = loop, asyncio.Event(), None, []
         self._pending.append((item, future))
-        if self._full is None:
-            self._full = asyncio.Event()
         if len(self._pending) >= self.max_batch:
+            assert self._full is not None
             self._full.set()
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._drain())
