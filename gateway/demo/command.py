@@ -24,7 +24,7 @@ def _command(args: Any) -> int:
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("demo", help="the whole loop on CLINC150 traffic, measured")
-    parser.add_argument("--requests", type=int, default=None, help="stream length (default 10000; quick 1500)")
+    parser.add_argument("--requests", type=int, default=None, help="stream length (default 10000; quick 2000)")
     parser.add_argument("--quick", action="store_true", help="a short run (under 10 minutes); what CI runs")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default var/demo)")
     parser.set_defaults(func=_command)

@@ -37,7 +37,8 @@ class DemoOptions(BaseModel):
     quick: bool = False
     out: Path = Path("var/demo")
     dataset: Path = ROOT / "data" / "clinc150" / "data_full.json"
-    concurrency: int = Field(8, ge=1)
+    concurrency: int = Field(16, ge=1)
+    rate_per_s: float | None = Field(10.0, gt=0, description="arrival rate of the stream; None: as fast as possible")
     oos_rate: float = Field(0.1, ge=0, le=1)
     teacher_accuracy: float = Field(0.98, ge=0, le=1)
     teacher_latency_ms: float = 300.0
@@ -52,7 +53,7 @@ class DemoOptions(BaseModel):
 
     @classmethod
     def quick_defaults(cls, **overrides: Any) -> DemoOptions:
-        quick = {"requests": 1500, "quick": True, "phase_size": 500, "heldout_limit": 600,
+        quick = {"requests": 2000, "quick": True, "rate_per_s": 8.0, "phase_size": 500, "heldout_limit": 600,
                  "min_new_examples": 500, "interval_minutes": 0.25, "teacher_latency_ms": 150.0}
         return cls(**{**quick, **overrides})
 
@@ -122,7 +123,8 @@ async def _stream_with_progress(client: openai.AsyncOpenAI, system_prompt: str, 
 
         refresher = asyncio.create_task(refresh())
         try:
-            return await send_all(client, ROUTE, system_prompt, queries, options.concurrency, stats.add)
+            return await send_all(client, ROUTE, system_prompt, queries, options.concurrency, stats.add,
+                                  options.rate_per_s)
         finally:
             refresher.cancel()
             live.update(stats.table())

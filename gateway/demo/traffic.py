@@ -104,13 +104,19 @@ async def _send_one(client: openai.AsyncOpenAI, route: str, system_prompt: str, 
 
 
 async def send_all(client: openai.AsyncOpenAI, route: str, system_prompt: str, queries: list[Query],
-                   concurrency: int, on_outcome: Callable[[Outcome], None] | None = None) -> list[Outcome]:
-    """Send every query with ``concurrency`` clients in flight; outcomes in query order."""
+                   concurrency: int, on_outcome: Callable[[Outcome], None] | None = None,
+                   rate_per_s: float | None = None) -> list[Outcome]:
+    """Send every query with at most ``concurrency`` in flight and, when ``rate_per_s`` is set,
+    at that arrival rate (traffic spread over time, as an app's is); outcomes in query order."""
     outcomes: list[Outcome | None] = [None] * len(queries)
     cursor = iter(enumerate(queries))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
 
     async def worker() -> None:
         for index, query in cursor:
+            if rate_per_s:
+                await asyncio.sleep(max(0.0, started + index / rate_per_s - loop.time()))
             outcome = await _send_one(client, route, system_prompt, index, query)
             outcomes[index] = outcome
             if on_outcome:
