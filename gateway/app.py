@@ -31,6 +31,7 @@ from gateway.shadow import ShadowRunner
 from gateway.store import BatchWriter, SQLiteStore, Store
 from gateway.training import TrainingLoop
 from gateway.upstream.base import StudentBackend, TeacherClient
+from gateway.upstream.breaker import StudentBreaker
 from router.decision import PolicyRouter, Router
 
 logger = logging.getLogger(__name__)
@@ -85,17 +86,20 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     routes = RouteTable(settings, store)
     router = components.router or _build_router(settings, store)
     shadow = ShadowRunner(student, teachers, shadow_writer)
+    breaker = StudentBreaker(student, settings.vllm.breaker, probe_model=settings.vllm.served_model_name)
+    app.state.breaker = breaker
     app.state.store, app.state.writer, app.state.routes = store, writer, routes
     app.state.student, app.state.router, app.state.shadow = student, router, shadow
     metrics: GatewayMetrics = app.state.metrics
-    metrics.bind(store=store, routes=routes, writers=[writer, shadow_writer], shadow=shadow)
+    metrics.bind(store=store, routes=routes, writers=[writer, shadow_writer], shadow=shadow, breaker=breaker)
     app.state.chat_service = ChatService(routes, router, student, teachers, writer, shadow,
-                                         [*components.observers, metrics.observe])
+                                         [*components.observers, metrics.observe], breaker=breaker)
     training = TrainingLoop(settings, store, student, routes, router, components.config_path)
     app.state.training, app.state.swapper = training, training.swapper
     writer.start()
     shadow_writer.start()
     shadow.start()
+    breaker.start()
     training.start()
     for startup in components.extra_startup:
         await startup(app)
@@ -104,6 +108,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await training.stop()
+        await breaker.close()
         await shadow.close()
         await writer.close()
         await shadow_writer.close()

@@ -72,6 +72,16 @@ class StoreConfig(StrictModel):
     queue_max: int = Field(10_000, gt=0)
 
 
+class BreakerConfig(StrictModel):
+    """The student server's circuit breaker (see gateway/upstream/breaker.py)."""
+
+    enabled: bool = True
+    # Consecutive student failures (error, timeout, malformed answer) that open the breaker.
+    failure_threshold: int = Field(5, ge=1)
+    probe_interval_s: float = Field(2.0, gt=0)
+    probe_timeout_s: float = Field(5.0, gt=0)
+
+
 class VLLMConfig(StrictModel):
     """The student server. ``launch`` starts it as a child of ``distillgate serve``."""
 
@@ -84,6 +94,7 @@ class VLLMConfig(StrictModel):
     max_lora_rank: int = 8
     max_loras: int = 2
     extra_args: list[str] = []
+    breaker: BreakerConfig = BreakerConfig()
 
 
 class ReplayTeacherConfig(StrictModel):
@@ -104,6 +115,9 @@ class TeacherConfig(StrictModel):
     api_base: str | None = None
     api_key_env: str | None = None
     fallback_model: str | None = None
+    # Where the fallback model lives; unset means the same api_base / key as the main model.
+    fallback_api_base: str | None = None
+    fallback_api_key_env: str | None = None
     timeout_s: float = Field(30.0, gt=0)
     max_retries: int = Field(2, ge=0, le=10)
     backoff_base_s: float = Field(0.2, ge=0)
@@ -112,6 +126,14 @@ class TeacherConfig(StrictModel):
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    def endpoint(self, model: str) -> tuple[str | None, str | None]:
+        """(api_base, api_key) for ``model``: the fallback's own when it names them."""
+        if model == self.fallback_model and model != self.model:
+            api_base = self.fallback_api_base or self.api_base
+            key_env = self.fallback_api_key_env or self.api_key_env
+            return api_base, os.environ.get(key_env) if key_env else None
+        return self.api_base, self.api_key()
 
 
 class StudentConfig(StrictModel):

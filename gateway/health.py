@@ -35,7 +35,7 @@ async def readyz(request: Request) -> JSONResponse:
     )
     checks = {
         "store": await _store_check(request),
-        "student": {"ok": student_ok},
+        "student": {"ok": student_ok, "breaker": state.breaker.describe()},
         "teachers": {name: {"ok": ok} for name, ok in zip(teachers, teacher_oks, strict=True)},
     }
     # The student is optional for readiness: without it every request goes to the teacher.

@@ -80,9 +80,10 @@ class GatewayMetrics:
         self._state = _StateCollector()
         registry.register(self._state)
 
-    def bind(self, *, store: Any, routes: Any, writers: Iterable[Any] = (), shadow: Any = None) -> None:
+    def bind(self, *, store: Any, routes: Any, writers: Iterable[Any] = (), shadow: Any = None,
+             breaker: Any = None) -> None:
         """Give the scrape-time collector the live objects (built in the app's lifespan)."""
-        self._state.bind(store=store, routes=routes, writers=list(writers), shadow=shadow)
+        self._state.bind(store=store, routes=routes, writers=list(writers), shadow=shadow, breaker=breaker)
 
     def observe(self, record: RequestRecord) -> None:
         """The ChatService observer: account for one finished request."""
@@ -115,12 +116,14 @@ class _StateCollector(Collector):
         self._routes: Any = None
         self._writers: list[Any] = []
         self._shadow: Any = None
+        self._breaker: Any = None
         self._lock = threading.Lock()
         self._shadow_last_id = 0
         self._shadow_totals: dict[tuple[str, str], list[int]] = {}
 
-    def bind(self, *, store: Any, routes: Any, writers: list[Any], shadow: Any) -> None:
+    def bind(self, *, store: Any, routes: Any, writers: list[Any], shadow: Any, breaker: Any = None) -> None:
         self._store, self._routes, self._writers, self._shadow = store, routes, writers, shadow
+        self._breaker = breaker
 
     def describe(self) -> Iterable[Metric]:
         return []  # dynamic families: skip registration-time collection
@@ -128,6 +131,7 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._route_families()
         yield from self._writer_families()
+        yield from self._breaker_families()
         if self._store is not None:
             try:
                 yield from self._shadow_families()
@@ -149,6 +153,16 @@ class _StateCollector(Collector):
             threshold.add_metric([described["name"]], described["ood_threshold"])
         yield version
         yield threshold
+
+    def _breaker_families(self) -> Iterator[Metric]:
+        if self._breaker is None:
+            return
+        state = GaugeMetricFamily("distillgate_student_breaker_state",
+                                  "The student server's circuit breaker: 0 closed, 1 half-open, 2 open.")
+        state.add_metric([], int(self._breaker.state))
+        opened = CounterMetricFamily("distillgate_student_breaker_opened", "Times the student breaker opened.")
+        opened.add_metric([], self._breaker.opened_total)
+        yield from (state, opened)
 
     def _writer_families(self) -> Iterator[Metric]:
         pending = GaugeMetricFamily("distillgate_store_pending_rows", "Rows queued for the store.", labels=["writer"])

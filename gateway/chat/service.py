@@ -22,6 +22,7 @@ from gateway.prompting import student_messages
 from gateway.routes import RouteState, RouteTable
 from gateway.store import BatchWriter
 from gateway.upstream.base import Completion, StudentBackend, TeacherClient, UpstreamFailure
+from gateway.upstream.breaker import StudentBreaker
 from router.decision import Decision, Router
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class ChatService:
         writer: BatchWriter,
         shadow: Any | None = None,
         observers: list[Observer] | None = None,
+        breaker: StudentBreaker | None = None,
     ) -> None:
         self.routes = routes
         self.router = router
@@ -76,6 +78,7 @@ class ChatService:
         self.writer = writer
         self.shadow = shadow
         self.observers = observers or []
+        self.breaker = breaker
 
     # -- shared steps ------------------------------------------------------------------------
     async def _begin(self, request: ChatCompletionRequest, client_key_id: str | None) -> tuple[
@@ -130,7 +133,17 @@ class ChatService:
             observer(record)
         await self.writer.log(record.to_row())
 
+    def _student_open(self, record: RequestRecord) -> bool:
+        """True when the breaker keeps this request off the student: straight to the teacher."""
+        if self.breaker is None or self.breaker.allow():
+            return False
+        record.fallback = True
+        record.decision_reasons.append("student_circuit_open")
+        return True
+
     def _student_failed(self, record: RequestRecord, reason: str) -> None:
+        if self.breaker is not None:
+            self.breaker.record_failure(reason)
         record.fallback = True
         record.decision_reasons.append(reason)
         logger.warning("student failed; serving from the teacher",
@@ -158,6 +171,8 @@ class ChatService:
         pointer = state.student
         assert pointer is not None
         record.student_version = pointer.version
+        if self._student_open(record):
+            return None
         try:
             with self.routes.track(pointer.adapter_name):
                 completion = await self.student.chat(
@@ -166,6 +181,8 @@ class ChatService:
         except UpstreamFailure as failure:
             self._student_failed(record, f"student_error: {failure}")
             return None
+        if self.breaker is not None:
+            self.breaker.record_success()
         if decision.cascade and not _confident(completion.body["choices"][0].get("logprobs"),
                                               state.policy().confidence_threshold):
             record.cost_usd += state.config.student.prices.cost(completion.prompt_tokens, completion.completion_tokens)
@@ -213,6 +230,8 @@ class ChatService:
         pointer = state.student
         assert pointer is not None
         record.student_version = pointer.version
+        if self._student_open(record):
+            return None, None
         student_body = self._student_body(state, body, decision)
         student_body["stream_options"] = {"include_usage": True}
         upstream = self.student.stream(pointer.adapter_name, student_body, state.config.student.timeout_s)
@@ -221,6 +240,8 @@ class ChatService:
         except (UpstreamFailure, StopAsyncIteration) as failure:
             self._student_failed(record, f"student_error: {failure!r}")
             return None, None
+        if self.breaker is not None:
+            self.breaker.record_success()
         record.target = "student"
         return upstream, first
 
@@ -269,6 +290,8 @@ class ChatService:
             yield sse("[DONE]")
             completed = True
         except UpstreamFailure as failure:
+            if record.target == "student" and self.breaker is not None:
+                self.breaker.record_failure(f"student stream broke: {failure}")
             record.fail(502, f"stream interrupted: {failure}")
             yield sse(gateway_error_body(UpstreamError("The upstream stream was interrupted mid-answer.")))
             completed = True

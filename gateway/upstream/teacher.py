@@ -70,12 +70,12 @@ class LiteLLMTeacher:
     def _call_kwargs(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
         kwargs = {**self.config.params, **split_params(body)}
         kwargs.update(model=model, messages=body["messages"], timeout=self.config.timeout_s, num_retries=0)
-        if self.config.api_base:
-            kwargs["api_base"] = self.config.api_base
-        api_key = self.config.api_key()
+        api_base, api_key = self.config.endpoint(model)
+        if api_base:
+            kwargs["api_base"] = api_base
         if api_key:
             kwargs["api_key"] = api_key
-        elif self.config.api_base:
+        elif api_base:
             # A self-hosted OpenAI-compatible upstream (the replay teacher) needs no key, but
             # the OpenAI client refuses to start without one.
             kwargs["api_key"] = "no-key"
