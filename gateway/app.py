@@ -6,8 +6,10 @@ Nothing heavy happens at import: no clients, no models, no torch. Tests build an
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from gateway.models_api import router as models_router
 from gateway.routes import RouteTable
 from gateway.shadow import ShadowRunner
 from gateway.store import BatchWriter, SQLiteStore, Store
+from gateway.store.spool import Spool
 from gateway.training import TrainingLoop
 from gateway.upstream.base import StudentBackend, TeacherClient
 from gateway.upstream.breaker import StudentBreaker
@@ -73,13 +76,28 @@ def _build_router(settings: Settings, store: Store) -> Router:
     return build_ood_router(settings, store)
 
 
+async def _recovered_spool(settings: Settings, store: Store) -> Spool | None:
+    """The request log's spool, after replaying what a crashed run left in it."""
+    config = settings.store.spool
+    if not config.enabled:
+        return None
+    spool = Spool(settings.store.spool_dir(), fsync=config.fsync, segment_bytes=int(config.segment_mb * (1 << 20)))
+    try:
+        await asyncio.to_thread(spool.recover, store.insert_requests)
+    except sqlite3.Error as error:  # segments are kept and replayed at the next start
+        logger.error("spool recovery failed", extra={"error": str(error), "spool": str(spool.directory)})
+    return spool
+
+
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     components: Components = app.state.components
-    store = components.store or SQLiteStore(settings.store.path)
+    store = components.store or SQLiteStore(settings.store.path, busy_timeout_ms=settings.store.busy_timeout_ms)
+    spool = await _recovered_spool(settings, store)
     writer = BatchWriter(store.insert_requests, batch_size=settings.store.batch_size,
-                         flush_interval_s=settings.store.flush_interval_s, queue_max=settings.store.queue_max)
+                         flush_interval_s=settings.store.flush_interval_s, queue_max=settings.store.queue_max,
+                         spool=spool)
     shadow_writer = BatchWriter(store.insert_shadow_results, name="shadow_results")
     student = components.student or _build_student(settings)
     teachers = components.teachers or _build_teachers(settings)

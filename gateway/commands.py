@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -97,12 +98,19 @@ def serve(args: argparse.Namespace) -> int:
         replay = _start_replay_teacher(settings, log_dir)
         children += [child for child in (replay, _start_vllm(settings, log_dir)) if child is not None]
         app = create_app(settings, Components(config_path=Path(args.config)))
+        # uvicorn drains on SIGTERM, then re-raises the signal; exit through the finally
+        # below instead, so the children are stopped too and the exit status is 0.
+        signal.signal(signal.SIGTERM, _exit_cleanly)
         uvicorn.run(app, host=args.host or settings.server.host, port=args.port or settings.server.port,
                     log_level="warning", timeout_graceful_shutdown=30)
     finally:
         for child in children:
             _stop(child)
     return 0
+
+
+def _exit_cleanly(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
 
 
 def _stop(child: Any) -> None:

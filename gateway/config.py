@@ -64,12 +64,29 @@ class AuthConfig(StrictModel):
         return os.environ.get(self.admin_token_env) or None
 
 
+class SpoolConfig(StrictModel):
+    """The request log's write-ahead spool (see gateway/store/spool.py)."""
+
+    enabled: bool = True
+    # Default: ``<store path>.spool/`` beside the database.
+    dir: Path | None = None
+    # fsync each append: survives an OS crash too, at one fsync per request.
+    fsync: bool = False
+    segment_mb: float = Field(16.0, gt=0)
+
+
 class StoreConfig(StrictModel):
     kind: str = Field("sqlite", pattern="^sqlite$")
     path: Path = Path("var/distillgate.db")
     batch_size: int = Field(128, gt=0)
     flush_interval_s: float = Field(0.05, gt=0)
     queue_max: int = Field(10_000, gt=0)
+    # How long a write waits for a lock held by another connection before it fails (and is retried).
+    busy_timeout_ms: int = Field(5_000, ge=0)
+    spool: SpoolConfig = SpoolConfig()
+
+    def spool_dir(self) -> Path:
+        return self.spool.dir or self.path.with_name(self.path.name + ".spool")
 
 
 class BreakerConfig(StrictModel):

@@ -17,13 +17,25 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+# A locked database makes the write check wait for the store's busy timeout; readiness
+# answers sooner than that.
+STORE_CHECK_TIMEOUT_S = 2.0
+
+
 async def _store_check(request: Request) -> dict[str, Any]:
     writer = request.app.state.writer
+    check: dict[str, Any] = {"pending_rows": writer.pending}
+    spool = writer.spool
+    if spool is not None:
+        check["spool"] = {"pending_rows": spool.pending, "error": spool.last_error}
     try:
-        await asyncio.to_thread(request.app.state.store.check_writable)
+        await asyncio.wait_for(asyncio.to_thread(request.app.state.store.check_writable), STORE_CHECK_TIMEOUT_S)
     except sqlite3.Error as error:
-        return {"ok": False, "error": str(error), "pending_rows": writer.pending}
-    return {"ok": writer.healthy, "error": writer.last_error, "pending_rows": writer.pending}
+        return {**check, "ok": False, "error": f"{type(error).__name__}: {error}"}
+    except TimeoutError:
+        return {**check, "ok": False, "error": "the store did not take a write in time (locked?)"}
+    ok = writer.healthy and (spool is None or spool.last_error is None)
+    return {**check, "ok": ok, "error": writer.last_error or (spool.last_error if spool else None)}
 
 
 @router.get("/readyz")

@@ -171,12 +171,17 @@ class _StateCollector(Collector):
                                      labels=["writer"])
         healthy = GaugeMetricFamily("distillgate_store_writer_healthy", "1 when the writer's last write succeeded.",
                                     labels=["writer"])
+        spool_errors = CounterMetricFamily("distillgate_store_spool_append_errors",
+                                           "Rows the write-ahead spool could not take (kept in memory only).",
+                                           labels=["writer"])
         for writer in self._writers:
+            if getattr(writer, "spool", None) is not None:
+                spool_errors.add_metric([writer.name], writer.spool.append_errors)
             pending.add_metric([writer.name], writer.pending)
             written.add_metric([writer.name], writer.rows_written)
             errors.add_metric([writer.name], writer.write_errors)
             healthy.add_metric([writer.name], 1 if writer.healthy else 0)
-        yield from (pending, written, errors, healthy)
+        yield from (pending, written, errors, healthy, spool_errors)
         if self._shadow is not None:
             skipped = CounterMetricFamily("distillgate_shadow_skipped", "Shadow samples skipped (queue full).")
             skipped.add_metric([], self._shadow.skipped)

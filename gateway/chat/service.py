@@ -267,7 +267,7 @@ class ChatService:
         text: list[str] = []
         usage: tuple[int, int] | None = None
         finish_reason = None
-        completed = False
+        logged = False  # the row is spooled before the last event goes out, and only once
         try:
             chunk = first
             while chunk is not None:
@@ -284,23 +284,29 @@ class ChatService:
             if record.target == "teacher":
                 completion.cost_usd = self.teachers[record.route].cost(prompt_tokens, completion_tokens)
             self._account(state, record, completion, record.target or "teacher")
+            self._log_stream(record, text, finish_reason)
+            logged = True
             if include_usage:
                 yield sse(shapes.usage_chunk(record.route, chunk_id, created,
                                              shapes.usage_of(prompt_tokens, completion_tokens)))
             yield sse("[DONE]")
-            completed = True
         except UpstreamFailure as failure:
             if record.target == "student" and self.breaker is not None:
                 self.breaker.record_failure(f"student stream broke: {failure}")
             record.fail(502, f"stream interrupted: {failure}")
+            self._log_stream(record, text, finish_reason)
+            logged = True
             yield sse(gateway_error_body(UpstreamError("The upstream stream was interrupted mid-answer.")))
-            completed = True
         finally:
-            if not completed:
+            if not logged:
                 record.fail(499, "client disconnected mid-stream")
-            record.response = {"object": "chat.completion", "model": record.route, "streamed": True,
-                               "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                                            "finish_reason": finish_reason}]}
-            for observer in self.observers:
-                observer(record)
-            self.writer.submit(record.to_row())
+                self._log_stream(record, text, finish_reason)
+
+    def _log_stream(self, record: RequestRecord, text: list[str], finish_reason: str | None) -> None:
+        """Log a streamed request from any context, a cancelled stream's cleanup included."""
+        record.response = {"object": "chat.completion", "model": record.route, "streamed": True,
+                           "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                                        "finish_reason": finish_reason}]}
+        for observer in self.observers:
+            observer(record)
+        self.writer.submit(record.to_row())

@@ -3,7 +3,11 @@
 Handlers ``await writer.log(row)``; a full queue makes them wait (back-pressure) rather
 than drop a row. One task drains the queue in batches and writes each batch in a worker
 thread. A failed batch is retried with backoff until it is written or the writer closes
-(then the rows are reported as lost in the log, loudly).
+(then the rows are reported as unwritten in the log, loudly).
+
+With a :class:`~gateway.store.spool.Spool`, ``log`` first appends the row to the spool, so
+rows still queued when the process dies (or when close gives up) are replayed at the next
+start. A spool append that fails (disk full) is logged and counted; the row stays queued.
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
+from gateway.store.spool import Spool
+
 logger = logging.getLogger(__name__)
 
 WriteBatch = Callable[[list[dict[str, Any]]], None]
+# A queued row and the spool segment holding it (None: not spooled).
+Item = tuple[dict[str, Any], int | None]
 
 
 class BatchWriter:
@@ -29,12 +37,14 @@ class BatchWriter:
         queue_max: int = 10_000,
         retry_backoff_s: float = 0.2,
         name: str = "requests",
+        spool: Spool | None = None,
     ) -> None:
         self._write_batch = write_batch
         self._batch_size = batch_size
         self._flush_interval_s = flush_interval_s
         self._retry_backoff_s = retry_backoff_s
-        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=queue_max)
+        self._queue: asyncio.Queue[Item] = asyncio.Queue(maxsize=queue_max)
+        self.spool = spool
         self._task: asyncio.Task[None] | None = None
         self._overflow: set[asyncio.Task[None]] = set()
         self.name = name
@@ -53,20 +63,33 @@ class BatchWriter:
     def healthy(self) -> bool:
         return self.last_error is None
 
+    def _spooled(self, row: dict[str, Any]) -> Item:
+        if self.spool is None:
+            return row, None
+        try:
+            return row, self.spool.append(row)
+        except OSError as error:
+            self.spool.append_errors += 1
+            self.spool.last_error = f"{type(error).__name__}: {error}"
+            logger.error("spool append failed; the row is held in memory only",
+                         extra={"writer": self.name, "error": self.spool.last_error})
+            return row, None
+
     async def log(self, row: dict[str, Any]) -> None:
-        await self._queue.put(row)
+        await self._queue.put(self._spooled(row))
 
     def submit(self, row: dict[str, Any]) -> None:
         """Queue a row from a context that cannot wait (a cancelled stream's cleanup): never
         dropped; when the queue is full a task waits for room instead."""
+        item = self._spooled(row)
         try:
-            self._queue.put_nowait(row)
+            self._queue.put_nowait(item)
         except asyncio.QueueFull:
-            task = asyncio.get_running_loop().create_task(self._queue.put(row))
+            task = asyncio.get_running_loop().create_task(self._queue.put(item))
             self._overflow.add(task)
             task.add_done_callback(self._overflow.discard)
 
-    async def _next_batch(self) -> list[dict[str, Any]]:
+    async def _next_batch(self) -> list[Item]:
         batch = [await self._queue.get()]
         deadline = asyncio.get_running_loop().time() + self._flush_interval_s
         while len(batch) < self._batch_size:
@@ -79,13 +102,16 @@ class BatchWriter:
                 break
         return batch
 
-    async def _write_with_retry(self, batch: list[dict[str, Any]]) -> None:
+    async def _write_with_retry(self, batch: list[Item]) -> None:
         attempt = 0
+        rows = [row for row, _ in batch]
         while True:
             try:
-                await asyncio.to_thread(self._write_batch, batch)
+                await asyncio.to_thread(self._write_batch, rows)
                 self.rows_written += len(batch)
                 self.last_error = None
+                if self.spool is not None:
+                    self.spool.committed(seq for _, seq in batch if seq is not None)
                 return
             except (sqlite3.Error, OSError) as error:
                 attempt += 1
@@ -115,10 +141,13 @@ class BatchWriter:
         try:
             await asyncio.wait_for(self._queue.join(), timeout_s)
         except TimeoutError:
-            logger.error("store writer closed with rows unwritten", extra={"writer": self.name, "rows": self.pending})
+            logger.error("store writer closed with rows unwritten", extra={
+                "writer": self.name, "rows": self.pending, "spooled_for_next_start": self.spool is not None})
         self._task.cancel()
         try:
             await self._task
         except asyncio.CancelledError:
             pass
         self._task = None
+        if self.spool is not None:
+            self.spool.close()
