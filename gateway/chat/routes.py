@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -39,11 +40,27 @@ async def read_json_body(request: Request) -> Any:
         chunks.append(chunk)
     raw = b"".join(chunks)
     try:
-        return json.loads(raw)
+        payload = json.loads(raw)
     except UnicodeDecodeError:
         raise InvalidRequest("Request body is not valid UTF-8.") from None
     except (ValueError, RecursionError):
         raise InvalidRequest("Request body is not valid JSON.") from None
+    if SURROGATE_ESCAPE.search(raw):
+        _refuse_lone_surrogates(payload)
+    return payload
+
+
+# JSON may spell a lone UTF-16 surrogate ("\ud800"), which json.loads accepts but no UTF-8
+# encoder (the log, the spool, the upstream call) can write. Checked only when the body
+# holds such an escape at all; a valid pair (an escaped emoji) decodes to one code point.
+SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
+
+
+def _refuse_lone_surrogates(payload: Any) -> None:
+    try:
+        json.dumps(payload, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise InvalidRequest("Request body holds a lone UTF-16 surrogate, which is not valid Unicode.") from None
 
 
 def parse_chat_request(payload: Any, max_tokens_limit: int) -> ChatCompletionRequest:
