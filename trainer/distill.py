@@ -80,9 +80,9 @@ def distill_loss(logits: torch.Tensor, index: torch.Tensor, targets: list[Distil
     width = max(len(item) for item in ids)
     id_tensor = torch.zeros((len(ids), width), dtype=torch.long)
     teacher = torch.full((len(ids), width), float("-inf"))
-    for index, (top_ids, top_logprobs) in enumerate(zip(ids, logprobs, strict=True)):
-        id_tensor[index, : len(top_ids)] = torch.tensor(top_ids)
-        teacher[index, : len(top_logprobs)] = torch.tensor(top_logprobs)
+    for slot, (top_ids, top_logprobs) in enumerate(zip(ids, logprobs, strict=True)):
+        id_tensor[slot, : len(top_ids)] = torch.tensor(top_ids)
+        teacher[slot, : len(top_logprobs)] = torch.tensor(top_logprobs)
     teacher_p = torch.softmax(teacher / temperature, dim=-1)
     student = torch.log_softmax(logits[index[rows, positions]] / temperature, dim=-1).gather(1, id_tensor)
     present = teacher_p > 0

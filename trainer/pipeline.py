@@ -33,7 +33,8 @@ class Trainer:
     def __init__(self, settings: Settings, store: Store, *, adapters_root: str | Path = "var/adapters",
                  min_train_examples: int = 20, min_holdout_examples: int = 5,
                  detector_kind: str = DEFAULT_DETECTOR_KIND, embedder_factory: Callable[[], Any] | None = None,
-                 train_overrides: dict[str, Any] | None = None, progress: bool = True) -> None:
+                 train_overrides: dict[str, Any] | None = None, progress: bool = True,
+                 fit_detector: bool = True) -> None:
         self.settings = settings
         self.store = store
         self.registry = Registry(store)
@@ -44,6 +45,7 @@ class Trainer:
         self.embedder_factory = embedder_factory
         self.train_overrides = train_overrides or {}
         self.progress = progress
+        self.fit_detector = fit_detector
 
     def _route(self, route: RouteConfig | str) -> RouteConfig:
         if isinstance(route, RouteConfig):
@@ -112,6 +114,8 @@ class Trainer:
 
     def _fit_detector(self, config: RouteConfig, dataset: Dataset, path: Path) -> Path | None:
         """The router's OOD detector, fitted on this version's training prompts."""
+        if not self.fit_detector:
+            return None
         try:
             from router.ood import fit_detector_for_texts
         except ImportError:

@@ -1,0 +1,165 @@
+"""LoRA training, evaluation and the gate on a CLINC150 subset with the tiny local base."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import Settings, parse_settings
+from gateway.store import SQLiteStore
+from trainer.dataset import Example
+from trainer.pipeline import Trainer
+from trainer.registry import Registry
+from trainer.seed import seed_teacher_answers
+
+ROUTE = "clinc-intents"
+INTENTS = 10  # a 10-way subset keeps the run to seconds; chance agreement is ~0.1
+
+
+def _pairs(clinc_path: Path, per_intent: int) -> list[tuple[str, str]]:
+    rows = json.loads(clinc_path.read_text())["train"]
+    intents = sorted({intent for _, intent in rows})[:INTENTS]
+    pairs = [pair for intent in intents for pair in [(t, i) for t, i in rows if i == intent][:per_intent]]
+    random.Random(0).shuffle(pairs)
+    return pairs
+
+
+def _settings(tmp: Path, base: Path, clinc_path: Path, **training: Any) -> Settings:
+    return parse_settings({
+        "store": {"path": str(tmp / "db.sqlite")},
+        "routes": [{"name": ROUTE, "teacher": {"model": "openai/replay-teacher"}, "labels_dataset": str(clinc_path),
+                    "student": {"base_model": str(base), "system_prompt": "Intent label:"},
+                    "training": {"holdout_fraction": 0.2, "epochs": 15, "learning_rate": 5e-3, **training},
+                    "gate": {"minimum": 0.3, "tolerance": 0.02}}],
+    })
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, student_base_dir: Path, clinc_path: Path) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("trainer")
+    settings = _settings(tmp, student_base_dir, clinc_path)
+    store = SQLiteStore(settings.store.path)
+    seed_teacher_answers(store, ROUTE, _pairs(clinc_path, per_intent=40))
+    trainer = Trainer(settings, store, adapters_root=tmp / "adapters", fit_detector=False, progress=False)
+    candidate = trainer.run(ROUTE)
+    return {"settings": settings, "store": store, "trainer": trainer, "candidate": candidate, "tmp": tmp}
+
+
+def test_training_beats_chance_and_passes_the_gate(trained: dict[str, Any]) -> None:
+    candidate = trained["candidate"]
+    metrics = candidate.metrics["candidate"]
+    assert metrics["agreement"] >= 0.3, metrics  # chance is ~0.1 on 10 intents
+    assert metrics["validity"] >= 0.8, metrics
+    assert candidate.status == "candidate"
+    assert candidate.train_examples > 250 and candidate.holdout_examples > 40
+    runs = trained["store"].training_runs(ROUTE)
+    assert runs[0]["outcome"] == "candidate" and runs[0]["version"] == "v1"
+
+
+def test_adapter_loads_in_peft_within_vllm_rank(trained: dict[str, Any], student_base_dir: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = Path(trained["candidate"].adapter_path)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] <= 8
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert not list(adapter.parent.glob(".adapter.*")), "no temp dir left behind"
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(student_base_dir)), str(adapter))
+    assert model.peft_config["default"].r == config["r"]
+
+
+def test_worse_candidate_is_rejected_against_live(trained: dict[str, Any]) -> None:
+    registry = Registry(trained["store"])
+    registry.set_live(ROUTE, "v1")
+    trainer: Trainer = trained["trainer"]
+    trainer.train_overrides = {"max_steps": 1}  # a barely trained student
+    worse = trainer.run(ROUTE)
+    assert worse.version == "v2" and worse.status == "rejected", worse.metrics["gate"]
+    assert worse.parent == "v1"
+    assert registry.live(ROUTE).version == "v1"
+
+
+def test_crash_leaves_nothing_promotable(trained: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import trainer.train
+
+    def explode(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(trainer.train, "train_adapter", explode)
+    before = {item.version for item in Registry(trained["store"]).list(ROUTE)}
+    with pytest.raises(RuntimeError):
+        trained["trainer"].run(ROUTE)
+    assert {item.version for item in Registry(trained["store"]).list(ROUTE)} == before
+    assert trained["store"].training_runs(ROUTE)[0]["outcome"] == "failed"
+
+
+def test_interrupted_training_resumes_from_checkpoint(tmp_path: Path, student_base_dir: Path,
+                                                     monkeypatch: pytest.MonkeyPatch, clinc_path: Path) -> None:
+    import trainer.train as train_module
+    from trainer.train import TrainParams, train_adapter
+
+    examples = [Example([{"role": "user", "content": text}], label, text) for text, label in _pairs(clinc_path, 8)]
+    params = TrainParams(max_steps=6, checkpoint_every=3, batch_size=8)
+    real_loss, calls = train_module.compute_loss, {"n": 0}
+
+    def flaky_loss(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # the process dies mid-run
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "compute_loss", flaky_loss)
+    adapter = tmp_path / "v1" / "adapter"
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(student_base_dir, examples, adapter, params, progress=False)
+    assert not adapter.exists()
+    monkeypatch.setattr(train_module, "compute_loss", real_loss)
+    result = train_adapter(student_base_dir, examples, adapter, params, progress=False)
+    assert result.resumed_from_step == 3 and (adapter / "adapter_config.json").exists()
+
+
+def test_logit_distillation_on_aligned_teacher_tokens(tmp_path: Path, student_base_dir: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from trainer.distill import align_teacher_logprobs, distill_loss
+    from trainer.train import TrainParams, train_adapter
+
+    tokenizer = AutoTokenizer.from_pretrained(str(student_base_dir))
+    answer_ids = tokenizer("book_flight", add_special_tokens=False)["input_ids"]
+    pieces = [tokenizer.decode([token_id]) for token_id in answer_ids]
+    content = [{"token": piece, "logprob": -0.1,
+                "top_logprobs": [{"token": piece, "logprob": -0.1}, {"token": "oos", "logprob": -2.5}]}
+               for piece in pieces]
+    targets = align_teacher_logprobs(tokenizer, content, answer_ids, offset=4)
+    assert targets is not None and targets.positions == list(range(4, 4 + len(answer_ids)))
+    assert align_teacher_logprobs(tokenizer, content[:-1], answer_ids, offset=4) is None  # misaligned
+    logits = torch.randn(len(answer_ids), len(tokenizer))
+    index = torch.full((1, 4 + len(answer_ids)), -1)
+    index[0, 4:] = torch.arange(len(answer_ids))
+    assert float(distill_loss(logits, index, [targets], temperature=2.0)) > 0
+    example = Example([{"role": "user", "content": "fly me to rome"}], "book_flight", "fly me to rome",
+                      teacher_logprobs=content)
+    result = train_adapter(student_base_dir, [example] * 4, tmp_path / "adapter",
+                           TrainParams(max_steps=2, distill_weight=0.5, distill_temperature=2.0), progress=False)
+    assert result.distill_examples == 4
+
+
+def test_gate_minimum_and_tolerance() -> None:
+    from gateway.config import GateConfig
+    from trainer.evaluate import EvalResult, gate
+
+    def result(agreement: float) -> EvalResult:
+        return EvalResult(agreement=agreement, validity=1.0, examples=100, latency_ms_per_example=1.0, wall_s=0.1)
+
+    config = GateConfig(minimum=0.5, tolerance=0.02)
+    assert gate(result(0.8), None, config).passed
+    assert not gate(result(0.4), None, config).passed  # below the minimum
+    assert gate(result(0.79), result(0.8), config).passed  # within the tolerance
+    decision = gate(result(0.7), result(0.8), config)
+    assert not decision.passed and "worse than live" in decision.reason
