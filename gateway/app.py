@@ -25,6 +25,7 @@ from gateway.config import Settings
 from gateway.dashboard.routes import router as dashboard_router
 from gateway.error_handlers import install_error_handlers
 from gateway.health import router as health_router
+from gateway.keys import KeyPolicies
 from gateway.metrics import GatewayMetrics, scrape_token_from_env
 from gateway.metrics import router as metrics_router
 from gateway.models_api import router as models_router
@@ -141,7 +142,10 @@ def create_app(settings: Settings, components: Components | None = None) -> Fast
                   description="OpenAI-compatible gateway with online distillation.")
     app.state.settings = settings
     app.state.components = components or Components()
-    app.state.client_keys = settings.auth.client_keys()
+    app.state.key_policies = KeyPolicies(settings.auth)
+    app.state.client_keys = settings.auth.client_keys() + app.state.key_policies.keys
+    # Keys configured under auth.keys close the surface even when none of them is set.
+    app.state.auth_required = bool(app.state.client_keys or settings.auth.keys)
     app.state.admin_token = settings.auth.admin_token()
     app.state.started_at = int(time.time())
     app.state.metrics = GatewayMetrics(scrape_token=scrape_token_from_env())

@@ -68,14 +68,18 @@ def _cookie_admin(request: Request, admin_token: str) -> str | None:
 def require_client(request: Request) -> str | None:
     """The caller's key id; raises 401 unless the key is configured (open when none are)."""
     keys: list[str] = request.app.state.client_keys
-    if not keys:
+    if not keys and not getattr(request.app.state, "auth_required", False):
         return None
     token = bearer_token(request)
     if token is None:
         raise AuthenticationFailed("Missing API key: send 'Authorization: Bearer <key>'.")
     if not _matches(token, keys):
         raise AuthenticationFailed("Incorrect API key provided.")
-    return key_id(token)
+    client_key_id = key_id(token)
+    policies = getattr(request.app.state, "key_policies", None)
+    if policies is not None:
+        policies.admit(client_key_id)  # the key's rate limit: 429 with retry-after
+    return client_key_id
 
 
 def require_admin(request: Request) -> str:

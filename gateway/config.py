@@ -50,11 +50,21 @@ class ServerConfig(StrictModel):
     max_tokens_limit: int = Field(32_768, gt=0)
 
 
+class ClientKeyConfig(StrictModel):
+    """One client key with a policy (gateway/keys.py): the routes it may use, its rate."""
+
+    key_env: str = Field(min_length=1, description="environment variable holding the key")
+    routes: list[str] | None = Field(None, description="route names this key may use; unset = all")
+    requests_per_minute: float | None = Field(None, gt=0)
+    burst: int | None = Field(None, ge=1, description="requests at once; default a minute's worth")
+
+
 class AuthConfig(StrictModel):
-    # Comma-separated bearer keys for clients. When the variable is unset or empty the
-    # OpenAI surface is open, which suits a loopback-only development gateway.
+    # Comma-separated bearer keys for clients. When the variable is unset or empty (and no
+    # ``keys`` are configured) the OpenAI surface is open: a loopback-only development gateway.
     client_keys_env: str = "DISTILLGATE_API_KEYS"
     admin_token_env: str = "DISTILLGATE_ADMIN_TOKEN"
+    keys: list[ClientKeyConfig] = []
 
     def client_keys(self) -> list[str]:
         raw = os.environ.get(self.client_keys_env, "")
@@ -217,6 +227,9 @@ class Settings(StrictModel):
             raise ValueError(f"duplicate route names: {', '.join(duplicates)}")
         if not names:
             raise ValueError("at least one route is required")
+        unknown = sorted({route for key in self.auth.keys for route in key.routes or [] if route not in names})
+        if unknown:
+            raise ValueError(f"auth.keys names unknown routes: {', '.join(unknown)}")
         return self
 
     def route(self, name: str) -> RouteConfig | None:

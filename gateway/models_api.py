@@ -16,14 +16,17 @@ def model_object(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "distillgate"}
 
 
-@router.get("/v1/models", dependencies=[Depends(require_client)])
-async def list_models(request: Request) -> dict[str, Any]:
+@router.get("/v1/models")
+async def list_models(request: Request, client_key_id: str | None = Depends(require_client)) -> dict[str, Any]:
     routes: RouteTable = request.app.state.routes
     created = request.app.state.started_at
-    return {"object": "list", "data": [model_object(state.config.name, created) for state in routes]}
+    allowed = request.app.state.key_policies.route_allowed
+    return {"object": "list", "data": [model_object(state.config.name, created) for state in routes
+                                       if allowed(client_key_id, state.config.name)]}
 
 
-@router.get("/v1/models/{model}", dependencies=[Depends(require_client)])
-async def get_model(model: str, request: Request) -> dict[str, Any]:
+@router.get("/v1/models/{model}")
+async def get_model(model: str, request: Request, client_key_id: str | None = Depends(require_client)) -> dict[str, Any]:
     routes: RouteTable = request.app.state.routes
+    request.app.state.key_policies.check_route(client_key_id, model)
     return model_object(routes.get(model).config.name, request.app.state.started_at)

@@ -83,6 +83,7 @@ async def chat_completions(
 ) -> JSONResponse | StreamingResponse:
     settings = request.app.state.settings
     chat_request = parse_chat_request(await read_json_body(request), settings.server.max_tokens_limit)
+    request.app.state.key_policies.check_route(client_key_id, chat_request.model)
     service: ChatService = request.app.state.chat_service
     if chat_request.stream:
         started = await service.start_stream(chat_request, client_key_id)
