@@ -189,6 +189,18 @@ class GateConfig(StrictModel):
     tolerance: float = Field(0.01, ge=0, le=1)
 
 
+class RedactConfig(StrictModel):
+    """Personal data removed from logged prompts (gateway/redact.py); upstream calls are unchanged."""
+
+    emails: bool = False
+    phones: bool = False
+    cards: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.emails or self.phones or self.cards
+
+
 class RouteConfig(StrictModel):
     name: str
     mode: RouteMode = RouteMode.auto
@@ -202,6 +214,7 @@ class RouteConfig(StrictModel):
     shadow_rate: float = Field(0.0, ge=0, le=1)
     training: TrainingConfig = TrainingConfig()
     gate: GateConfig = GateConfig()
+    redact: RedactConfig = RedactConfig()
 
     @field_validator("name")
     @classmethod

@@ -19,6 +19,7 @@ from gateway.chat.protocol import ChatCompletionRequest
 from gateway.chat.record import RequestRecord, estimate_tokens
 from gateway.errors import UpstreamError, UpstreamTimeout, gateway_error_body
 from gateway.prompting import student_messages
+from gateway.redact import redact_request
 from gateway.routes import RouteState, RouteTable
 from gateway.store import BatchWriter
 from gateway.upstream.base import Completion, StudentBackend, TeacherClient, UpstreamFailure
@@ -86,8 +87,9 @@ class ChatService:
     ]:
         state = self.routes.get(request.model)
         body = request.upstream_body()
-        record = RequestRecord(route=state.config.name, request=body, stream=request.stream,
-                               client_key_id=client_key_id)
+        # The log gets a redacted copy when the route asks for it; upstreams get ``body``.
+        record = RequestRecord(route=state.config.name, request=redact_request(body, state.config.redact),
+                               stream=request.stream, client_key_id=client_key_id)
         decision = await self.router.decide(state.policy(), body["messages"])
         record.router_score = decision.score
         record.decision_reasons = list(decision.reasons)
