@@ -47,7 +47,8 @@ def _register_train(subparsers: Any) -> None:
     _common(parser)
     parser.add_argument("--adapters-root", default="var/adapters", help="where versions' adapters are written")
     parser.add_argument("--max-steps", type=int, default=None, help="cap optimizer steps (smoke runs)")
-    parser.add_argument("--detector-kind", default="knn", help="router OOD detector kind")
+    parser.add_argument("--detector-kind", default=None, help="router OOD detector kind (default: the router's)")
+    parser.add_argument("--no-detector", action="store_true", help="skip fitting the router's OOD detector")
     parser.add_argument("--json", action="store_true", help="print the new version as one JSON line")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (child processes, CI)")
     parser.set_defaults(func=_run_train)
@@ -64,7 +65,8 @@ def _run_train(args: argparse.Namespace) -> int:
     store = SQLiteStore(settings.store.path)
     try:
         trainer = Trainer(settings, store, adapters_root=args.adapters_root, detector_kind=args.detector_kind,
-                          train_overrides=overrides, progress=not args.no_progress)
+                          train_overrides=overrides, progress=not args.no_progress,
+                          fit_detector=not args.no_detector)
         candidate = trainer.run(args.route)
     except NotEnoughData as error:
         print(f"not trained: {error}", file=sys.stderr)

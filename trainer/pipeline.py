@@ -22,9 +22,6 @@ from trainer.registry import CandidateVersion, Registry
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DETECTOR_KIND = "knn"
-
-
 class NotEnoughData(Exception):
     """The route has too few curated examples to train or evaluate a student."""
 
@@ -32,7 +29,7 @@ class NotEnoughData(Exception):
 class Trainer:
     def __init__(self, settings: Settings, store: Store, *, adapters_root: str | Path = "var/adapters",
                  min_train_examples: int = 20, min_holdout_examples: int = 5,
-                 detector_kind: str = DEFAULT_DETECTOR_KIND, embedder_factory: Callable[[], Any] | None = None,
+                 detector_kind: str | None = None, embedder_factory: Callable[[], Any] | None = None,
                  train_overrides: dict[str, Any] | None = None, progress: bool = True,
                  fit_detector: bool = True) -> None:
         self.settings = settings
@@ -117,14 +114,14 @@ class Trainer:
         if not self.fit_detector:
             return None
         try:
-            from router.ood import fit_detector_for_texts
+            from router.ood import DEFAULT_DETECTOR, fit_detector_for_texts
         except ImportError:
             logger.warning("router.ood is unavailable; this version has no OOD detector", extra={"route": config.name})
             return None
         embedder = self.embedder_factory() if self.embedder_factory else _default_embedder()
         texts = [example.prompt_text for example in dataset.train]
         labels = [example.answer for example in dataset.train] if config.labels_dataset is not None else None
-        return Path(fit_detector_for_texts(texts, labels, self.detector_kind, path, embedder))
+        return Path(fit_detector_for_texts(texts, labels, self.detector_kind or DEFAULT_DETECTOR, path, embedder))
 
     def _evaluate(self, config: RouteConfig, dataset: Dataset, adapter_dir: Path,
                   labels: set[str] | None) -> dict[str, Any]:

@@ -1,0 +1,87 @@
+"""The retraining schedule: trains in a child process when enough new data arrived, then promotes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import parse_settings
+from gateway.store import SQLiteStore
+from trainer.schedule import TrainingScheduler, start_training_scheduler
+from trainer.seed import seed_teacher_answers
+from trainer.swap import SwapResult
+
+ROUTE = "intents"
+
+
+class FakeSwapper:
+    def __init__(self) -> None:
+        self.promoted: list[tuple[str, str]] = []
+
+    async def promote(self, route: str, version: str, *, force: bool = False) -> SwapResult:
+        self.promoted.append((route, version))
+        return SwapResult(route, version, None, 1.0, 1.0, 1.0, True, None)
+
+
+def fake_python(tmp_path: Path, answer: dict[str, Any] | None, exit_code: int = 0) -> Path:
+    """Stands in for ``python -m gateway.cli train``: records its argv, prints the candidate."""
+    script = tmp_path / "fake-python"
+    printed = f"echo '{json.dumps(answer)}'" if answer else "echo 'boom' >&2"
+    script.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'argv'}\necho 'progress...'\n{printed}\nexit {exit_code}\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return script
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> tuple[Any, SQLiteStore, FakeSwapper]:
+    settings = parse_settings({"store": {"path": str(tmp_path / "db.sqlite")},
+                               "routes": [{"name": ROUTE, "teacher": {"model": "openai/x"},
+                                           "training": {"min_new_examples": 5, "interval_minutes": 0.01}}]})
+    return settings, SQLiteStore(settings.store.path), FakeSwapper()
+
+
+async def test_waits_for_enough_new_examples_then_trains_and_promotes(parts: Any, tmp_path: Path) -> None:
+    settings, store, swapper = parts
+    python = fake_python(tmp_path, {"version": "v1", "status": "candidate"})
+    scheduler = TrainingScheduler(settings, store, swapper, config_path="c.yaml", python=str(python))
+    seed_teacher_answers(store, ROUTE, [("hello", "greeting")] * 3)
+    assert (await scheduler.tick(ROUTE))["action"] == "waiting"
+    seed_teacher_answers(store, ROUTE, [(f"hi {index}", "greeting") for index in range(5)])
+    outcome = await scheduler.tick(ROUTE)
+    assert outcome == {"action": "promoted", "version": "v1", "previous": None}
+    assert swapper.promoted == [(ROUTE, "v1")]
+    argv = (tmp_path / "argv").read_text().split()
+    assert argv[:4] == ["-m", "gateway.cli", "train", "--config"] and "--json" in argv
+
+    # A finished run resets the count: only examples logged after it are new.
+    store.record_training_run({"route": ROUTE, "started_at": 1e12, "finished_at": 1e12, "outcome": "candidate",
+                               "version": "v1", "detail_json": "{}"})
+    assert scheduler.new_examples(ROUTE) == 0
+
+
+async def test_rejected_or_failed_training_promotes_nothing(parts: Any, tmp_path: Path) -> None:
+    settings, store, swapper = parts
+    seed_teacher_answers(store, ROUTE, [(f"hi {index}", "greeting") for index in range(6)])
+    rejected = fake_python(tmp_path, {"version": "v1", "status": "rejected", "note": "worse than live"})
+    scheduler = TrainingScheduler(settings, store, swapper, config_path="c.yaml", python=str(rejected))
+    assert (await scheduler.tick(ROUTE))["action"] == "rejected"
+    failing = fake_python(tmp_path, None, exit_code=1)
+    scheduler.python = str(failing)
+    assert (await scheduler.tick(ROUTE))["action"] == "train_failed"
+    assert swapper.promoted == []
+
+
+async def test_scheduler_starts_and_stops_in_the_event_loop(parts: Any, tmp_path: Path) -> None:
+    settings, store, swapper = parts
+    scheduler = start_training_scheduler(settings, store, swapper, config_path="c.yaml",
+                                         python=str(fake_python(tmp_path, None)))
+    job = scheduler.scheduler.get_job(f"train:{ROUTE}")
+    assert job.max_instances == 1 and job.coalesce
+    await asyncio.sleep(0.8)  # the 0.6 s interval fires once: too few examples, so it waits
+    await scheduler.shutdown()
+    assert scheduler.last_outcome[ROUTE]["action"] == "waiting"
