@@ -31,7 +31,7 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import CLINC, ROOT, Child, LoadResult, free_port, python_module  # noqa: E402
+from bench.common import CLINC, ROOT, Child, LoadResult, free_port, python_module
 
 UTTERANCES = ["transfer $20000 from my savings account to checking account", "what is my balance",
               "how do i reset my pin", "book a table for two at 7", "what's the weather like tomorrow"]

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import pytest
@@ -81,7 +81,7 @@ class Load:
             except httpx.TransportError:  # the gateway is gone: not acknowledged, not an error
                 time.sleep(0.05)
 
-    def __enter__(self) -> Load:
+    def __enter__(self) -> Self:
         for worker in self.workers:
             worker.start()
         return self
