@@ -78,11 +78,11 @@ def distill_loss(logits: torch.Tensor, index: torch.Tensor, targets: list[Distil
     if not rows:
         return logits.new_zeros(())
     width = max(len(item) for item in ids)
-    id_tensor = torch.zeros((len(ids), width), dtype=torch.long)
-    teacher = torch.full((len(ids), width), float("-inf"))
+    id_tensor = torch.zeros((len(ids), width), dtype=torch.long, device=logits.device)
+    teacher = torch.full((len(ids), width), float("-inf"), device=logits.device)
     for slot, (top_ids, top_logprobs) in enumerate(zip(ids, logprobs, strict=True)):
-        id_tensor[slot, : len(top_ids)] = torch.tensor(top_ids)
-        teacher[slot, : len(top_logprobs)] = torch.tensor(top_logprobs)
+        id_tensor[slot, : len(top_ids)] = torch.tensor(top_ids, device=logits.device)
+        teacher[slot, : len(top_logprobs)] = torch.tensor(top_logprobs, device=logits.device)
     teacher_p = torch.softmax(teacher / temperature, dim=-1)
     student = torch.log_softmax(logits[index[rows, positions]] / temperature, dim=-1).gather(1, id_tensor)
     present = teacher_p > 0

@@ -88,6 +88,7 @@ def load_for_inference(base_dir: str | Path, adapter_dir: str | Path | None) -> 
 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
         model = model.merge_and_unload()  # same outputs, no LoRA overhead per forward
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
     model.eval()
     return model, tokenizer
 
@@ -102,7 +103,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[list[dict[str, Any]]]
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
         texts = [render_prompt(tokenizer, messages) for messages in prompts[start:start + batch_size]]
-        batch = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+        batch = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True).to(model.device)
         with torch.inference_mode():
             output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

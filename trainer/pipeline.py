@@ -31,7 +31,7 @@ class Trainer:
                  min_train_examples: int = 20, min_holdout_examples: int = 5,
                  detector_kind: str | None = None, embedder_factory: Callable[[], Any] | None = None,
                  train_overrides: dict[str, Any] | None = None, progress: bool = True,
-                 fit_detector: bool = True) -> None:
+                 fit_detector: bool = True, keep_reasoning: bool = False) -> None:
         self.settings = settings
         self.store = store
         self.registry = Registry(store)
@@ -43,6 +43,8 @@ class Trainer:
         self.train_overrides = train_overrides or {}
         self.progress = progress
         self.fit_detector = fit_detector
+        # Rationale distillation: train on the teacher's <think>…</think> + answer.
+        self.keep_reasoning = keep_reasoning
 
     def _route(self, route: RouteConfig | str) -> RouteConfig:
         if isinstance(route, RouteConfig):
@@ -72,7 +74,7 @@ class Trainer:
 
     def _cycle(self, config: RouteConfig, version: str, detail: dict[str, Any]) -> CandidateVersion:
         labels = labels_for_route(config)
-        dataset = build_dataset(self.store, config, labels=labels)
+        dataset = build_dataset(self.store, config, labels=labels, keep_reasoning=self.keep_reasoning)
         detail["dataset"] = dataset.summary()
         self._check_size(dataset)
         out_dir = self.adapters_root / config.name / version
