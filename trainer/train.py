@@ -338,9 +338,9 @@ def _checkpoint(path: Path, fingerprint: str, step: int, loss: float, model: Any
                 scheduler: Any) -> None:
     from peft import get_peft_model_state_dict
 
-    save_checkpoint(path, {"fingerprint": fingerprint, "step": step, "loss": loss,
-                           "adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict()})
+    adapter = get_peft_model_state_dict(model, save_embedding_layers=False)
+    save_checkpoint(path, {"fingerprint": fingerprint, "step": step, "loss": loss, "adapter": adapter,
+                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
 
 
 def _resume(path: Path, fingerprint: str, model: Any, optimizer: Any, scheduler: Any) -> tuple[int, float]:
