@@ -175,7 +175,7 @@ class Swapper:
             await self._smoke_test(route, name)
             if self.detectors is not None and candidate.detector_path:
                 await self.detectors.aload_detector(route, version, candidate.detector_path)
-        except (SwapError, UpstreamFailure, OSError, ValueError) as error:
+        except (SwapError, UpstreamFailure, OSError, ValueError, KeyError) as error:
             await self._unload_quietly(name)
             self._fail(candidate, f"smoke test failed: {error}")
             raise SwapError(f"version {version} of {route} failed its smoke test: {error}") from error
@@ -260,7 +260,7 @@ class Swapper:
             await self._load(name, live.adapter_path)
             if self.detectors is not None and live.detector_path:
                 await self.detectors.aload_detector(live.route, live.version, live.detector_path)
-        except (SwapError, UpstreamFailure, OSError, ValueError) as error:
+        except (SwapError, UpstreamFailure, OSError, ValueError, KeyError) as error:
             logger.error("live student could not be restored; serving the route from the teacher",
                          extra={"route": live.route, "version": live.version, "error": str(error)})
             self.routes.switch_student(live.route, None)
