@@ -33,7 +33,7 @@ def _settings(tmp: Path, base: Path, clinc_path: Path, **training: Any) -> Setti
         "store": {"path": str(tmp / "db.sqlite")},
         "routes": [{"name": ROUTE, "teacher": {"model": "openai/replay-teacher"}, "labels_dataset": str(clinc_path),
                     "student": {"base_model": str(base), "system_prompt": "Intent label:"},
-                    "training": {"holdout_fraction": 0.2, "epochs": 15, "learning_rate": 5e-3, **training},
+                    "training": {"holdout_fraction": 0.2, "epochs": 15, "learning_rate": 3e-3, **training},
                     "gate": {"minimum": 0.3, "tolerance": 0.02}}],
     })
 
