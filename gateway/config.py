@@ -171,13 +171,17 @@ class StudentConfig(StrictModel):
     prices: Prices = Prices(input_per_mtok=0.0, output_per_mtok=0.0)
     # Served without any adapter: for smoke tests of the student path before training.
     serve_base_model: bool = False
+    # When distillgate builds the base itself (init-student): causal-LM steps on unlabelled
+    # prompts, so the LoRA adapters start from a model that has read the route's language.
+    pretrain_steps: int = Field(400, ge=0)
 
 
 class TrainingConfig(StrictModel):
     min_new_examples: int = Field(200, ge=1)
     interval_minutes: float = Field(10.0, gt=0)
     holdout_fraction: float = Field(0.1, gt=0, lt=1)
-    epochs: float = Field(3.0, gt=0)
+    # Tuned for the locally built tiny base (bench/train.py): 10 epochs at 2e-3.
+    epochs: float = Field(10.0, gt=0)
     learning_rate: float = Field(2e-3, gt=0)
     lora_rank: int = Field(8, ge=1)
     max_steps: int | None = None

@@ -94,8 +94,9 @@ def test_init_student_command_builds_into_the_routes_base_model(tmp_path: Path) 
         "  - name: intents\n"
         f"    labels_dataset: {CLINC}\n"
         "    teacher: {model: openai/replay-teacher}\n"
-        f"    student: {{base_model: {tmp_path / 'models' / 'intents'}}}\n"
+        f"    student: {{base_model: {tmp_path / 'models' / 'intents'}, pretrain_steps: 5}}\n"
     )
     assert main(["init-student", "--config", str(config), "--route", "intents"]) == 0
     assert is_complete(tmp_path / "models" / "intents")
+    assert json.loads((tmp_path / "models" / "intents" / MARKER_FILE).read_text())["pretrain_steps"] == 5
     assert main(["init-student", "--config", str(config), "--route", "nope"]) == 2

@@ -36,8 +36,9 @@ def _register_init_student(subparsers: Any) -> None:
     parser.add_argument("--texts", type=Path, default=None,
                         help="unlabelled prompts: a CLINC150-format JSON (train split) or a text file, "
                              "one per line (default: the route's labels_dataset, else the replay dataset)")
-    parser.add_argument("--pretrain-steps", type=int, default=0,
-                        help="causal-LM pretraining steps on the prompts (never the labels)")
+    parser.add_argument("--pretrain-steps", type=int, default=None,
+                        help="causal-LM pretraining steps on the prompts, never the labels "
+                             "(default: the route's student.pretrain_steps)")
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if the model exists")
@@ -84,7 +85,8 @@ def _run_init_student(args: argparse.Namespace) -> int:
 
     out_dir = args.out or Path(route.student.base_model)
     model_dir = build_student_base(
-        _read_texts(source), out_dir, vocab_size=args.vocab_size, pretrain_steps=args.pretrain_steps,
+        _read_texts(source), out_dir, vocab_size=args.vocab_size,
+        pretrain_steps=route.student.pretrain_steps if args.pretrain_steps is None else args.pretrain_steps,
         seed=args.seed, tokenizer_texts=_label_names(route), force=args.force,
     )
     print(f"student base model for route {route.name}: {model_dir}")
