@@ -188,9 +188,12 @@ class TrainingConfig(StrictModel):
 
 
 class GateConfig(StrictModel):
-    metric: str = Field("agreement", pattern="^(agreement|validity)$")
+    # served_agreement: agreement of the answers a cascade route would let the student serve.
+    metric: str = Field("agreement", pattern="^(agreement|validity|served_agreement)$")
     minimum: float = Field(0.5, ge=0, le=1)
     tolerance: float = Field(0.01, ge=0, le=1)
+    # With served_agreement: a candidate that would serve almost nothing proves nothing.
+    min_served_share: float = Field(0.05, ge=0, le=1)
 
 
 class RedactConfig(StrictModel):

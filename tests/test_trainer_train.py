@@ -163,3 +163,29 @@ def test_gate_minimum_and_tolerance() -> None:
     assert gate(result(0.79), result(0.8), config).passed  # within the tolerance
     decision = gate(result(0.7), result(0.8), config)
     assert not decision.passed and "worse than live" in decision.reason
+
+
+def test_served_agreement_gate_needs_a_served_share() -> None:
+    from gateway.config import GateConfig
+    from trainer.evaluate import EvalResult, gate
+
+    def result(share: float, agreement: float) -> EvalResult:
+        return EvalResult(agreement=0.5, validity=1.0, examples=100, latency_ms_per_example=1.0, wall_s=0.1,
+                          served_share=share, served_agreement=agreement)
+
+    config = GateConfig(metric="served_agreement", minimum=0.9, min_served_share=0.1)
+    assert gate(result(0.3, 0.95), None, config).passed
+    assert not gate(result(0.3, 0.85), None, config).passed  # what it would serve is not good enough
+    assert "served share" in gate(result(0.02, 1.0), None, config).reason  # serves too little to judge
+
+
+def test_evaluation_reports_the_cascade_share(trained: dict[str, Any], student_base_dir: Path) -> None:
+    from trainer.dataset import build_dataset
+    from trainer.evaluate import evaluate_adapter
+
+    holdout = build_dataset(trained["store"], trained["settings"].routes[0]).holdout
+    adapter = trained["candidate"].adapter_path
+    everything = evaluate_adapter(student_base_dir, adapter, holdout, confidence_threshold=-1e9)
+    nothing = evaluate_adapter(student_base_dir, adapter, holdout, confidence_threshold=0.1)
+    assert everything.served_share == 1.0 and everything.served_agreement == pytest.approx(everything.agreement)
+    assert nothing.served_share == 0.0

@@ -29,9 +29,14 @@ class EvalResult:
     examples: int
     latency_ms_per_example: float
     wall_s: float
+    # With a cascade (route confidence_threshold), the student serves only the answers it is
+    # confident of: their share, and their agreement with the teacher — what clients get.
+    served_share: float | None = None
+    served_agreement: float | None = None
 
     def metric(self, name: str) -> float:
-        return float(getattr(self, name))
+        value = getattr(self, name)
+        return float(value) if value is not None else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,22 +99,34 @@ def load_for_inference(base_dir: str | Path, adapter_dir: str | Path | None) -> 
 
 
 def generate(model: Any, tokenizer: Any, prompts: Sequence[list[dict[str, Any]]], *, max_new_tokens: int,
-             batch_size: int = 64) -> list[str]:
-    """Greedy answers for chat prompts, batched (left padding)."""
+             batch_size: int = 64) -> tuple[list[str], list[float]]:
+    """Greedy answers for chat prompts, batched (left padding), with each answer's mean token
+    logprob (up to and including EOS, as vLLM reports it for the cascade)."""
     import torch
 
     from trainer.train import render_prompt
 
     answers: list[str] = []
+    mean_logprobs: list[float] = []
     for start in range(0, len(prompts), batch_size):
         texts = [render_prompt(tokenizer, messages) for messages in prompts[start:start + batch_size]]
         batch = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True).to(model.device)
         with torch.inference_mode():
             output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        new_tokens = output[:, batch["input_ids"].shape[1]:]
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                    output_scores=True, return_dict_in_generate=True)
+        new_tokens = output.sequences[:, batch["input_ids"].shape[1]:]
+        logprobs = torch.stack([torch.log_softmax(step.float(), dim=-1) for step in output.scores], dim=1)
+        chosen = logprobs.gather(2, new_tokens.unsqueeze(-1)).squeeze(-1)
         answers.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    return [answer.strip() for answer in answers]
+        mean_logprobs.extend(_answer_mean(row_ids, row_logprobs, tokenizer.eos_token_id)
+                             for row_ids, row_logprobs in zip(new_tokens.tolist(), chosen.tolist(), strict=True))
+    return [answer.strip() for answer in answers], mean_logprobs
+
+
+def _answer_mean(token_ids: list[int], logprobs: list[float], eos_id: int) -> float:
+    length = token_ids.index(eos_id) + 1 if eos_id in token_ids else len(token_ids)
+    return sum(logprobs[:length]) / max(1, length)
 
 
 def answer_budget(tokenizer: Any, examples: Sequence[Example], cap: int = 128) -> int:
@@ -120,13 +137,21 @@ def answer_budget(tokenizer: Any, examples: Sequence[Example], cap: int = 128) -
 
 
 def evaluate_adapter(base_dir: str | Path, adapter_dir: str | Path | None, holdout: Sequence[Example], *,
-                     labels: Collection[str] | None = None, batch_size: int = 64) -> EvalResult:
-    """Evaluate one student version (``adapter_dir`` None: the bare base) on ``holdout``."""
+                     labels: Collection[str] | None = None, batch_size: int = 64,
+                     confidence_threshold: float | None = None) -> EvalResult:
+    """Evaluate one student version (``adapter_dir`` None: the bare base) on ``holdout``;
+    with ``confidence_threshold``, also the share and agreement of the answers it would serve."""
     model, tokenizer = load_for_inference(base_dir, adapter_dir)
     started = time.perf_counter()
-    answers = generate(model, tokenizer, [example.messages for example in holdout],
-                       max_new_tokens=answer_budget(tokenizer, holdout), batch_size=batch_size)
+    answers, mean_logprobs = generate(model, tokenizer, [example.messages for example in holdout],
+                                      max_new_tokens=answer_budget(tokenizer, holdout), batch_size=batch_size)
     result = score_answers(holdout, answers, labels, time.perf_counter() - started)
+    if confidence_threshold is not None and holdout:
+        served = [index for index, value in enumerate(mean_logprobs) if value >= confidence_threshold]
+        result.served_share = len(served) / len(holdout)
+        result.served_agreement = score_answers([holdout[index] for index in served],
+                                                [answers[index] for index in served], labels, 0.0).agreement \
+            if served else 0.0
     logger.info("student evaluated", extra={"adapter": str(adapter_dir), **result.to_dict()})
     return result
 
@@ -137,6 +162,9 @@ def gate(candidate: EvalResult, live: EvalResult | None, config: GateConfig) -> 
     live_value = live.metric(config.metric) if live is not None else None
     if candidate.examples == 0:
         return GateDecision(False, "empty holdout", config.metric, value, live_value)
+    if config.metric == "served_agreement" and (candidate.served_share or 0.0) < config.min_served_share:
+        return GateDecision(False, f"served share {candidate.served_share or 0.0:.3f} < minimum "
+                                   f"{config.min_served_share:.3f}", config.metric, value, live_value)
     if value < config.minimum:
         return GateDecision(False, f"{config.metric} {value:.3f} < minimum {config.minimum:.3f}",
                             config.metric, value, live_value)

@@ -136,11 +136,13 @@ class Trainer:
         from trainer.evaluate import evaluate_adapter, gate
 
         base = config.student.base_model
-        candidate = evaluate_adapter(base, adapter_dir, dataset.holdout, labels=labels)
+        threshold = config.confidence_threshold
+        candidate = evaluate_adapter(base, adapter_dir, dataset.holdout, labels=labels, confidence_threshold=threshold)
         live_version = self.registry.live(config.name)
         live = None
         if live_version is not None and Path(live_version.adapter_path).exists():
-            live = evaluate_adapter(base, live_version.adapter_path, dataset.holdout, labels=labels)
+            live = evaluate_adapter(base, live_version.adapter_path, dataset.holdout, labels=labels,
+                                    confidence_threshold=threshold)
         decision = gate(candidate, live, config.gate)
         return {"candidate": candidate.to_dict(), "live": live.to_dict() if live else None,
                 "live_version": live_version.version if live_version else None,
