@@ -27,7 +27,7 @@ import yaml
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import CLINC, Child, LoadResult, closed_loop, free_port, python_module  # noqa: E402
+from bench.common import CLINC, Child, LoadResult, closed_loop, free_port, python_module
 
 BENCH_KEY = "sk-distillgate-bench-key"
 AUTH = {"authorization": f"Bearer {BENCH_KEY}"}

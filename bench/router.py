@@ -25,11 +25,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from router.decision import Mode, RoutePolicy  # noqa: E402
-from router.embeddings import Embedder  # noqa: E402
-from router.eval_ood import _subsample, load_clinc_format, ood_metrics  # noqa: E402
-from router.ood import DETECTORS, DEFAULT_DETECTOR, create_detector  # noqa: E402
-from router.ood_router import OODRouter  # noqa: E402
+from router.decision import Mode, RoutePolicy
+from router.embeddings import Embedder
+from router.eval_ood import _subsample, load_clinc_format, ood_metrics
+from router.ood import DEFAULT_DETECTOR, DETECTORS, create_detector
+from router.ood_router import OODRouter
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "clinc150" / "data_full.json"
 

@@ -110,7 +110,7 @@ class VLLMProcess:
         output: IO[bytes] | int = subprocess.DEVNULL
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log_file = output = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+            self._log_file = output = open(self.log_path, "ab")
         # A new session makes the server a process-group leader, so one signal reaches the
         # API server and the engine core it forks.
         self._process = subprocess.Popen(

@@ -48,7 +48,7 @@ class LearnedRouter:
         model.fit(self.features(embeddings, ood_scores), labels)
         self.coef = model.coef_[0].astype(np.float32)
         self.intercept = float(model.intercept_[0])
-        self.meta = {"examples": int(len(labels)), "agree_rate": float(labels.mean())}
+        self.meta = {"examples": len(labels), "agree_rate": float(labels.mean())}
         logger.info("learned router fitted", extra=self.meta)
         return self
 

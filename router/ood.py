@@ -17,7 +17,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -109,7 +109,7 @@ class KNNDetector:
             # Equal spread on the training data: same ranking as a sum of z-scores, but stays >= 0.
             self.centroid_weight = float(train_scores.std() / max(centroid_part.std(), 1e-6))
             train_scores = self._combine(train_scores, centroid_part)
-        self.meta = {"k": self.k, "dims": dims, "train_size": int(len(matrix)),
+        self.meta = {"k": self.k, "dims": dims, "train_size": len(matrix),
                      "centroids": self.centroids is not None,
                      "threshold_keep_95": float(np.quantile(train_scores, 0.95))}
         return self
@@ -183,7 +183,7 @@ class MahalanobisDetector:
         estimator = LedoitWolf().fit(residuals)
         self.means = np.asarray(means, dtype=np.float32)
         self.precision = estimator.precision_.astype(np.float32)
-        self.meta = {"train_size": int(len(matrix)), "classes": int(len(self.means)),
+        self.meta = {"train_size": len(matrix), "classes": len(self.means),
                      "shrinkage": float(estimator.shrinkage_)}
         self.meta["threshold_keep_95"] = float(np.quantile(self.score(matrix), 0.95))
         return self

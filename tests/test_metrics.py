@@ -20,7 +20,15 @@ from gateway.config import Settings
 from gateway.metrics import GatewayMetrics
 from gateway.store import SQLiteStore
 from tests.conftest import ROOT
-from tests.operators import STUDENT_SETTINGS, UTTERANCES, messages, operator_app, scrape, total, wait_for
+from tests.operators import (
+    STUDENT_SETTINGS,
+    UTTERANCES,
+    messages,
+    operator_app,
+    scrape,
+    total,
+    wait_for,
+)
 from tests.servers import UvicornThread, free_port
 from tests.test_gateway_api import log_rows, sdk
 
@@ -97,10 +105,9 @@ def test_errors_fallbacks_and_training_runs(make_settings: Callable[..., Setting
 
 
 def test_fallback_is_counted(make_settings: Callable[..., Settings], replay_teacher: str) -> None:
-    from tests.test_gateway_api import failing_student
-
     from gateway.app import Components, create_app
     from gateway.upstream.student import VLLMStudent
+    from tests.test_gateway_api import failing_student
 
     settings = make_settings(replay_teacher, route={"mode": "student_only", "student": {"serve_base_model": True}})
     student = VLLMStudent("http://student.invalid", transport=httpx.MockTransport(failing_student))

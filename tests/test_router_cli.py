@@ -105,7 +105,7 @@ def test_calibrate_apply_without_gateway_persists_like_the_admin_api(config_with
 class _AdminStub(BaseHTTPRequestHandler):
     seen: list[dict[str, Any]] = []
 
-    def do_PATCH(self) -> None:  # noqa: N802 - http.server's naming
+    def do_PATCH(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         self.seen.append({"path": self.path, "auth": self.headers.get("authorization"), "body": body})
         self.send_response(200)

@@ -141,7 +141,13 @@ def single_thread() -> Iterator[None]:
 def _pretrain_loop(model: Any, pad_id: int, encoded: list[list[int]], steps: int, seed: int,
                    batch_size: int, learning_rate: float) -> float:
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)

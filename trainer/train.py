@@ -245,7 +245,7 @@ def save_adapter_atomically(model: Any, adapter_dir: Path, metadata: dict[str, A
 
 
 # -- the loop ---------------------------------------------------------------------------------
-def _schedule(total_steps: int, warmup_fraction: float):  # noqa: ANN202 - a plain lambda for LambdaLR
+def _schedule(total_steps: int, warmup_fraction: float):
     warmup = max(1, int(total_steps * warmup_fraction))
 
     def factor(step: int) -> float:

@@ -26,7 +26,15 @@ from rich.table import Table
 
 from gateway.children import ROOT, Child, free_port, python_module
 from gateway.demo import report
-from gateway.demo.traffic import Outcome, Query, app_system_prompt, heldout_queries, load_splits, send_all, traffic_stream
+from gateway.demo.traffic import (
+    Outcome,
+    Query,
+    app_system_prompt,
+    heldout_queries,
+    load_splits,
+    send_all,
+    traffic_stream,
+)
 
 logger = logging.getLogger(__name__)
 ROUTE = "clinc-intents"

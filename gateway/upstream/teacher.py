@@ -15,6 +15,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
+import openai
+
 from gateway.config import TeacherConfig
 from gateway.upstream.base import Completion, UpstreamFailure
 
@@ -27,6 +30,8 @@ NAMED_PARAMS = {
     "frequency_penalty", "logit_bias", "parallel_tool_calls", "stream_options", "reasoning_effort",
 }
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
+# What a provider call can raise; anything else is our bug and must surface, not become a 502.
+UPSTREAM_ERRORS = (openai.APIError, httpx.HTTPError, TimeoutError)
 
 
 def import_litellm() -> Any:
@@ -95,7 +100,7 @@ class LiteLLMTeacher:
                 try:
                     response = await self._litellm.acompletion(**self._call_kwargs(model, body), stream=stream)
                     return response, model
-                except Exception as error:  # litellm raises its own tree; classify, don't swallow
+                except UPSTREAM_ERRORS as error:  # litellm's tree subclasses openai's APIError
                     last = _failure_from(error, model)
                     logger.warning("teacher call failed", extra={"model": model, "attempt": attempt,
                                                                  "status": last.status_code, "retryable": last.retryable})
@@ -128,7 +133,7 @@ class LiteLLMTeacher:
         try:
             async for chunk in response:
                 yield chunk.model_dump()
-        except Exception as error:  # a stream cut mid-way: classify like any teacher failure
+        except UPSTREAM_ERRORS as error:  # a stream cut mid-way: classify like any teacher failure
             raise _failure_from(error, model) from error
 
     def cost(self, prompt_tokens: int, completion_tokens: int, model: str | None = None) -> float:
@@ -138,7 +143,7 @@ class LiteLLMTeacher:
             prompt_cost, completion_cost = self._litellm.cost_per_token(
                 model=model or self.config.model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
             )
-        except Exception:  # a model missing from litellm's map has no known price
+        except Exception:  # noqa: BLE001 - litellm raises a bare Exception for a model missing from its map
             logger.warning("no price known for teacher model", extra={"model": model or self.config.model})
             return 0.0
         return float(prompt_cost + completion_cost)
@@ -147,8 +152,6 @@ class LiteLLMTeacher:
         """Reachability only where a base URL is known (a provider's API is assumed up)."""
         if not self.config.api_base:
             return True
-        import httpx
-
         api_key = self.config.api_key()
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         try:
