@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.config import ConfigError, Settings, load_settings
+from gateway.config import Settings, settings_for_command
 
 logger = logging.getLogger(__name__)
 
@@ -84,10 +84,8 @@ def serve(args: argparse.Namespace) -> int:
 
     from gateway.app import Components, create_app
 
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
+    settings = settings_for_command(args.config)
+    if settings is None:
         return 2
     log_dir = Path(args.log_dir)
     _admin_token(settings)
@@ -126,10 +124,8 @@ def _stop(child: Any) -> None:
 
 
 def check_config(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
+    settings = settings_for_command(args.config)
+    if settings is None:
         return 2
     print(f"{args.config}: ok ({len(settings.routes)} route(s): {', '.join(r.name for r in settings.routes)})")
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -285,3 +286,16 @@ def load_settings(path: str | Path) -> Settings:
     except yaml.YAMLError as error:
         raise ConfigError(f"configuration file {path} is not valid YAML: {error}") from None
     return parse_settings(data, path)
+
+
+def settings_for_command(path: str | Path, route: str | None = None) -> Settings | None:
+    """Settings for a CLI command, or None after printing what is wrong (bad file, unknown route)."""
+    try:
+        settings = load_settings(path)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return None
+    if route is not None and settings.route(route) is None:
+        print(f"no route named {route!r} in {path}", file=sys.stderr)
+        return None
+    return settings

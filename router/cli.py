@@ -90,17 +90,12 @@ def _costs(store: Any, route: str) -> tuple[float, float]:
 
 
 def calibrate_command(args: argparse.Namespace) -> int:
-    from gateway.config import ConfigError, load_settings
+    from gateway.config import settings_for_command
     from gateway.store import SQLiteStore
     from router.calibration import calibrate, plot
 
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as error:
-        print(f"error: {error}")
-        return 2
-    if settings.route(args.route) is None:
-        print(f"error: route {args.route!r} is not in {args.config}")
+    settings = settings_for_command(args.config, args.route)
+    if settings is None:
         return 2
     store = SQLiteStore(settings.store.path)
     try:

@@ -88,7 +88,7 @@ def test_calibrate_prints_a_certified_recommendation(config_with_shadow: Path, t
 
 def test_calibrate_unknown_route(config_with_shadow: Path) -> None:
     result = run_cli("calibrate", "--config", str(config_with_shadow), "--route", "nope")
-    assert result.returncode == 2 and "nope" in result.stdout
+    assert result.returncode == 2 and "nope" in result.stderr
 
 
 def test_calibrate_apply_without_gateway_persists_like_the_admin_api(config_with_shadow: Path, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from gateway.config import ConfigError, Settings, load_settings
+from gateway.config import Settings, settings_for_command
 
 
 def register(subparsers: Any) -> None:
@@ -30,15 +30,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings | None:
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
-        return None
-    if settings.route(args.route) is None:
-        print(f"no route named {args.route!r} in {args.config}", file=sys.stderr)
-        return None
-    return settings
+    return settings_for_command(args.config, args.route)
 
 
 # -- distillgate train ------------------------------------------------------------------------
