@@ -163,8 +163,18 @@ def _store_figures(store_path: Path) -> dict[str, Any]:
         shadow_cost = connection.execute("select coalesce(sum(cost_usd), 0), count(*) from shadow_results").fetchone()
         runs = connection.execute("select count(*) from training_runs").fetchone()[0]
         swaps = connection.execute("select count(*) from student_versions where promoted_at is not null").fetchone()[0]
+        versions = [_version_summary(*row) for row in connection.execute(
+            "select version, status, note, metrics_json, train_examples from student_versions order by created_at")]
     return {"costs": costs, "shadow_cost_usd": float(shadow_cost[0]), "shadow_requests": int(shadow_cost[1]),
-            "retrains": int(runs), "swaps": int(swaps)}
+            "retrains": int(runs), "swaps": int(swaps), "versions": versions}
+
+
+def _version_summary(version: str, status: str, note: str | None, metrics_json: str | None,
+                     train_examples: int | None) -> dict[str, Any]:
+    """How each trained student did on the holdout: the loop's learning curve."""
+    candidate = json.loads(metrics_json or "{}").get("candidate") or {}
+    return {"version": version, "status": status, "note": note, "train_examples": train_examples,
+            **{key: candidate.get(key) for key in ("agreement", "validity", "served_share", "served_agreement")}}
 
 
 def _start_stack(options: DemoOptions, console: Console) -> tuple[list[Child], str, str]:
@@ -212,6 +222,7 @@ async def _run(options: DemoOptions, console: Console) -> dict[str, Any]:
     return {
         "options": json.loads(options.model_dump_json()),
         "stream_wall_s": round(stream_wall_s, 1),
+        "versions": figures["versions"],
         "overall": {**overall, "retrains": figures["retrains"], "swaps": figures["swaps"],
                     "shadow_requests": figures["shadow_requests"], "shadow_cost_usd": figures["shadow_cost_usd"]},
         "phases": report.phases(outcomes, stream_refs, figures["costs"], options.phase_size),
