@@ -41,7 +41,6 @@ def test_report_counts_add_up(demo_out: Path) -> None:
     assert report["heldout"]["queries"] == report["options"]["heldout_limit"]
     assert set(report["goals"]) and all(isinstance(goal["met"], bool) for goal in report["goals"].values())
     assert (demo_out / "savings.png").stat().st_size > 10_000
-    assert len(report["versions"]) <= overall["retrains"]
     assert all(version["status"] in {"candidate", "live", "retired", "rejected", "failed"}
                for version in report["versions"])
 
