@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--holdout-fraction", type=float, default=0.1)
     parser.add_argument("--base-dir", type=Path, default=None, help="student base (default: built in --work)")
-    parser.add_argument("--pretrain-steps", type=int, default=400, help="when building the base")
+    parser.add_argument("--pretrain-steps", type=int, default=2000, help="when building the base")
     parser.add_argument("--work", type=Path, default=None, help="working directory (default: a temp dir)")
     parser.add_argument("--detector", action="store_true", help="also fit the router's OOD detector")
     parser.add_argument("--quick", action="store_true", help="smoke run: 300 examples, 20 steps")

@@ -174,7 +174,9 @@ class StudentConfig(StrictModel):
     serve_base_model: bool = False
     # When distillgate builds the base itself (init-student): causal-LM steps on unlabelled
     # prompts, so the LoRA adapters start from a model that has read the route's language.
-    pretrain_steps: int = Field(400, ge=0)
+    # bench/train.py, 3,000 CLINC150 examples: held-out agreement 0.49 after 400 steps, 0.57
+    # after 2,000 (about 3 minutes on 2 CPU cores, once).
+    pretrain_steps: int = Field(2000, ge=0)
 
 
 class TrainingConfig(StrictModel):
