@@ -95,9 +95,9 @@ class ChatService:
         record.decision_reasons = list(decision.reasons)
         return state, record, decision, body
 
-    def _student_body(self, state: RouteState, body: dict[str, Any], decision: Decision) -> dict[str, Any]:
+    def _student_body(self, state: RouteState, body: dict[str, Any], cascade: bool) -> dict[str, Any]:
         student_body = {**body, "messages": student_messages(state.config.student.system_prompt, body["messages"])}
-        if decision.cascade and not student_body.get("logprobs"):
+        if cascade and not student_body.get("logprobs"):
             student_body.update(logprobs=True, top_logprobs=1)
         return student_body
 
@@ -178,7 +178,8 @@ class ChatService:
         try:
             with self.routes.track(pointer.adapter_name):
                 completion = await self.student.chat(
-                    pointer.adapter_name, self._student_body(state, body, decision), state.config.student.timeout_s
+                    pointer.adapter_name, self._student_body(state, body, decision.cascade),
+                    state.config.student.timeout_s,
                 )
         except UpstreamFailure as failure:
             self._student_failed(record, f"student_error: {failure}")
@@ -190,6 +191,9 @@ class ChatService:
             record.cost_usd += state.config.student.prices.cost(completion.prompt_tokens, completion.completion_tokens)
             record.decision_reasons.append("cascade: low student confidence")
             return None
+        if decision.cascade and not body.get("logprobs"):
+            for choice in completion.body["choices"]:
+                choice["logprobs"] = None  # asked for by the cascade, not by the client
         self._account(state, record, completion, "student")
         return completion
 
@@ -234,7 +238,9 @@ class ChatService:
         record.student_version = pointer.version
         if self._student_open(record):
             return None, None
-        student_body = self._student_body(state, body, decision)
+        # The cascade judges a whole answer, so it applies to non-streamed requests only; a
+        # streamed one is served on the router's decision alone.
+        student_body = self._student_body(state, body, cascade=False)
         student_body["stream_options"] = {"include_usage": True}
         upstream = self.student.stream(pointer.adapter_name, student_body, state.config.student.timeout_s)
         try:
