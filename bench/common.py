@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: a closed-loop load generator (child servers: gateway.children).
+"""Shared pieces of the benchmarks: a closed-loop load generator (child servers: harness.children).
 
 Benchmarks compare configurations side by side in one run (ratios), because these machines
 are shared and noisy; absolute numbers are only for context.
@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from gateway.children import ROOT, Child, free_port, python_module
+from harness.children import ROOT, Child, free_port, python_module
 
 __all__ = ["CLINC", "ROOT", "Child", "LoadResult", "closed_loop", "free_port", "python_module"]
 

@@ -80,7 +80,7 @@ def run(requests: int, concurrencies: list[int], workdir: Path, console: Console
         "litellm_proxy": ("proxy", f"http://127.0.0.1:{proxy_port}/v1/chat/completions", "bench"),
     }
     servers = {
-        "gateway": lambda: Child(python_module("gateway.cli", "--log-level", "WARNING", "serve", "--config",
+        "gateway": lambda: Child(python_module("cli.main", "--log-level", "WARNING", "serve", "--config",
                                                str(config_path), "--port", str(gateway_port)),
                                  f"http://127.0.0.1:{gateway_port}/healthz", workdir / "gateway.log",
                                  env={"DISTILLGATE_API_KEYS": BENCH_KEY}),
@@ -89,7 +89,7 @@ def run(requests: int, concurrencies: list[int], workdir: Path, console: Console
                                f"http://127.0.0.1:{proxy_port}/health/liveliness", workdir / "litellm.log"),
     }
     results: dict[str, dict[str, Any]] = {name: {} for name in targets}
-    upstream_server = Child(python_module("gateway.cli", "--log-level", "WARNING", "replay-teacher", "--dataset",
+    upstream_server = Child(python_module("cli.main", "--log-level", "WARNING", "replay-teacher", "--dataset",
                                           str(CLINC), "--port", str(upstream_port)),
                             f"{upstream}/health", workdir / "upstream.log")
     with upstream_server:

@@ -25,7 +25,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from router.decision import Mode, RoutePolicy
+from core.modes import Mode
+from router.decision import RoutePolicy
 from router.embeddings import Embedder
 from router.eval_ood import _subsample, load_clinc_format, ood_metrics
 from router.ood import DEFAULT_DETECTOR, DETECTORS, create_detector

@@ -152,13 +152,13 @@ def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     vllm = None if args.vllm_url else start_vllm(workdir)
     vllm_url = args.vllm_url or vllm.url
     teacher_port, gateway_port = free_port(), free_port()
-    teacher = Child(python_module("gateway.cli", "replay-teacher", "--dataset", str(CLINC), "--port",
+    teacher = Child(python_module("cli.main", "replay-teacher", "--dataset", str(CLINC), "--port",
                                   str(teacher_port), "--latency-ms", str(args.teacher_latency_ms)),
                     f"http://127.0.0.1:{teacher_port}/health", workdir / "teacher.log")
     store_path = workdir / "soak.db"
     config = workdir / "soak.yaml"
     config.write_text(yaml.safe_dump(gateway_config(f"http://127.0.0.1:{teacher_port}", vllm_url, store_path)))
-    gateway = Child(python_module("gateway.cli", "serve", "--config", str(config), "--port", str(gateway_port),
+    gateway = Child(python_module("cli.main", "serve", "--config", str(config), "--port", str(gateway_port),
                                   "--log-dir", str(workdir)), f"http://127.0.0.1:{gateway_port}/healthz",
                     workdir / "gateway.log", env={"DISTILLGATE_ADMIN_TOKEN": "soak"})
     try:

@@ -23,8 +23,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.config import Settings, parse_settings  # noqa: E402
-from gateway.store import SQLiteStore  # noqa: E402
+from core.config import Settings, parse_settings  # noqa: E402
+from core.store import SQLiteStore  # noqa: E402
 from trainer.seed import seed_teacher_answers  # noqa: E402
 
 CLINC = ROOT / "data" / "clinc150" / "data_full.json"

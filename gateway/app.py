@@ -18,23 +18,23 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from gateway.admin.routes import router as admin_router
-from gateway.chat.routes import router as chat_router
+from core.config import Settings
+from core.store import BatchWriter, SQLiteStore, Store
+from core.store.spool import Spool
+from core.upstream import StudentBackend, TeacherClient
+from gateway.admin.endpoints import endpoints as admin_endpoints
+from gateway.chat.endpoints import endpoints as chat_endpoints
 from gateway.chat.service import ChatService, Observer
-from gateway.config import Settings
-from gateway.dashboard.routes import router as dashboard_router
+from gateway.dashboard.endpoints import endpoints as dashboard_endpoints
 from gateway.error_handlers import install_error_handlers
-from gateway.health import router as health_router
+from gateway.health import endpoints as health_endpoints
 from gateway.keys import KeyPolicies
 from gateway.metrics import GatewayMetrics, scrape_token_from_env
-from gateway.metrics import router as metrics_router
-from gateway.models_api import router as models_router
-from gateway.routes import RouteTable
+from gateway.metrics import endpoints as metrics_endpoints
+from gateway.models_api import endpoints as models_endpoints
+from gateway.route_table import RouteTable
 from gateway.shadow import ShadowRunner
-from gateway.store import BatchWriter, SQLiteStore, Store
-from gateway.store.spool import Spool
 from gateway.training import TrainingLoop
-from gateway.upstream.base import StudentBackend, TeacherClient
 from gateway.upstream.breaker import StudentBreaker
 from router.decision import PolicyRouter, Router
 
@@ -108,7 +108,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     breaker = StudentBreaker(student, settings.vllm.breaker, probe_model=settings.vllm.served_model_name)
     app.state.breaker = breaker
     app.state.store, app.state.writer, app.state.routes = store, writer, routes
-    app.state.student, app.state.router, app.state.shadow = student, router, shadow
+    app.state.student, app.state.decider, app.state.shadow = student, router, shadow
     metrics: GatewayMetrics = app.state.metrics
     metrics.bind(store=store, routes=routes, writers=[writer, shadow_writer], shadow=shadow, breaker=breaker)
     app.state.chat_service = ChatService(routes, router, student, teachers, writer, shadow,
@@ -150,6 +150,6 @@ def create_app(settings: Settings, components: Components | None = None) -> Fast
     app.state.started_at = int(time.time())
     app.state.metrics = GatewayMetrics(scrape_token=scrape_token_from_env())
     install_error_handlers(app)
-    for router in (chat_router, models_router, health_router, admin_router, metrics_router, dashboard_router):
-        app.include_router(router)
+    for endpoints in (chat_endpoints, models_endpoints, health_endpoints, admin_endpoints, metrics_endpoints, dashboard_endpoints):
+        app.include_router(endpoints)
     return app

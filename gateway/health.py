@@ -9,10 +9,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-router = APIRouter()
+endpoints = APIRouter()
 
 
-@router.get("/healthz")
+@endpoints.get("/healthz")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -38,7 +38,7 @@ async def _store_check(request: Request) -> dict[str, Any]:
     return {**check, "ok": ok, "error": writer.last_error or (spool.last_error if spool else None)}
 
 
-@router.get("/readyz")
+@endpoints.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
     state = request.app.state
     teachers = state.chat_service.teachers

@@ -18,8 +18,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from core.config import AuthConfig
 from gateway.auth import key_id
-from gateway.config import AuthConfig
 from gateway.errors import RateLimited, RouteNotFound
 
 logger = logging.getLogger(__name__)

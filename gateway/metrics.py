@@ -39,7 +39,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway import reporting
+from core.store import reporting
 from gateway.auth import bearer_token, constant_time_in
 from gateway.chat.record import RequestRecord
 from gateway.errors import AuthenticationFailed
@@ -231,7 +231,7 @@ class _StateCollector(Collector):
 
 
 # -- GET /metrics ----------------------------------------------------------------------------
-router = APIRouter()
+endpoints = APIRouter()
 
 
 def scrape_token_from_env() -> str | None:
@@ -249,7 +249,7 @@ def require_scraper(request: Request) -> None:
         raise AuthenticationFailed(f"/metrics requires the scrape token ({METRICS_TOKEN_ENV}) as a bearer.")
 
 
-@router.get("/metrics", dependencies=[Depends(require_scraper)], include_in_schema=False)
+@endpoints.get("/metrics", dependencies=[Depends(require_scraper)], include_in_schema=False)
 async def metrics_endpoint(request: Request) -> Response:
     metrics: GatewayMetrics = request.app.state.metrics
     # Collectors read the store: off the event loop so a scrape never stalls requests.

@@ -7,16 +7,16 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from gateway.auth import require_client
-from gateway.routes import RouteTable
+from gateway.route_table import RouteTable
 
-router = APIRouter()
+endpoints = APIRouter()
 
 
 def model_object(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "distillgate"}
 
 
-@router.get("/v1/models")
+@endpoints.get("/v1/models")
 async def list_models(request: Request, client_key_id: str | None = Depends(require_client)) -> dict[str, Any]:
     routes: RouteTable = request.app.state.routes
     created = request.app.state.started_at
@@ -25,7 +25,7 @@ async def list_models(request: Request, client_key_id: str | None = Depends(requ
                                        if allowed(client_key_id, state.config.name)]}
 
 
-@router.get("/v1/models/{model}")
+@endpoints.get("/v1/models/{model}")
 async def get_model(model: str, request: Request, client_key_id: str | None = Depends(require_client)) -> dict[str, Any]:
     routes: RouteTable = request.app.state.routes
     request.app.state.key_policies.check_route(client_key_id, model)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from gateway.config import RedactConfig
+from core.config import RedactConfig
 
 EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")

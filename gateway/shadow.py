@@ -16,11 +16,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from core.answers import answers_agree
+from core.prompting import student_messages
+from core.store import BatchWriter
+from core.upstream import Completion, StudentBackend, TeacherClient, UpstreamFailure
 from gateway.chat.record import RequestRecord
-from gateway.prompting import normalize_answer, student_messages
-from gateway.routes import RouteState
-from gateway.store import BatchWriter
-from gateway.upstream.base import Completion, StudentBackend, TeacherClient, UpstreamFailure
+from gateway.route_table import RouteState
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class ShadowRunner:
             "student_answer": student_answer,
             "teacher_answer": teacher_answer,
             "teacher_response_json": json.dumps(teacher_body, ensure_ascii=False, default=str),
-            "agree": int(normalize_answer(student_answer) == normalize_answer(teacher_answer)),
+            "agree": int(answers_agree(student_answer, teacher_answer)),
             "cost_usd": cost,
         })
 

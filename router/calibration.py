@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, Field
+
+from core.store import reporting
 
 START_FACTOR = 4
 GUARANTEE = "Clopper-Pearson upper bound on disagreement, fixed-sequence testing (Learn-then-Test)"
@@ -163,3 +167,68 @@ def plot(result: Calibration, path: str | Path, route: str = "") -> Path:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+# -- the dashboard's sweep: student share and expected agreement per threshold ------------
+@dataclass
+class CalibrationPoint:
+    threshold: float
+    student_share: float  # share of logged requests whose OOD score is at or under the threshold
+    expected_agreement: float | None  # shadow agreement among scored comparisons under it
+    shadow_samples: int
+
+
+def calibration_curve(request_scores: list[float], shadow: list[tuple[float, int]],
+                      thresholds: list[float]) -> list[CalibrationPoint]:
+    """Sweep thresholds: the student serves a request when its OOD score <= threshold, so
+    student share is the fraction of scores under it and the expected agreement is the mean
+    shadow agreement of the comparisons under it."""
+    request_scores = sorted(request_scores)
+    shadow = sorted(shadow)
+    points = []
+    for threshold in thresholds:
+        under = sum(1 for score in request_scores if score <= threshold)
+        agreed = [agree for score, agree in shadow if score <= threshold]
+        points.append(CalibrationPoint(
+            threshold=threshold,
+            student_share=under / len(request_scores) if request_scores else 0.0,
+            expected_agreement=sum(agreed) / len(agreed) if agreed else None,
+            shadow_samples=len(agreed),
+        ))
+    return points
+
+
+def threshold_range(request_scores: list[float], current: float) -> float:
+    """The slider's upper end: past every logged score and the current threshold."""
+    top = max([*request_scores, current, 0.0])
+    return round(max(1.0, top * 1.1), 3)
+
+
+def route_calibration(store: Any, route: str, current: float, since_s: float | None = None,
+                      steps: int = 50, target_agreement: float = 0.97, confidence: float = 0.95) -> dict[str, Any]:
+    """The calibration curve for the dashboard's threshold control: student share over every
+    scored request, expected agreement over the shadow comparisons, and, from
+    ``calibrate``, the agreement lower bound and the certified recommended threshold
+    (same defaults as ``distillgate calibrate``)."""
+    scores, shadow = reporting.calibration_scores(store, route, since_s)
+    top = threshold_range(scores, current)
+    thresholds = [round(top * step / steps, 6) for step in range(steps + 1)]
+    points = [asdict(point) for point in calibration_curve(scores, shadow, thresholds)]
+    result = {"max": top, "step": round(top / steps, 6), "scored_requests": len(scores),
+              "shadow_samples": len(shadow), "points": points, "recommended_threshold": None,
+              "target_agreement": target_agreement, "confidence": confidence, "note": ""}
+    if shadow:
+        result.update(_certified(shadow, points, target_agreement, confidence))
+    return result
+
+
+def _certified(shadow: list[tuple[float, int]], points: list[dict[str, Any]], target_agreement: float,
+               confidence: float) -> dict[str, Any]:
+    """The router's certified calibration (a lower confidence bound on agreement and the
+    recommended threshold) laid over the dashboard's sweep; nothing when it is unavailable."""
+    result = calibrate(shadow, target_agreement=target_agreement, confidence=confidence)
+    curve = sorted(result.curve, key=lambda point: point.threshold)
+    for point in points:
+        under = [entry for entry in curve if entry.threshold <= point["threshold"]]
+        point["agreement_lcb"] = under[-1].agreement_lcb if under else None
+    return {"recommended_threshold": result.recommended_threshold, "note": result.note}

@@ -7,17 +7,11 @@ and asks a :class:`Router` for a :class:`Decision`. Nothing here knows about HTT
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Literal, Protocol
 
+from core.modes import Mode
+
 Target = Literal["student", "teacher"]
-
-
-class Mode(str, Enum):
-    auto = "auto"
-    teacher_only = "teacher_only"
-    student_only = "student_only"
-    shadow = "shadow"
 
 
 @dataclass(frozen=True)

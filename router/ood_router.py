@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from gateway.prompting import user_text
-from router.decision import Decision, Mode, RoutePolicy, decide_without_score
+from core.modes import Mode
+from core.prompting import user_text
+from router.decision import Decision, RoutePolicy, decide_without_score
 from router.embeddings import Embedder, MicroBatcher
 from router.learned import LearnedRouter
 from router.ood import OODDetector, load_detector

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import Settings, parse_settings
+from core.config import Settings, parse_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CLINC = ROOT / "data" / "clinc150" / "data_full.json"
@@ -61,7 +61,7 @@ def clinc_path() -> Path:
 @pytest.fixture(scope="session")
 def replay_teacher() -> Iterator[str]:
     """A replay teacher (stand-in for the frontier API) at accuracy 1, no latency."""
-    from gateway.replay_teacher import ReplayOptions, create_replay_app
+    from harness.replay_teacher import ReplayOptions, create_replay_app
     from tests.servers import UvicornThread
 
     with UvicornThread(create_replay_app(ReplayOptions(dataset=CLINC))) as server:

@@ -68,7 +68,7 @@ def vllm_server(student_base_dir: Path, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="session")
 def replay_teacher_url() -> Iterator[str]:
     """The replay teacher (stand-in for a frontier API) with default knobs; ``.../v1``."""
-    from gateway.replay_teacher import ReplayOptions, create_replay_app
+    from harness.replay_teacher import ReplayOptions, create_replay_app
 
     app = create_replay_app(ReplayOptions(dataset=CLINC_PATH))
     with UvicornThread(app) as server:

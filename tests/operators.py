@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from core.config import Settings
 from gateway.app import Components, create_app
-from gateway.config import Settings
 from gateway.upstream.student import VLLMStudent
 from router.decision import Decision, RoutePolicy, decide_without_score
 

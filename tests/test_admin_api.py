@@ -8,8 +8,8 @@ import httpx
 import openai
 import pytest
 
+from core.config import Settings
 from gateway.app import create_app
-from gateway.config import Settings
 from tests.servers import UvicornThread
 
 ADMIN = {"authorization": "Bearer admin-secret"}

@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
+from core.config import Settings, parse_settings
 from gateway.app import create_app
-from gateway.config import Settings, parse_settings
 from gateway.keys import TokenBucket
 from tests.servers import UvicornThread
 from tests.test_gateway_api import MESSAGES, log_rows, sdk
@@ -54,7 +54,7 @@ def test_token_bucket_refills_at_the_configured_rate() -> None:
 
 
 def test_keys_config_names_known_routes(replay_teacher: str, tmp_path: Path) -> None:
-    from gateway.config import ConfigError
+    from core.config import ConfigError
 
     with pytest.raises(ConfigError, match="unknown routes: nope"):
         parse_settings({"auth": {"keys": [{"key_env": "K", "routes": ["nope"]}]},
@@ -100,14 +100,15 @@ def test_every_admin_and_dashboard_route_refuses_client_keys(keyed_env: None, ma
                                                              replay_teacher: str,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DISTILLGATE_METRICS_TOKEN", "scrape-token")
-    from gateway.admin.routes import router as admin_router
-    from gateway.dashboard.routes import router as dashboard_router
-    from gateway.metrics import router as metrics_router
+
+    from gateway.admin.endpoints import endpoints as admin_endpoints
+    from gateway.dashboard.endpoints import endpoints as dashboard_endpoints
+    from gateway.metrics import endpoints as metrics_endpoints
 
     app = create_app(make_settings(replay_teacher))
     # Walk the routers, so a route added later is covered without editing this test.
     protected = [(method, route.path.replace("{route}", "clinc-intents"))
-                 for router in (admin_router, dashboard_router, metrics_router) for route in router.routes
+                 for endpoints in (admin_endpoints, dashboard_endpoints, metrics_endpoints) for route in endpoints.routes
                  for method in route.methods - {"HEAD"}  # type: ignore[attr-defined]
                  if not route.path.startswith(("/dashboard/static", "/dashboard/log"))]  # type: ignore[attr-defined]
     assert len(protected) >= 9, protected

@@ -9,8 +9,8 @@ from typing import Any
 
 import httpx
 
+from core.config import Settings
 from gateway.app import Components, create_app
-from gateway.config import Settings
 from gateway.upstream.student import VLLMStudent
 from router.decision import Decision, RoutePolicy
 from tests.servers import UvicornThread

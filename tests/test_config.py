@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load_settings, parse_settings
+from core.config import ConfigError, load_settings, parse_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUTE = {"name": "r1", "teacher": {"model": "openai/gpt-4.1-mini"}}

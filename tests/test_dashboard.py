@@ -16,10 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway import reporting
+from core.config import Settings
+from core.store import SQLiteStore, reporting
 from gateway.auth import ADMIN_COOKIE
-from gateway.config import Settings
-from gateway.store import SQLiteStore
 from tests.conftest import ROOT
 from tests.operators import STUDENT_SETTINGS, UTTERANCES, messages, operator_app, wait_for
 from tests.servers import UvicornThread
@@ -160,7 +159,7 @@ def test_dashboard_in_chromium_shows_savings_and_moves_the_threshold(
     browser.find_element(By.LINK_TEXT, ROUTE).click()
     wait = WebDriverWait(browser, 15)
     wait.until(lambda driver: len(driver.find_elements(By.CSS_SELECTOR, ".uplot")) == 3)
-    from gateway.dashboard.routes import _money
+    from gateway.dashboard.endpoints import _money
 
     assert browser.find_element(By.ID, "savings").text == _money(summary.savings_usd)
     assert browser.find_element(By.ID, "student-share").text == f"{summary.student_share * 100:.1f}%"

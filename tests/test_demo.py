@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
-    completed = subprocess.run([sys.executable, "-m", "gateway.cli", "demo", "--quick", "--out", str(out)],
+    completed = subprocess.run([sys.executable, "-m", "cli.main", "demo", "--quick", "--out", str(out)],
                                cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert completed.returncode == 0, (completed.stdout[-3000:], completed.stderr[-3000:])
     return out

@@ -19,8 +19,8 @@ import httpx
 import pytest
 import yaml
 
-from gateway.children import Child, free_port, python_module
-from gateway.replay_teacher import ReplayOptions, create_replay_app
+from harness.children import Child, free_port, python_module
+from harness.replay_teacher import ReplayOptions, create_replay_app
 from tests.servers import UvicornThread
 from tests.test_gateway_api import MESSAGES
 
@@ -48,7 +48,7 @@ def write_config(tmp_path: Path, teacher_url: str, spool: bool = True) -> Path:
 
 
 def gateway(config: Path, port: int, log: Path) -> Child:
-    args = python_module("gateway.cli", "serve", "--config", str(config), "--port", str(port),
+    args = python_module("cli.main", "serve", "--config", str(config), "--port", str(port),
                          "--log-dir", str(log.parent))
     return Child(args, f"http://127.0.0.1:{port}/healthz", log, env={"DISTILLGATE_ADMIN_TOKEN": "t"})
 

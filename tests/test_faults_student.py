@@ -16,8 +16,8 @@ import httpx
 import openai
 import pytest
 
+from core.config import Settings
 from gateway.app import Components, create_app
-from gateway.config import Settings
 from gateway.upstream.student import VLLMStudent
 from tests.operators import scrape, total, wait_for
 from tests.servers import UvicornThread

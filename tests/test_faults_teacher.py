@@ -13,9 +13,9 @@ import httpx
 import openai
 import pytest
 
+from core.config import Settings
 from gateway.app import create_app
-from gateway.config import Settings
-from gateway.replay_teacher import ReplayOptions, create_replay_app
+from harness.replay_teacher import ReplayOptions, create_replay_app
 from tests.servers import UvicornThread
 from tests.test_gateway_api import MESSAGES, log_rows, sdk
 

@@ -12,8 +12,8 @@ import httpx
 import openai
 import pytest
 
+from core.config import Settings
 from gateway.app import Components, create_app
-from gateway.config import Settings
 from gateway.upstream.student import VLLMStudent
 from tests.servers import UvicornThread, free_port
 
@@ -153,7 +153,7 @@ def test_teacher_unreachable_is_502_and_logged(make_settings: Callable[..., Sett
 
 
 def test_teacher_timeout_is_504(make_settings: Callable[..., Settings], clinc_path: Any) -> None:
-    from gateway.replay_teacher import ReplayOptions, create_replay_app
+    from harness.replay_teacher import ReplayOptions, create_replay_app
 
     slow_teacher = create_replay_app(ReplayOptions(dataset=clinc_path, latency_ms=3000))
     with UvicornThread(slow_teacher) as teacher:

@@ -11,8 +11,8 @@ from pathlib import Path
 import openai
 import pytest
 
+from core.config import Settings
 from gateway.app import create_app
-from gateway.config import Settings
 from tests.fixtures_processes import VLLM_PYTHON
 from tests.servers import UvicornThread, free_port
 from tests.test_gateway_api import MESSAGES, log_rows, sdk

@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.requests import Request
 
+from core.config import Settings
 from gateway.app import Components, create_app
+from gateway.chat.endpoints import parse_chat_request, read_json_body
 from gateway.chat.protocol import ChatCompletionRequest
-from gateway.chat.routes import parse_chat_request, read_json_body
-from gateway.config import Settings
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.upstream.student import VLLMStudent
 from tests.operators import wait_for
@@ -84,7 +84,7 @@ def test_read_json_body_returns_json_or_raises_a_gateway_error(body: bytes) -> N
 
 @pytest.fixture(scope="module")
 def gateway_url(replay_teacher: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from gateway.config import parse_settings
+    from core.config import parse_settings
 
     settings = parse_settings({
         "store": {"path": str(tmp_path_factory.mktemp("hostile") / "log.db")},

@@ -16,9 +16,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.config import Settings
+from core.config import Settings
+from core.store import SQLiteStore
 from gateway.metrics import GatewayMetrics
-from gateway.store import SQLiteStore
 from tests.conftest import ROOT
 from tests.operators import (
     STUDENT_SETTINGS,
@@ -141,8 +141,8 @@ def test_each_app_has_its_own_registry() -> None:
 
 def test_grafana_dashboard_uses_only_exported_metrics(tmp_path: Path) -> None:
     """Every series the shipped Grafana dashboard queries is one the gateway exports."""
+    from core.store import BatchWriter
     from gateway.chat.record import RequestRecord
-    from gateway.store import BatchWriter
 
     store = SQLiteStore(tmp_path / "metrics.db")
     store.insert_shadow_results([{"request_id": "r1", "created_at": time.time(), "route": ROUTE,

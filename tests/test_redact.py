@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
+from core.config import RedactConfig, Settings
 from gateway.app import create_app
-from gateway.config import RedactConfig, Settings
 from gateway.redact import luhn_valid, redact_text
 from tests.servers import UvicornThread
 from tests.test_gateway_api import log_rows, sdk

@@ -18,7 +18,9 @@ import httpx
 import openai
 import pytest
 
-from gateway.replay_teacher import ReplayOptions, create_replay_app, normalize, register
+from cli.harness import register
+from core.answers import normalize_answer as normalize
+from harness.replay_teacher import ReplayOptions, create_replay_app
 from tests.servers import UvicornThread, free_port
 
 pytestmark = pytest.mark.integration
@@ -196,7 +198,7 @@ def test_replay_teacher_command_serves(tmp_path: Path) -> None:
     assert (args.port, args.accuracy, args.error_rate, args.dataset.name) == (1234, 0.9, 0.1, "data_full.json")
 
     port = free_port()
-    command = [sys.executable, "-m", "gateway.cli", "replay-teacher", "--dataset", str(CLINC), "--port", str(port)]
+    command = [sys.executable, "-m", "cli.main", "replay-teacher", "--dataset", str(CLINC), "--port", str(port)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway import reporting
-from gateway.cli import main
-from gateway.config import Settings
-from gateway.store import SQLiteStore
+from cli.main import main
+from core.config import Settings
+from core.store import SQLiteStore, reporting
+from router import calibration
 
 ROUTE = "clinc-intents"
 
@@ -97,7 +97,7 @@ def test_report_rejects_a_bad_window(filled: Path, capsys: pytest.CaptureFixture
 
 
 def test_calibration_curve_sweeps_thresholds() -> None:
-    points = reporting.calibration_curve([0.1, 0.2, 0.3, 0.9], [(0.1, 1), (0.2, 1), (0.3, 0), (0.9, 0)],
+    points = calibration.calibration_curve([0.1, 0.2, 0.3, 0.9], [(0.1, 1), (0.2, 1), (0.3, 0), (0.9, 0)],
                                          [0.0, 0.2, 0.5, 1.0])
     assert [point.student_share for point in points] == [0.0, 0.5, 0.75, 1.0]
     assert [point.expected_agreement for point in points] == [None, 1.0, pytest.approx(2 / 3), 0.5]
@@ -111,7 +111,7 @@ def test_route_calibration_uses_the_certified_router_calibration() -> None:
                             "router_score": i / 300} for i in range(300)])
     store.insert_shadow_results([{"request_id": f"r{i}", "created_at": now, "route": ROUTE, "router_score": i / 300,
                                   "agree": int(i < 200)} for i in range(300)])
-    result = reporting.route_calibration(store, ROUTE, current=0.5, target_agreement=0.9)
+    result = calibration.route_calibration(store, ROUTE, current=0.5, target_agreement=0.9)
     store.close()
     assert result["scored_requests"] == result["shadow_samples"] == 300
     assert result["recommended_threshold"] is not None and 0.3 < result["recommended_threshold"] < 0.9

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import yaml
 
-from gateway.store import SQLiteStore
+from core.store import SQLiteStore
 from tests.conftest import CLINC, ROOT
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "gateway.cli", "--log-level", "WARNING", *args],
+    return subprocess.run([sys.executable, "-m", "cli.main", "--log-level", "WARNING", *args],
                           capture_output=True, text=True, cwd=ROOT, env=environment, timeout=timeout)
 
 

@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.config import parse_settings
-from gateway.store import SQLiteStore
-from router.decision import Mode, RoutePolicy
+from core.config import parse_settings
+from core.modes import Mode
+from core.store import SQLiteStore
+from router.decision import RoutePolicy
 from router.embeddings import Embedder
 from router.learned import LearnedRouter
 from router.ood import create_detector

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from gateway.config import parse_settings
-from gateway.store import SQLiteStore
-from trainer.schedule import TrainingScheduler, start_training_scheduler
+from core.config import parse_settings
+from core.store import SQLiteStore
+from gateway.training.schedule import TrainingScheduler, start_training_scheduler
+from gateway.training.swap import SwapResult
 from trainer.seed import seed_teacher_answers
-from trainer.swap import SwapResult
 
 ROUTE = "intents"
 
@@ -29,7 +29,7 @@ class FakeSwapper:
 
 
 def fake_python(tmp_path: Path, answer: dict[str, Any] | None, exit_code: int = 0) -> Path:
-    """Stands in for ``python -m gateway.cli train``: records its argv, prints the candidate."""
+    """Stands in for ``python -m cli.main train``: records its argv, prints the candidate."""
     script = tmp_path / "fake-python"
     printed = f"echo '{json.dumps(answer)}'" if answer else "echo 'boom' >&2"
     script.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'argv'}\necho 'progress...'\n{printed}\nexit {exit_code}\n")
@@ -56,7 +56,7 @@ async def test_waits_for_enough_new_examples_then_trains_and_promotes(parts: Any
     assert outcome == {"action": "promoted", "version": "v1", "previous": None}
     assert swapper.promoted == [(ROUTE, "v1")]
     argv = (tmp_path / "argv").read_text().split()
-    assert argv[:4] == ["-m", "gateway.cli", "train", "--config"] and "--json" in argv
+    assert argv[:4] == ["-m", "cli.main", "train", "--config"] and "--json" in argv
 
     # A finished run resets the count: only examples logged after it are new.
     store.record_training_run({"route": ROUTE, "started_at": 1e12, "finished_at": 1e12, "outcome": "candidate",

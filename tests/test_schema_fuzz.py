@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
+from core.config import parse_settings
 from gateway.app import create_app
-from gateway.config import parse_settings
 from tests.conftest import CLINC
 from tests.servers import UvicornThread
 
@@ -36,7 +36,7 @@ schema = schemathesis.openapi.from_dict(create_app(_settings("http://127.0.0.1:9
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from gateway.replay_teacher import ReplayOptions, create_replay_app
+    from harness.replay_teacher import ReplayOptions, create_replay_app
 
     mp = pytest.MonkeyPatch()
     mp.setenv("DISTILLGATE_ADMIN_TOKEN", ADMIN_TOKEN)

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from gateway.store import BatchWriter, SQLiteStore
-from gateway.store.migrations import MIGRATIONS
+from core.store import BatchWriter, SQLiteStore
+from core.store.migrations import MIGRATIONS
 
 
 def row(index: int) -> dict[str, Any]:

@@ -16,10 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
+from core.config import Settings
+from core.store import BatchWriter, SQLiteStore
+from core.store.spool import Spool
 from gateway.app import Components, create_app
-from gateway.config import Settings
-from gateway.store import BatchWriter, SQLiteStore
-from gateway.store.spool import Spool
 from tests.operators import scrape, total, wait_for
 from tests.servers import UvicornThread
 from tests.test_gateway_api import MESSAGES, log_rows, sdk

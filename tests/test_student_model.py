@@ -86,7 +86,7 @@ def test_build_is_idempotent_unless_forced(model_dir: Path, tmp_path: Path) -> N
 
 
 def test_init_student_command_builds_into_the_routes_base_model(tmp_path: Path) -> None:
-    from gateway.cli import main
+    from cli.main import main
 
     config = tmp_path / "config.yaml"
     config.write_text(

@@ -10,13 +10,13 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.config import parse_settings
-from gateway.routes import RouteTable
-from gateway.store import SQLiteStore
-from gateway.upstream.base import UpstreamFailure
+from core.config import parse_settings
+from core.registry import CandidateVersion, Registry
+from core.store import SQLiteStore
+from core.upstream import UpstreamFailure
+from gateway.route_table import RouteTable
+from gateway.training.swap import SwapError, Swapper, validate_adapter_dir
 from gateway.upstream.student import VLLMStudent
-from trainer.registry import CandidateVersion, Registry
-from trainer.swap import SwapError, Swapper, validate_adapter_dir
 
 pytestmark = pytest.mark.integration
 

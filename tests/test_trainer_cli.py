@@ -13,10 +13,10 @@ import pytest
 import yaml
 from fastapi import FastAPI, Request
 
-from gateway.store import SQLiteStore
+from cli.training import register
+from core.registry import CandidateVersion, Registry
+from core.store import SQLiteStore
 from tests.servers import UvicornThread
-from trainer.cli_training import register
-from trainer.registry import CandidateVersion, Registry
 from trainer.seed import seed_teacher_answers
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import parse_settings
-from gateway.prompting import student_messages
-from gateway.store import SQLiteStore
+from core.config import parse_settings
+from core.prompting import student_messages
+from core.store import SQLiteStore
 from trainer.dataset import (
     build_dataset,
     count_new_examples,

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from gateway.config import Settings
-from gateway.store import SQLiteStore
-from trainer.schedule import TrainingScheduler
+from core.config import Settings
+from core.store import SQLiteStore
+from gateway.training.schedule import TrainingScheduler
 
 
 class RecordingSwapper:

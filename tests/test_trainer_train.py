@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from gateway.config import Settings, parse_settings
-from gateway.store import SQLiteStore
+from core.config import Settings, parse_settings
+from core.registry import Registry
+from core.store import SQLiteStore
 from trainer.dataset import Example
 from trainer.pipeline import Trainer
-from trainer.registry import Registry
 from trainer.seed import seed_teacher_answers
 
 ROUTE = "clinc-intents"
@@ -151,7 +151,7 @@ def test_logit_distillation_on_aligned_teacher_tokens(tmp_path: Path, student_ba
 
 
 def test_gate_minimum_and_tolerance() -> None:
-    from gateway.config import GateConfig
+    from core.config import GateConfig
     from trainer.evaluate import EvalResult, gate
 
     def result(agreement: float) -> EvalResult:
@@ -166,7 +166,7 @@ def test_gate_minimum_and_tolerance() -> None:
 
 
 def test_served_agreement_gate_needs_a_served_share() -> None:
-    from gateway.config import GateConfig
+    from core.config import GateConfig
     from trainer.evaluate import EvalResult, gate
 
     def result(share: float, agreement: float) -> EvalResult:

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.config import RouteConfig
-from gateway.prompting import student_messages, user_text
-from gateway.store import Store
+from core.answers import normalize_answer, strip_reasoning
+from core.config import RouteConfig
+from core.prompting import student_messages, user_text
+from core.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ _REFUSAL = re.compile(
     r"as an ai( language model)?,? i)",
     re.IGNORECASE,
 )
-_THINK = re.compile(r"<think>.*?</think>\s*", re.DOTALL | re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -65,16 +65,6 @@ class Dataset:
     def summary(self) -> dict[str, Any]:
         return {"route": self.route, "train": len(self.train), "holdout": len(self.holdout),
                 "dropped": dict(self.dropped), "newest_at": self.newest_at}
-
-
-def normalize_answer(text: str) -> str:
-    """Comparison key for answers: single spaces, no surrounding quotes/periods, case-folded."""
-    return " ".join(text.split()).strip(" .\"'`").casefold()
-
-
-def strip_reasoning(text: str) -> str:
-    """The answer without ``<think>…</think>`` reasoning (rationale targets; stripping at serving)."""
-    return _THINK.sub("", text).strip()
 
 
 def holdout_score(prompt_text: str) -> float:

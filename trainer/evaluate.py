@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.config import GateConfig
-from trainer.dataset import Example, normalize_answer, strip_reasoning
+from core.answers import answers_agree, normalize_answer, strip_reasoning
+from core.config import GateConfig
+from trainer.dataset import Example
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def score_answers(examples: Sequence[Example], answers: Sequence[str], labels: C
                   wall_s: float) -> EvalResult:
     """Agreement and validity of ``answers`` against the teacher's answers in ``examples``."""
     label_set = {normalize_answer(label) for label in labels} if labels is not None else None
-    agree = sum(normalize_answer(strip_reasoning(answer)) == normalize_answer(strip_reasoning(example.answer))
+    agree = sum(answers_agree(answer, example.answer)
                 for example, answer in zip(examples, answers, strict=True))
     valid = sum(is_valid(answer, label_set, example.json_request)
                 for example, answer in zip(examples, answers, strict=True))

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gateway.config import RouteConfig, Settings
-from gateway.store import Store
+from core.config import RouteConfig, Settings
+from core.registry import CandidateVersion, Registry
+from core.store import Store
 from trainer.dataset import Dataset, build_dataset, labels_for_route
-from trainer.registry import CandidateVersion, Registry
 
 logger = logging.getLogger(__name__)
 

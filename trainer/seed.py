@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-from gateway.store import Store
+from core.store import Store
 
 APP_SYSTEM_PROMPT = "You are the intent classifier of a bank's assistant. Answer with the intent label only."
 

@@ -31,7 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from gateway.config import RouteConfig
+from core.config import RouteConfig
 from trainer.dataset import Example
 from trainer.distill import DistillTargets, align_teacher_logprobs, distill_loss
 

@@ -14,15 +14,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from core.prompting import student_messages
+from core.store import BatchWriter
+from core.upstream import Completion, StudentBackend, TeacherClient, UpstreamFailure
 from gateway.chat import shapes
 from gateway.chat.protocol import ChatCompletionRequest
 from gateway.chat.record import RequestRecord, estimate_tokens
 from gateway.errors import UpstreamError, UpstreamTimeout, gateway_error_body
-from gateway.prompting import student_messages
 from gateway.redact import redact_request
-from gateway.routes import RouteState, RouteTable
-from gateway.store import BatchWriter
-from gateway.upstream.base import Completion, StudentBackend, TeacherClient, UpstreamFailure
+from gateway.route_table import RouteState, RouteTable
 from gateway.upstream.breaker import StudentBreaker
 from router.decision import Decision, Router
 

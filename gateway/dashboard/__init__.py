@@ -1,1 +1,1 @@
-"""Operators' dashboard: server-rendered pages over ``gateway.reporting`` (see routes.py)."""
+"""Operators' dashboard: server-rendered pages over ``core.store.reporting`` (see routes.py)."""

@@ -1,4 +1,4 @@
-"""The dashboard's view models: plain dicts built from ``gateway.reporting`` and the live
+"""The dashboard's view models: plain dicts built from ``core.store.reporting`` and the live
 route table, ready for the templates. Blocking store reads; callers run them in a thread."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ import json
 import time
 from typing import Any
 
-from gateway import reporting
-from gateway.routes import RouteState, RouteTable
+from core.store import reporting
+from gateway.route_table import RouteState, RouteTable
+from router.calibration import route_calibration
 
 WINDOWS = ("1h", "24h", "7d", "30d", "all")
 DEFAULT_WINDOW = "7d"
@@ -54,7 +55,7 @@ def route_page(store: Any, state: RouteState, since: str) -> dict[str, Any]:
     [summary] = [s for s in reporting.route_summaries(store, [route], since_s) if s.route == route]
     live = _live(state)
     series = reporting.cost_series(store, route, since_s)
-    calibration = reporting.route_calibration(store, route, live["ood_threshold"], since_s)
+    calibration = route_calibration(store, route, live["ood_threshold"], since_s)
     latency_rows = [{"target": target, **values} for target, values in sorted(summary.latency_ms.items())
                     if target != "all"]
     chart_data = {

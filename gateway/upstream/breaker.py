@@ -28,8 +28,8 @@ import logging
 import time
 from typing import Any
 
-from gateway.config import BreakerConfig
-from gateway.upstream.base import StudentBackend, UpstreamFailure
+from core.config import BreakerConfig
+from core.upstream import StudentBackend, UpstreamFailure
 
 logger = logging.getLogger(__name__)
 

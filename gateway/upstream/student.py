@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from gateway.upstream.base import Completion, UpstreamFailure
+from core.upstream import Completion, UpstreamFailure
 
 
 class VLLMStudent:

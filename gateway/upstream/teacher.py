@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import openai
 
-from gateway.config import TeacherConfig
-from gateway.upstream.base import Completion, UpstreamFailure
+from core.config import TeacherConfig
+from core.upstream import Completion, UpstreamFailure
 
 logger = logging.getLogger(__name__)
 

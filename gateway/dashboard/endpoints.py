@@ -19,10 +19,10 @@ import jinja2
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
+from core.store.reporting import parse_since
 from gateway.auth import ADMIN_COOKIE, admin_session_value, constant_time_in, key_id, require_admin
 from gateway.dashboard import views
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
-from gateway.reporting import parse_since
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ STATIC_TYPES = {
 }
 SESSION_MAX_AGE_S = 12 * 3600
 
-router = APIRouter(prefix="/dashboard", include_in_schema=False)
+endpoints = APIRouter(prefix="/dashboard", include_in_schema=False)
 
 
 # -- rendering -------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def _since(request: Request) -> str:
 
 
 # -- pages -----------------------------------------------------------------------------------
-@router.get("")
+@endpoints.get("")
 async def index(request: Request) -> Response:
     token = request.query_params.get("token")
     if token:
@@ -130,20 +130,20 @@ async def index(request: Request) -> Response:
     return _page("index.html", **context)
 
 
-@router.post("/login")
+@endpoints.post("/login")
 async def login(request: Request) -> Response:
     form = parse_qs((await request.body()).decode("utf-8", errors="replace"))
     return _sign_in(request, form.get("token", [""])[0], form.get("next", ["/dashboard"])[0])
 
 
-@router.post("/logout")
+@endpoints.post("/logout")
 async def logout() -> Response:
     response = RedirectResponse("/dashboard", status_code=303)
     response.delete_cookie(ADMIN_COOKIE, path="/")
     return response
 
 
-@router.get("/routes/{route}")
+@endpoints.get("/routes/{route}")
 async def route_page(route: str, request: Request) -> Response:
     token = request.query_params.get("token")
     if token:
@@ -156,7 +156,7 @@ async def route_page(route: str, request: Request) -> Response:
     return _page("route.html", **context)
 
 
-@router.get("/static/{name}")
+@endpoints.get("/static/{name}")
 async def static_file(name: str) -> FileResponse:
     media_type = STATIC_TYPES.get(name)
     if media_type is None:

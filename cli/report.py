@@ -11,14 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway import reporting
-from gateway.config import ConfigError, Settings, load_settings
+from core.config import ConfigError, Settings, load_settings
+from core.store import reporting
 
 logger = logging.getLogger(__name__)
 
 
 def _open_store(settings: Settings) -> Any:
-    from gateway.store import SQLiteStore
+    from core.store import SQLiteStore
 
     path = Path(settings.store.path)
     # A report must not create a database as a side effect: no file yet reads as an empty store.

@@ -38,8 +38,3 @@ def student_messages(system_prompt: str, messages: list[dict[str, Any]]) -> list
     if system_prompt:
         return [{"role": "system", "content": system_prompt}, *conversation]
     return conversation
-
-
-def normalize_answer(text: str) -> str:
-    """The comparison form of an answer for agreement: trimmed, lower-case, single spaces."""
-    return " ".join(text.strip().lower().split())

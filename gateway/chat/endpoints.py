@@ -16,7 +16,7 @@ from gateway.chat.service import ChatService
 from gateway.error_handlers import validation_error
 from gateway.errors import InvalidRequest, PayloadTooLarge
 
-router = APIRouter()
+endpoints = APIRouter()
 
 REQUEST_SCHEMA: dict[str, Any] = {
     "requestBody": {
@@ -77,7 +77,7 @@ def parse_chat_request(payload: Any, max_tokens_limit: int) -> ChatCompletionReq
     return chat_request
 
 
-@router.post("/v1/chat/completions", openapi_extra=REQUEST_SCHEMA, response_model=None)
+@endpoints.post("/v1/chat/completions", openapi_extra=REQUEST_SCHEMA, response_model=None)
 async def chat_completions(
     request: Request, client_key_id: str | None = Depends(require_client)
 ) -> JSONResponse | StreamingResponse:

@@ -79,19 +79,17 @@ def _file_pairs(path: Path) -> list[tuple[float, int]]:
 
 def _costs(store: Any, route: str) -> tuple[float, float]:
     """Average teacher and student cost per request from the request log (1, 0 when unknown)."""
-    rows = store.query(
-        "select avg(teacher_cost_usd) as teacher, "
-        "avg(case when target = 'student' then cost_usd end) as student "
-        "from requests where route = ? and status_code = 200", [route])
-    teacher, student = (rows[0]["teacher"], rows[0]["student"]) if rows else (None, None)
+    from core.store.reporting import average_costs
+
+    teacher, student = average_costs(store, route)
     if not teacher:
         return 1.0, 0.0
     return float(teacher), float(student or 0.0)
 
 
 def calibrate_command(args: argparse.Namespace) -> int:
-    from gateway.config import settings_for_command
-    from gateway.store import SQLiteStore
+    from core.config import settings_for_command
+    from core.store import SQLiteStore
     from router.calibration import calibrate, plot
 
     settings = settings_for_command(args.config, args.route)

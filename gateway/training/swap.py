@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from gateway.config import RouteConfig
-from gateway.prompting import student_messages
-from gateway.routes import BASE_MODEL_VERSION, StudentPointer, adapter_name
-from gateway.upstream.base import UpstreamFailure
-from trainer.registry import ROLLED_BACK_NOTE, CandidateVersion, Registry, VersionStore
+from core.config import RouteConfig
+from core.prompting import student_messages
+from core.registry import ROLLED_BACK_NOTE, CandidateVersion, Registry, VersionStore
+from core.upstream import UpstreamFailure
+from gateway.route_table import BASE_MODEL_VERSION, StudentPointer, adapter_name
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class LiveRouteState(Protocol):
 
 
 class LiveRoutes(Protocol):
-    """The gateway's live route pointers (``gateway.routes.RouteTable`` fits)."""
+    """The gateway's live route pointers (``gateway.route_table.RouteTable`` fits)."""
 
     def get(self, name: str) -> Any: ...
 

@@ -13,12 +13,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from gateway.config import Settings
-from gateway.routes import RouteTable
-from gateway.store import Store
-from gateway.upstream.base import StudentBackend
-from trainer.schedule import TrainingScheduler
-from trainer.swap import Swapper
+from core.config import Settings
+from core.store import Store
+from core.upstream import StudentBackend
+from gateway.route_table import RouteTable
+from gateway.training.schedule import TrainingScheduler
+from gateway.training.swap import Swapper
 
 logger = logging.getLogger(__name__)
 

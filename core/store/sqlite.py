@@ -13,7 +13,7 @@ from typing import Any
 
 import sqlite_utils
 
-from gateway.store.migrations import migrate
+from core.store.migrations import migrate
 
 VERSION_STATUSES = ("candidate", "live", "retired", "rejected", "failed")
 
@@ -167,3 +167,16 @@ class SQLiteStore:
     def close(self) -> None:
         with self._lock:
             self.db.conn.close()
+
+
+class ReadOnlyStore:
+    """A read-only view of a store file another process writes (the demo, while the gateway
+    runs): reporting queries only, never a migration or a write."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def query(self, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        with contextlib.closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)) as connection:
+            connection.row_factory = sqlite3.Row
+            return [dict(row) for row in connection.execute(sql, params)]

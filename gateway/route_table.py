@@ -17,10 +17,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.config import RouteConfig, RouteMode, Settings
+from core.config import RouteConfig, Settings
+from core.modes import Mode
+from core.store import Store
 from gateway.errors import InvalidRequest, RouteNotFound
-from gateway.store import Store
-from router.decision import Mode, RoutePolicy
+from router.decision import RoutePolicy
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class RouteOverrides(BaseModel):
     ood_threshold: float | None = Field(None, ge=0)
     confidence_threshold: float | None = None
     shadow_rate: float | None = Field(None, ge=0, le=1)
-    mode: RouteMode | None = None
+    mode: Mode | None = None
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class RouteState:
     def policy(self) -> RoutePolicy:
         return RoutePolicy(
             route=self.config.name,
-            mode=Mode(RouteMode(self.setting("mode")).value),
+            mode=Mode(self.setting("mode")),
             ood_threshold=float(self.setting("ood_threshold")),
             confidence_threshold=self.setting("confidence_threshold"),
             shadow_rate=float(self.setting("shadow_rate")),
@@ -114,7 +115,7 @@ class RouteTable:
             field = ".".join(str(part) for part in first["loc"])
             message = "unknown setting" if first["type"] == "extra_forbidden" else first["msg"]
             raise InvalidRequest(f"{field}: {message}", param=field) from None
-        applied = {key: (value.value if isinstance(value, RouteMode) else value)
+        applied = {key: (value.value if isinstance(value, Mode) else value)
                    for key, value in validated.model_dump(exclude_unset=True).items()}
         if not applied:
             raise InvalidRequest("no setting to change: send one of " + ", ".join(RouteOverrides.model_fields))

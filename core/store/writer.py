@@ -5,7 +5,7 @@ than drop a row. One task drains the queue in batches and writes each batch in a
 thread. A failed batch is retried with backoff until it is written or the writer closes
 (then the rows are reported as unwritten in the log, loudly).
 
-With a :class:`~gateway.store.spool.Spool`, ``log`` first appends the row to the spool, so
+With a :class:`~core.store.spool.Spool`, ``log`` first appends the row to the spool, so
 rows still queued when the process dies (or when close gives up) are replayed at the next
 start. A spool append that fails (disk full) is logged and counted; the row stays queued.
 """
@@ -18,7 +18,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from gateway.store.spool import Spool
+from core.store.spool import Spool
 
 logger = logging.getLogger(__name__)
 

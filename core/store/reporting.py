@@ -200,74 +200,13 @@ def cost_series(store: Queryable, route: str, since_s: float | None = None,
     return points
 
 
-@dataclass
-class CalibrationPoint:
-    threshold: float
-    student_share: float  # share of logged requests whose OOD score is at or under the threshold
-    expected_agreement: float | None  # shadow agreement among scored comparisons under it
-    shadow_samples: int
-
-
-def calibration_curve(request_scores: list[float], shadow: list[tuple[float, int]],
-                      thresholds: list[float]) -> list[CalibrationPoint]:
-    """Sweep thresholds: the student serves a request when its OOD score <= threshold, so
-    student share is the fraction of scores under it and the expected agreement is the mean
-    shadow agreement of the comparisons under it."""
-    request_scores = sorted(request_scores)
-    shadow = sorted(shadow)
-    points = []
-    for threshold in thresholds:
-        under = sum(1 for score in request_scores if score <= threshold)
-        agreed = [agree for score, agree in shadow if score <= threshold]
-        points.append(CalibrationPoint(
-            threshold=threshold,
-            student_share=under / len(request_scores) if request_scores else 0.0,
-            expected_agreement=sum(agreed) / len(agreed) if agreed else None,
-            shadow_samples=len(agreed),
-        ))
-    return points
-
-
-def threshold_range(request_scores: list[float], current: float) -> float:
-    """The slider's upper end: past every logged score and the current threshold."""
-    top = max([*request_scores, current, 0.0])
-    return round(max(1.0, top * 1.1), 3)
-
-
-def route_calibration(store: Queryable, route: str, current: float, since_s: float | None = None,
-                      steps: int = 50, target_agreement: float = 0.97, confidence: float = 0.95) -> dict[str, Any]:
-    """The calibration curve for the dashboard's threshold control: student share over every
-    scored request, expected agreement over the shadow comparisons, and, from
-    ``router.calibration``, the agreement lower bound and the certified recommended threshold
-    (same defaults as ``distillgate calibrate``)."""
+def calibration_scores(store: Queryable, route: str, since_s: float | None = None
+                       ) -> tuple[list[float], list[tuple[float, int]]]:
+    """The route's logged OOD scores, and its shadow comparisons as (score, agreed)."""
     start = window_start(since_s)
     scores = [row["router_score"] for row in store.query(_REQUEST_SCORES_SQL, [route, start])]
     shadow = [(row["router_score"], int(row["agree"] or 0)) for row in store.query(_SHADOW_SCORES_SQL, [route, start])]
-    top = threshold_range(scores, current)
-    thresholds = [round(top * step / steps, 6) for step in range(steps + 1)]
-    points = [asdict(point) for point in calibration_curve(scores, shadow, thresholds)]
-    result = {"max": top, "step": round(top / steps, 6), "scored_requests": len(scores),
-              "shadow_samples": len(shadow), "points": points, "recommended_threshold": None,
-              "target_agreement": target_agreement, "confidence": confidence, "note": ""}
-    if shadow:
-        result.update(_certified(shadow, points, target_agreement, confidence))
-    return result
-
-
-def _certified(shadow: list[tuple[float, int]], points: list[dict[str, Any]], target_agreement: float,
-               confidence: float) -> dict[str, Any]:
-    """The router's certified calibration (a lower confidence bound on agreement and the
-    recommended threshold) laid over the dashboard's sweep; nothing when it is unavailable."""
-    try:
-        from router.calibration import calibrate
-    except ImportError:  # the router package without its numeric extras: the plain sweep stands
-        return {}
-    result = calibrate(shadow, target_agreement=target_agreement, confidence=confidence)
-    curve = sorted(result.curve, key=lambda point: point.threshold)
-    for point in points:
-        under = [entry for entry in curve if entry.threshold <= point["threshold"]]
-        point["agreement_lcb"] = under[-1].agreement_lcb if under else None
-    return {"recommended_threshold": result.recommended_threshold, "note": result.note}
+    return scores, shadow
 
 
 def shadow_tally_since(store: Queryable, last_id: int) -> list[dict[str, Any]]:
@@ -279,3 +218,34 @@ def shadow_tally_since(store: Queryable, last_id: int) -> list[dict[str, Any]]:
 def training_tally(store: Queryable) -> list[dict[str, Any]]:
     """Training runs per route and outcome, with the last finish time."""
     return store.query(_TRAINING_TALLY_SQL)
+
+
+def total_costs(store: Queryable) -> tuple[float, float]:
+    """(actual cost, all-teacher cost) over every logged request."""
+    row = store.query("select coalesce(sum(cost_usd), 0.0) as cost, coalesce(sum(teacher_cost_usd), 0.0) as teacher "
+                      "from requests")[0]
+    return float(row["cost"]), float(row["teacher"])
+
+
+def average_costs(store: Queryable, route: str) -> tuple[float | None, float | None]:
+    """Average all-teacher cost per successful request, and average cost of a student-served one."""
+    rows = store.query(
+        "select avg(teacher_cost_usd) as teacher, avg(case when target = 'student' then cost_usd end) as student "
+        "from requests where route = ? and status_code = 200", [route])
+    return (rows[0]["teacher"], rows[0]["student"]) if rows else (None, None)
+
+
+def request_costs(store: Queryable) -> dict[str, float]:
+    """Each logged request's cost, by request id."""
+    return {row["id"]: row["cost_usd"] for row in store.query("select id, cost_usd from requests")}
+
+
+def loop_tally(store: Queryable) -> dict[str, Any]:
+    """The training loop's counts: shadow spend, training runs, promotions, and every version."""
+    shadow = store.query("select coalesce(sum(cost_usd), 0.0) as cost, count(*) as n from shadow_results")[0]
+    runs = store.query("select count(*) as n from training_runs")[0]["n"]
+    swaps = store.query("select count(*) as n from student_versions where promoted_at is not null")[0]["n"]
+    versions = store.query("select version, status, note, metrics_json, train_examples, created_at, promoted_at "
+                           "from student_versions order by created_at")
+    return {"shadow_cost_usd": float(shadow["cost"]), "shadow_requests": int(shadow["n"]),
+            "retrains": int(runs), "swaps": int(swaps), "versions": versions}

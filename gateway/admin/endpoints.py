@@ -8,12 +8,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from gateway.auth import require_admin
-from gateway.chat.routes import read_json_body
+from gateway.chat.endpoints import read_json_body
 from gateway.errors import Conflict, InvalidRequest, NotFound, Unavailable
-from gateway.routes import RouteTable
-from trainer.swap import SwapError
+from gateway.route_table import RouteTable
+from gateway.training.swap import SwapError
 
-router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+endpoints = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
 
 def _routes(request: Request) -> RouteTable:
@@ -26,17 +26,17 @@ def _version_view(row: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
-@router.get("/routes")
+@endpoints.get("/routes")
 async def list_routes(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [state.describe() for state in _routes(request)]}
 
 
-@router.get("/routes/{route}")
+@endpoints.get("/routes/{route}")
 async def get_route(route: str, request: Request) -> dict[str, Any]:
     return _routes(request).get(route).describe()
 
 
-@router.patch("/routes/{route}")
+@endpoints.patch("/routes/{route}")
 async def patch_route(route: str, request: Request, actor: str = Depends(require_admin)) -> dict[str, Any]:
     changes = await read_json_body(request)
     if not isinstance(changes, dict):
@@ -44,13 +44,13 @@ async def patch_route(route: str, request: Request, actor: str = Depends(require
     return _routes(request).update(route, changes, actor).describe()
 
 
-@router.get("/routes/{route}/audit")
+@endpoints.get("/routes/{route}/audit")
 async def route_audit(route: str, request: Request) -> dict[str, Any]:
     _routes(request).get(route)
     return {"object": "list", "data": request.app.state.store.route_audit(route)}
 
 
-@router.get("/routes/{route}/versions")
+@endpoints.get("/routes/{route}/versions")
 async def route_versions(route: str, request: Request) -> dict[str, Any]:
     _routes(request).get(route)
     return {"object": "list", "data": [_version_view(row) for row in request.app.state.store.versions(route)]}
@@ -63,7 +63,7 @@ def _swapper(request: Request) -> Any:
     return swapper
 
 
-@router.post("/routes/{route}/promote")
+@endpoints.post("/routes/{route}/promote")
 async def promote(route: str, request: Request) -> dict[str, Any]:
     _routes(request).get(route)
     payload = await read_json_body(request)
@@ -81,7 +81,7 @@ async def promote(route: str, request: Request) -> dict[str, Any]:
     return _routes(request).get(route).describe()
 
 
-@router.post("/routes/{route}/rollback")
+@endpoints.post("/routes/{route}/rollback")
 async def rollback(route: str, request: Request) -> dict[str, Any]:
     _routes(request).get(route)
     try:

@@ -24,9 +24,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from gateway.children import ROOT, Child, free_port, python_module
-from gateway.demo import report
-from gateway.demo.traffic import (
+from core.store import reporting
+from core.store.sqlite import ReadOnlyStore
+from harness.children import ROOT, Child, free_port, python_module
+from harness.demo import report
+from harness.demo.traffic import (
     Outcome,
     Query,
     app_system_prompt,
@@ -95,10 +97,7 @@ class LiveStats:
 
     def _cost(self) -> tuple[float, float]:
         try:
-            with sqlite3.connect(f"file:{self.store_path}?mode=ro", uri=True) as connection:
-                row = connection.execute("select coalesce(sum(cost_usd),0), coalesce(sum(teacher_cost_usd),0) "
-                                         "from requests").fetchone()
-            return float(row[0]), float(row[1])
+            return reporting.total_costs(ReadOnlyStore(self.store_path))
         except sqlite3.Error:
             return 0.0, 0.0
 
@@ -158,15 +157,11 @@ async def _references(teacher_url: str, queries: list[Query], options: DemoOptio
 
 
 def _store_figures(store_path: Path) -> dict[str, Any]:
-    with sqlite3.connect(f"file:{store_path}?mode=ro", uri=True) as connection:
-        costs = dict(connection.execute("select id, cost_usd from requests"))
-        shadow_cost = connection.execute("select coalesce(sum(cost_usd), 0), count(*) from shadow_results").fetchone()
-        runs = connection.execute("select count(*) from training_runs").fetchone()[0]
-        swaps = connection.execute("select count(*) from student_versions where promoted_at is not null").fetchone()[0]
-        versions = [_version_summary(*row) for row in connection.execute(
-            "select version, status, note, metrics_json, train_examples from student_versions order by created_at")]
-    return {"costs": costs, "shadow_cost_usd": float(shadow_cost[0]), "shadow_requests": int(shadow_cost[1]),
-            "retrains": int(runs), "swaps": int(swaps), "versions": versions}
+    store = ReadOnlyStore(store_path)
+    tally = reporting.loop_tally(store)
+    versions = [_version_summary(row["version"], row["status"], row["note"], row["metrics_json"],
+                                 row["train_examples"]) for row in tally.pop("versions")]
+    return {"costs": reporting.request_costs(store), **tally, "versions": versions}
 
 
 def _version_summary(version: str, status: str, note: str | None, metrics_json: str | None,
@@ -182,12 +177,12 @@ def _start_stack(options: DemoOptions, console: Console) -> tuple[list[Child], s
     config_path = options.out / "demo.yaml"
     config_path.write_text(yaml.safe_dump(demo_config(options, gateway_port, teacher_port, vllm_port)))
     reference = Child(
-        python_module("gateway.cli", "--log-level", "WARNING", "replay-teacher", "--dataset", str(options.dataset),
+        python_module("cli.main", "--log-level", "WARNING", "replay-teacher", "--dataset", str(options.dataset),
                       "--port", str(reference_port), "--accuracy", str(options.teacher_accuracy),
                       "--seed", str(options.seed)),
         f"http://127.0.0.1:{reference_port}/health", options.out / "logs" / "reference-teacher.log")
     gateway = Child(
-        python_module("gateway.cli", "serve", "--config", str(config_path), "--log-dir", str(options.out / "logs")),
+        python_module("cli.main", "serve", "--config", str(config_path), "--log-dir", str(options.out / "logs")),
         f"http://127.0.0.1:{gateway_port}/healthz", options.out / "logs" / "gateway.log",
         env={"DISTILLGATE_ADMIN_TOKEN": "demo-admin-token"})
     console.log("starting the gateway (it starts the replay teacher and vLLM)")
@@ -237,7 +232,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
     (options.out / "distillgate.db").unlink(missing_ok=True)
     result = asyncio.run(_run(options, console))
     (options.out / "report.json").write_text(json.dumps(result, indent=2))
-    from gateway.demo.plot import plot_savings
+    from harness.demo.plot import plot_savings
 
     plot_savings(result, options.out / "savings.png")
     return result

@@ -1,7 +1,7 @@
 """Persistence: the ``Store`` seam, its SQLite implementation and the batched writer."""
 
-from gateway.store.base import Store
-from gateway.store.sqlite import SQLiteStore
-from gateway.store.writer import BatchWriter
+from core.store.base import Store
+from core.store.sqlite import SQLiteStore
+from core.store.writer import BatchWriter
 
 __all__ = ["BatchWriter", "SQLiteStore", "Store"]

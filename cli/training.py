@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from gateway.config import Settings, settings_for_command
+from core.config import Settings, settings_for_command
 
 
 def register(subparsers: Any) -> None:
@@ -47,7 +47,7 @@ def _register_train(subparsers: Any) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from gateway.store import SQLiteStore
+    from core.store import SQLiteStore
     from trainer.pipeline import NotEnoughData, Trainer
 
     settings = _settings(args)
@@ -83,8 +83,8 @@ def _register_versions(subparsers: Any) -> None:
 
 
 def _run_versions(args: argparse.Namespace) -> int:
-    from gateway.store import SQLiteStore
-    from trainer.registry import Registry
+    from core.registry import Registry
+    from core.store import SQLiteStore
 
     settings = _settings(args)
     if settings is None:

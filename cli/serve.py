@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.config import Settings, settings_for_command
+from core.config import Settings, settings_for_command
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def _start_replay_teacher(settings: Settings, log_dir: Path) -> subprocess.Popen
     if options is None or not options.launch:
         return None
     command = [
-        sys.executable, "-m", "gateway.cli", "replay-teacher",
+        sys.executable, "-m", "cli.main", "replay-teacher",
         "--dataset", str(options.dataset), "--port", str(options.port),
         "--latency-ms", str(options.latency_ms), "--latency-jitter-ms", str(options.latency_jitter_ms),
         "--error-rate", str(options.error_rate), "--accuracy", str(options.accuracy), "--seed", str(options.seed),
@@ -51,7 +51,7 @@ def _ensure_student_base(config_path: Path, settings: Settings) -> None:
     route = settings.routes[0].name
     logger.info("building the student base model", extra={"dir": str(model_dir), "route": route})
     subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "init-student", "--config", str(config_path), "--route", route,
+        [sys.executable, "-m", "cli.main", "init-student", "--config", str(config_path), "--route", route,
          "--out", str(model_dir)],
         check=True,
     )

@@ -1,4 +1,4 @@
-"""The ``distillgate`` command. Each command lives beside the code it drives.
+"""The ``distillgate`` command. One module per command group in ``cli/``.
 
 A command module exposes ``register(subparsers)`` which adds its sub-command with
 ``set_defaults(func=...)``; ``func(args)`` returns the exit status. Command modules keep
@@ -14,13 +14,12 @@ import logging
 import sys
 
 COMMAND_MODULES = [
-    "gateway.commands",
-    "gateway.replay_teacher",
-    "gateway.demo.command",
-    "gateway.report",
-    "router.cli",
-    "trainer.cli",
-    "trainer.cli_training",
+    "cli.serve",
+    "cli.harness",
+    "cli.report",
+    "cli.router",
+    "cli.student",
+    "cli.training",
 ]
 
 

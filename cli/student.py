@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.config import ConfigError, RouteConfig, Settings, load_settings
+from core.config import ConfigError, RouteConfig, Settings, load_settings
 
 logger = logging.getLogger(__name__)
 

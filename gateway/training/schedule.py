@@ -3,7 +3,7 @@
 Each tick checks whether at least ``training.min_new_examples`` teacher answers arrived
 since the route's last training run; if so it runs ``distillgate train`` in a child process
 (training must not take CPU time or the GIL from the gateway's request handling) and, when
-the candidate passed the gate, promotes it through the :class:`~trainer.swap.Swapper`.
+the candidate passed the gate, promotes it through the :class:`~gateway.training.swap.Swapper`.
 ``max_instances=1`` and ``coalesce=True``: one run per route at a time, missed ticks merge.
 
 No torch here: the gateway imports this module at startup.
@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.config import RouteConfig, Settings
-from gateway.store import Store
+from core.config import RouteConfig, Settings
+from core.store import Store
+from gateway.training.swap import SwapError, Swapper
 from trainer.dataset import count_new_examples
-from trainer.swap import SwapError, Swapper
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class TrainingScheduler:
         return {"action": "promoted", "version": swap.version, "previous": swap.previous}
 
     def command(self, route: str) -> list[str]:
-        return [self.python, "-m", "gateway.cli", "train", "--config", self.config_path, "--route", route,
+        return [self.python, "-m", "cli.main", "train", "--config", self.config_path, "--route", route,
                 "--json", "--no-progress", *self.extra_args]
 
     async def train_in_subprocess(self, route: str) -> dict[str, Any] | None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import re
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from core.modes import Mode
 
 ROUTE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -25,13 +26,6 @@ class ConfigError(Exception):
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class RouteMode(str, Enum):
-    auto = "auto"
-    teacher_only = "teacher_only"
-    student_only = "student_only"
-    shadow = "shadow"
 
 
 class Prices(StrictModel):
@@ -213,7 +207,7 @@ class RedactConfig(StrictModel):
 
 class RouteConfig(StrictModel):
     name: str
-    mode: RouteMode = RouteMode.auto
+    mode: Mode = Mode.auto
     teacher: TeacherConfig
     student: StudentConfig = StudentConfig()
     labels_dataset: Path | None = Field(

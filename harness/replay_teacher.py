@@ -39,13 +39,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.prompting import content_text, user_text
+from core.answers import normalize_answer
+from core.prompting import content_text, user_text
 
 logger = logging.getLogger(__name__)
 
 OUT_OF_SCOPE = "oos"
 OWNED_BY = "distillgate-replay-teacher (stand-in for a frontier API)"
-_PUNCTUATION = " \t\n\r.,!?;:'\"`()[]{}"
 
 
 class ReplayOptions(BaseModel):
@@ -78,11 +78,6 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
-def normalize(text: str) -> str:
-    """Lookup key: lower case, single spaces, no surrounding punctuation."""
-    return " ".join(text.lower().split()).strip(_PUNCTUATION)
-
-
 def _unit_hash(*parts: object) -> float:
     """A number in [0, 1) that depends only on ``parts`` (stable across processes)."""
     digest = hashlib.sha256("\x1f".join(str(part) for part in parts).encode()).digest()
@@ -102,17 +97,17 @@ class LabelBook:
         answers: dict[str, str] = {}
         for split in splits.values():
             for utterance, intent in split:
-                answers.setdefault(normalize(utterance), intent)
+                answers.setdefault(normalize_answer(utterance), intent)
         logger.info("replay teacher dataset loaded", extra={"dataset": str(path), "utterances": len(answers)})
         return cls(answers)
 
     def true_label(self, utterance: str) -> str:
-        return self.answers.get(normalize(utterance), OUT_OF_SCOPE)
+        return self.answers.get(normalize_answer(utterance), OUT_OF_SCOPE)
 
     def answer(self, utterance: str, accuracy: float, seed: int) -> str:
         """The true label, or with probability ``1 - accuracy`` a wrong one, fixed per (seed, utterance)."""
         truth = self.true_label(utterance)
-        key = normalize(utterance)
+        key = normalize_answer(utterance)
         if _unit_hash(seed, "wrong?", key) < accuracy or len(self.labels) < 2:
             return truth
         others = [label for label in self.labels if label != truth]
@@ -301,29 +296,3 @@ def serve_replay_teacher(options: ReplayOptions, host: str = "127.0.0.1", port: 
 
 
 # -- the ``distillgate replay-teacher`` command ------------------------------------------------
-def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "replay-teacher", help="serve the replay teacher, a stand-in for a frontier API (offline)"
-    )
-    parser.add_argument("--dataset", type=Path, default=Path("data/clinc150/data_full.json"),
-                        help="CLINC150-format JSON: splits of [utterance, intent]")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8200)
-    parser.add_argument("--model-name", default="replay-teacher")
-    parser.add_argument("--latency-ms", type=float, default=0.0, help="mean delay before answering")
-    parser.add_argument("--latency-jitter-ms", type=float, default=0.0,
-                        help="standard deviation of the (lognormal) delay")
-    parser.add_argument("--error-rate", type=float, default=0.0, help="share of calls answered 500/429")
-    parser.add_argument("--accuracy", type=float, default=1.0, help="share of utterances answered correctly")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=_run_command)
-
-
-def _run_command(args: Any) -> int:
-    options = ReplayOptions(
-        dataset=args.dataset, model_name=args.model_name, latency_ms=args.latency_ms,
-        latency_jitter_ms=args.latency_jitter_ms, error_rate=args.error_rate,
-        accuracy=args.accuracy, seed=args.seed,
-    )
-    serve_replay_teacher(options, host=args.host, port=args.port)
-    return 0

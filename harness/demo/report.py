@@ -6,7 +6,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.demo.traffic import Outcome
+from harness.demo.traffic import Outcome
 
 # CLINC150 paper (Larson et al., 2019), Table 2, "Full" dataset rows, for comparison.
 PAPER_ROWS = {

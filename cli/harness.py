@@ -1,0 +1,66 @@
+"""The harness commands: ``demo`` (the whole loop, measured) and ``replay-teacher`` (the
+stand-in for a frontier API). Their modules are imported only when a command runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _run_demo(args: Any) -> int:
+    from rich.console import Console
+
+    from harness.demo.runner import DemoOptions, run_demo
+
+    overrides = {key: value for key, value in (("requests", args.requests), ("out", args.out)) if value is not None}
+    options = DemoOptions.quick_defaults(**overrides) if args.quick else DemoOptions(**overrides)
+    console = Console()
+    result = run_demo(options, console)
+    console.print_json(json.dumps({"overall": result["overall"], "heldout": result["heldout"],
+                                   "goals": result["goals"]}))
+    console.print(f"wrote {options.out / 'report.json'} and {options.out / 'savings.png'}")
+    return 0 if result["overall"]["failed_requests"] == 0 else 1
+
+
+def _register_demo(subparsers: Any) -> None:
+    parser = subparsers.add_parser("demo", help="the whole loop on CLINC150 traffic, measured")
+    parser.add_argument("--requests", type=int, default=None, help="stream length (default 10000; quick 2000)")
+    parser.add_argument("--quick", action="store_true", help="a short run (under 10 minutes); what CI runs")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default var/demo)")
+    parser.set_defaults(func=_run_demo)
+
+
+def _register_replay_teacher(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "replay-teacher", help="serve the replay teacher, a stand-in for a frontier API (offline)"
+    )
+    parser.add_argument("--dataset", type=Path, default=Path("data/clinc150/data_full.json"),
+                        help="CLINC150-format JSON: splits of [utterance, intent]")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8200)
+    parser.add_argument("--model-name", default="replay-teacher")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="mean delay before answering")
+    parser.add_argument("--latency-jitter-ms", type=float, default=0.0,
+                        help="standard deviation of the (lognormal) delay")
+    parser.add_argument("--error-rate", type=float, default=0.0, help="share of calls answered 500/429")
+    parser.add_argument("--accuracy", type=float, default=1.0, help="share of utterances answered correctly")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=_run_replay_teacher)
+
+
+def _run_replay_teacher(args: Any) -> int:
+    from harness.replay_teacher import ReplayOptions, serve_replay_teacher
+
+    options = ReplayOptions(
+        dataset=args.dataset, model_name=args.model_name, latency_ms=args.latency_ms,
+        latency_jitter_ms=args.latency_jitter_ms, error_rate=args.error_rate,
+        accuracy=args.accuracy, seed=args.seed,
+    )
+    serve_replay_teacher(options, host=args.host, port=args.port)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    _register_demo(subparsers)
+    _register_replay_teacher(subparsers)
