@@ -80,9 +80,9 @@ def make_settings(args: argparse.Namespace, work: Path, base: Path) -> Settings:
         if getattr(args, key) is not None:
             training[key] = getattr(args, key)
     return parse_settings({
-        "store": {"path": str(work / "bench.db")},
+        "store": {"path": str(work / "bench.db")}, "vllm": {"model_dir": str(base)},
         "routes": [{"name": ROUTE, "teacher": {"model": "openai/replay-teacher"}, "labels_dataset": str(CLINC),
-                    "student": {"base_model": str(base), "system_prompt": SYSTEM_PROMPT},
+                    "student": {"system_prompt": SYSTEM_PROMPT},
                     "training": training, "gate": {"minimum": 0.0}}],
     })
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from core.config import ConfigError, Settings, load_settings
 from core.store import reporting
+from gateway.route_table import BASE_MODEL_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def _live_version(store: Any, settings: Settings, route: str) -> str | None:
     if live is not None:
         return live["version"]
     config = settings.route(route)
-    return "base" if config is not None and config.student.serve_base_model else None
+    return BASE_MODEL_VERSION if config is not None and config.student.serve_base_model else None
 
 
 def collect(settings: Settings, since_s: float | None) -> list[reporting.RouteSummary]:

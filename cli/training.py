@@ -39,7 +39,6 @@ def _register_train(subparsers: Any) -> None:
     _common(parser)
     parser.add_argument("--adapters-root", default="var/adapters", help="where versions' adapters are written")
     parser.add_argument("--max-steps", type=int, default=None, help="cap optimizer steps (smoke runs)")
-    parser.add_argument("--detector-kind", default=None, help="router OOD detector kind (default: the router's)")
     parser.add_argument("--no-detector", action="store_true", help="skip fitting the router's OOD detector")
     parser.add_argument("--json", action="store_true", help="print the new version as one JSON line")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (child processes, CI)")
@@ -56,7 +55,7 @@ def _run_train(args: argparse.Namespace) -> int:
     overrides = {"max_steps": args.max_steps} if args.max_steps else {}
     store = SQLiteStore(settings.store.path)
     try:
-        trainer = Trainer(settings, store, adapters_root=args.adapters_root, detector_kind=args.detector_kind,
+        trainer = Trainer(settings, store, adapters_root=args.adapters_root,
                           train_overrides=overrides, progress=not args.no_progress,
                           fit_detector=not args.no_detector)
         candidate = trainer.run(args.route)

@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from core.modes import Mode
 
+# The replay teacher's model id: a route naming it with no api_base talks to the launched one.
+REPLAY_TEACHER_MODEL = "openai/replay-teacher"
 ROUTE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -159,7 +161,9 @@ class TeacherConfig(StrictModel):
 
 
 class StudentConfig(StrictModel):
-    base_model: str = "var/models/base"
+    # Unset: the model vLLM serves (``vllm.model_dir``), the one place the base is named.
+    # Adapters are trained on this base and loaded onto the served one, so the two must agree.
+    base_model: str | None = None
     system_prompt: str = ""
     timeout_s: float = Field(10.0, gt=0)
     # What a student token costs to serve (hardware amortised); used for the savings figure.
@@ -213,6 +217,9 @@ class RouteConfig(StrictModel):
     labels_dataset: Path | None = Field(
         None, description="label route: valid answers are the labels in this CLINC150-format file"
     )
+    # The detector fixes the unit of ``ood_threshold`` (knn: cosine distance to the nearest
+    # training prompts; mahalanobis: squared distance), so both live on the route.
+    ood_detector: str = Field("knn", pattern="^(knn|mahalanobis)$")
     ood_threshold: float = Field(0.5, ge=0)
     confidence_threshold: float | None = None
     shadow_rate: float = Field(0.0, ge=0, le=1)
@@ -247,7 +254,29 @@ class Settings(StrictModel):
         unknown = sorted({route for key in self.auth.keys for route in key.routes or [] if route not in names})
         if unknown:
             raise ValueError(f"auth.keys names unknown routes: {', '.join(unknown)}")
+        for route in self.routes:
+            self._check_route(route)
         return self
+
+    def _check_route(self, route: RouteConfig) -> None:
+        """Cross-field facts: each is named once; a second mention must agree with the first."""
+        served_base = str(self.vllm.model_dir)
+        if route.student.base_model is None:
+            route.student.base_model = served_base
+        elif Path(route.student.base_model) != Path(served_base):
+            raise ValueError(f"route {route.name}: student.base_model {route.student.base_model!r} differs from "
+                             f"vllm.model_dir {served_base!r}; adapters must be trained on the base vLLM serves "
+                             "(leave student.base_model unset)")
+        if self.replay_teacher is not None and route.teacher.model == REPLAY_TEACHER_MODEL:
+            replay_base = f"http://127.0.0.1:{self.replay_teacher.port}/v1"
+            if route.teacher.api_base is None:
+                route.teacher.api_base = replay_base
+            elif self.replay_teacher.launch and route.teacher.api_base.rstrip("/") != replay_base:
+                raise ValueError(f"route {route.name}: teacher.api_base {route.teacher.api_base!r} is not the "
+                                 f"launched replay teacher ({replay_base}); leave it unset")
+        if route.gate.metric == "served_agreement" and route.confidence_threshold is None:
+            raise ValueError(f"route {route.name}: gate.metric served_agreement needs a confidence_threshold "
+                             "(the cascade decides what the student would serve)")
 
     def route(self, name: str) -> RouteConfig | None:
         return next((route for route in self.routes if route.name == name), None)

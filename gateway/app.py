@@ -92,49 +92,59 @@ async def _recovered_spool(settings: Settings, store: Store) -> Spool | None:
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Build the live objects; each is closed on the way out, in reverse order of start, also
+    when a later one fails to start (the exit stack unwinds only what was started)."""
     settings: Settings = app.state.settings
     components: Components = app.state.components
-    store = components.store or SQLiteStore(settings.store.path, busy_timeout_ms=settings.store.busy_timeout_ms)
+    async with contextlib.AsyncExitStack() as stack:
+        store = components.store
+        if store is None:
+            store = SQLiteStore(settings.store.path, busy_timeout_ms=settings.store.busy_timeout_ms)
+            stack.callback(store.close)
+        writer = await _start_writer(stack, settings, store)
+        shadow_writer = BatchWriter(store.insert_shadow_results, name="shadow_results")
+        shadow_writer.start()
+        stack.push_async_callback(shadow_writer.close)
+        student = components.student or _build_student(settings)
+        stack.push_async_callback(student.aclose)
+        teachers = components.teachers or _build_teachers(settings)
+        routes = RouteTable(settings, store)
+        router = components.router or _build_router(settings, store)
+        if components.router is None and hasattr(router, "close"):
+            stack.callback(router.close)
+        shadow = ShadowRunner(student, teachers, shadow_writer)
+        shadow.start()
+        stack.push_async_callback(shadow.close)
+        breaker = StudentBreaker(student, settings.vllm.breaker, probe_model=settings.vllm.served_model_name)
+        breaker.start()
+        stack.push_async_callback(breaker.close)
+        app.state.breaker = breaker
+        app.state.store, app.state.writer, app.state.routes = store, writer, routes
+        app.state.student, app.state.decider, app.state.shadow = student, router, shadow
+        metrics: GatewayMetrics = app.state.metrics
+        metrics.bind(store=store, routes=routes, writers=[writer, shadow_writer], shadow=shadow, breaker=breaker)
+        app.state.chat_service = ChatService(routes, router, student, teachers, writer, shadow,
+                                             [*components.observers, metrics.observe], breaker=breaker)
+        training = TrainingLoop(settings, store, student, routes, router, components.config_path)
+        app.state.training, app.state.swapper = training, training.swapper
+        training.start()
+        stack.push_async_callback(training.stop)
+        for startup in components.extra_startup:
+            await startup(app)
+        logger.info("gateway ready", extra={"routes": [route.name for route in settings.routes]})
+        yield
+        logger.info("gateway stopping", extra={"rows_written": writer.rows_written})
+
+
+async def _start_writer(stack: contextlib.AsyncExitStack, settings: Settings, store: Store) -> BatchWriter:
+    """The request log's batched writer, after the spool's replay; flushed last on the way out."""
     spool = await _recovered_spool(settings, store)
     writer = BatchWriter(store.insert_requests, batch_size=settings.store.batch_size,
                          flush_interval_s=settings.store.flush_interval_s, queue_max=settings.store.queue_max,
                          spool=spool)
-    shadow_writer = BatchWriter(store.insert_shadow_results, name="shadow_results")
-    student = components.student or _build_student(settings)
-    teachers = components.teachers or _build_teachers(settings)
-    routes = RouteTable(settings, store)
-    router = components.router or _build_router(settings, store)
-    shadow = ShadowRunner(student, teachers, shadow_writer)
-    breaker = StudentBreaker(student, settings.vllm.breaker, probe_model=settings.vllm.served_model_name)
-    app.state.breaker = breaker
-    app.state.store, app.state.writer, app.state.routes = store, writer, routes
-    app.state.student, app.state.decider, app.state.shadow = student, router, shadow
-    metrics: GatewayMetrics = app.state.metrics
-    metrics.bind(store=store, routes=routes, writers=[writer, shadow_writer], shadow=shadow, breaker=breaker)
-    app.state.chat_service = ChatService(routes, router, student, teachers, writer, shadow,
-                                         [*components.observers, metrics.observe], breaker=breaker)
-    training = TrainingLoop(settings, store, student, routes, router, components.config_path)
-    app.state.training, app.state.swapper = training, training.swapper
     writer.start()
-    shadow_writer.start()
-    shadow.start()
-    breaker.start()
-    training.start()
-    for startup in components.extra_startup:
-        await startup(app)
-    logger.info("gateway ready", extra={"routes": [route.name for route in settings.routes]})
-    try:
-        yield
-    finally:
-        await training.stop()
-        await breaker.close()
-        await shadow.close()
-        await writer.close()
-        await shadow_writer.close()
-        await student.aclose()
-        if components.store is None:
-            store.close()
-        logger.info("gateway stopped", extra={"rows_written": writer.rows_written})
+    stack.push_async_callback(writer.close)
+    return writer
 
 
 def create_app(settings: Settings, components: Components | None = None) -> FastAPI:

@@ -94,7 +94,7 @@ class RouteTable:
         # loop restores it at start); until then the route serves from the teacher.
         for state in self._routes.values():
             if state.config.student.serve_base_model:
-                state.student = StudentPointer(BASE_MODEL_VERSION, "base")
+                state.student = StudentPointer(BASE_MODEL_VERSION, settings.vllm.served_model_name)
 
     def get(self, name: str) -> RouteState:
         state = self._routes.get(name)

@@ -90,11 +90,12 @@ def test_init_student_command_builds_into_the_routes_base_model(tmp_path: Path) 
 
     config = tmp_path / "config.yaml"
     config.write_text(
+        f"vllm: {{model_dir: {tmp_path / 'models' / 'intents'}}}\n"
         "routes:\n"
         "  - name: intents\n"
         f"    labels_dataset: {CLINC}\n"
         "    teacher: {model: openai/replay-teacher}\n"
-        f"    student: {{base_model: {tmp_path / 'models' / 'intents'}, pretrain_steps: 5}}\n"
+        "    student: {pretrain_steps: 5}\n"
     )
     assert main(["init-student", "--config", str(config), "--route", "intents"]) == 0
     assert is_complete(tmp_path / "models" / "intents")

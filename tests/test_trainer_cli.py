@@ -35,8 +35,9 @@ def config(tmp_path: Path, student_base_dir: Path, clinc_path: Path) -> Path:
     data = {
         "store": {"path": str(tmp_path / "db.sqlite")},
         "server": {"port": 8999},
+        "vllm": {"model_dir": str(student_base_dir)},
         "routes": [{"name": ROUTE, "teacher": {"model": "openai/replay-teacher"}, "labels_dataset": str(clinc_path),
-                    "student": {"base_model": str(student_base_dir), "system_prompt": "Intent label:"},
+                    "student": {"system_prompt": "Intent label:"},
                     "training": {"holdout_fraction": 0.2}}],
     }
     path = tmp_path / "config.yaml"

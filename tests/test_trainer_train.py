@@ -30,9 +30,9 @@ def _pairs(clinc_path: Path, per_intent: int) -> list[tuple[str, str]]:
 
 def _settings(tmp: Path, base: Path, clinc_path: Path, **training: Any) -> Settings:
     return parse_settings({
-        "store": {"path": str(tmp / "db.sqlite")},
+        "store": {"path": str(tmp / "db.sqlite")}, "vllm": {"model_dir": str(base)},
         "routes": [{"name": ROUTE, "teacher": {"model": "openai/replay-teacher"}, "labels_dataset": str(clinc_path),
-                    "student": {"base_model": str(base), "system_prompt": "Intent label:"},
+                    "student": {"system_prompt": "Intent label:"},
                     "training": {"holdout_fraction": 0.2, "epochs": 15, "learning_rate": 3e-3, **training},
                     "gate": {"minimum": 0.3, "tolerance": 0.02}}],
     })

@@ -30,7 +30,7 @@ class NotEnoughData(Exception):
 class Trainer:
     def __init__(self, settings: Settings, store: Store, *, adapters_root: str | Path = "var/adapters",
                  min_train_examples: int = 20, min_holdout_examples: int = 5,
-                 detector_kind: str | None = None, embedder_factory: Callable[[], Any] | None = None,
+                 embedder_factory: Callable[[], Any] | None = None,
                  train_overrides: dict[str, Any] | None = None, progress: bool = True,
                  fit_detector: bool = True, keep_reasoning: bool = False) -> None:
         self.settings = settings
@@ -39,7 +39,6 @@ class Trainer:
         self.adapters_root = Path(adapters_root)
         self.min_train_examples = min_train_examples
         self.min_holdout_examples = min_holdout_examples
-        self.detector_kind = detector_kind
         self.embedder_factory = embedder_factory
         self.train_overrides = train_overrides or {}
         self.progress = progress
@@ -121,14 +120,14 @@ class Trainer:
         if not self.fit_detector:
             return None
         try:
-            from router.ood import DEFAULT_DETECTOR, fit_detector_for_texts
+            from router.ood import fit_detector_for_texts
         except ImportError:
             logger.warning("router.ood is unavailable; this version has no OOD detector", extra={"route": config.name})
             return None
         embedder = self.embedder_factory() if self.embedder_factory else _default_embedder()
         texts = [example.prompt_text for example in dataset.train]
         labels = [example.answer for example in dataset.train] if config.labels_dataset is not None else None
-        return Path(fit_detector_for_texts(texts, labels, self.detector_kind or DEFAULT_DETECTOR, path, embedder))
+        return Path(fit_detector_for_texts(texts, labels, config.ood_detector, path, embedder))
 
     def _evaluate(self, config: RouteConfig, dataset: Dataset, adapter_dir: Path,
                   labels: set[str] | None) -> dict[str, Any]:

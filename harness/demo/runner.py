@@ -72,14 +72,13 @@ def demo_config(options: DemoOptions, gateway_port: int, teacher_port: int, vllm
     prices = {"input_per_mtok": options.input_price_per_mtok, "output_per_mtok": options.output_price_per_mtok}
     base = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
     route = base["routes"][0]
-    route["teacher"].update(api_base=f"http://127.0.0.1:{teacher_port}/v1", prices=prices)
+    route["teacher"].update(prices=prices)
     route.update(shadow_rate=options.shadow_rate)
     route["training"].update(min_new_examples=options.min_new_examples, interval_minutes=options.interval_minutes)
     base["server"]["port"] = gateway_port
     base["store"]["path"] = str(options.out / "distillgate.db")
     base["vllm"].update(url=f"http://127.0.0.1:{vllm_port}", model_dir=str(ROOT / base["vllm"]["model_dir"]),
                         python=str(ROOT / base["vllm"]["python"]))
-    route["student"]["base_model"] = base["vllm"]["model_dir"]
     base["replay_teacher"].update(port=teacher_port, latency_ms=options.teacher_latency_ms,
                                   latency_jitter_ms=options.teacher_latency_ms / 3, accuracy=options.teacher_accuracy,
                                   seed=options.seed, dataset=str(options.dataset))
