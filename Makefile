@@ -8,7 +8,7 @@ VLLM_VENV := .venv-vllm
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install browser serve test demo bench lint clean
+.PHONY: install browser serve test test-fast demo bench lint clean
 
 install: $(VENV)/.installed $(VLLM_VENV)/.installed
 
@@ -35,6 +35,10 @@ serve: install
 test: install browser
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
+# In-process tests only (no child process, no vLLM, no model building): the edit-run loop.
+test-fast: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -m "not integration and not vllm and not slow" -q $(PYTEST_ARGS)
+
 # The dashboard's tests drive Debian's headless Chromium (never a downloaded browser).
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
@@ -43,8 +47,8 @@ browser:
 demo: install
 	$(VENV)/bin/distillgate demo --quick --out var/demo
 
-lint: install
-	$(VENV)/bin/python -m ruff check gateway router trainer tests bench
+lint: $(VENV)/.installed
+	$(VENV)/bin/python -m ruff check core router trainer gateway harness cli tests bench
 
 clean:
 	rm -rf var .pytest_cache

@@ -10,9 +10,7 @@ from typing import Any
 import pytest
 
 from core.config import Settings, parse_settings
-
-ROOT = Path(__file__).resolve().parents[1]
-CLINC = ROOT / "data" / "clinc150" / "data_full.json"
+from tests.helpers import CLINC
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,8 +60,24 @@ def clinc_path() -> Path:
 def replay_teacher() -> Iterator[str]:
     """A replay teacher (stand-in for the frontier API) at accuracy 1, no latency."""
     from harness.replay_teacher import ReplayOptions, create_replay_app
-    from tests.servers import UvicornThread
+    from tests.helpers import UvicornThread
 
     with UvicornThread(create_replay_app(ReplayOptions(dataset=CLINC))) as server:
         yield server.url
 pytest_plugins = ["tests.fixtures_processes"]
+
+
+# Tiers by what a test really runs, read from the fixtures it uses, so a new test lands in the
+# right tier without anyone remembering a marker: ``make test-fast`` runs neither.
+_VLLM_FIXTURES = {"vllm_server"}
+_SLOW_FIXTURES = {"student_base_dir", "embedder"}  # build a student base; load the real embedding model
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & _VLLM_FIXTURES:
+            item.add_marker(pytest.mark.vllm)
+            item.add_marker(pytest.mark.integration)
+        if fixtures & _SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.servers import UvicornThread, free_port
+from tests.helpers import UvicornThread, free_port
 
 __all__ = ["UvicornThread", "free_port", "replay_teacher_url", "student_base_dir", "vllm_server"]
 

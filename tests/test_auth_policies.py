@@ -15,8 +15,7 @@ import pytest
 from core.config import Settings, parse_settings
 from gateway.app import create_app
 from gateway.keys import TokenBucket
-from tests.servers import UvicornThread
-from tests.test_gateway_api import MESSAGES, log_rows, sdk
+from tests.helpers import MESSAGES, UvicornThread, log_rows, sdk
 
 ADMIN_TOKEN = "admin-9f1c2e7d-secret"
 CLIENT_KEY = "sk-client-4b8a0c3e-secret"

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.stats import binom
 
-from router.calibration import GUARANTEE, calibrate, clopper_pearson_upper, min_trials, plot
+from router.calibration import calibrate, clopper_pearson_upper, min_trials, plot
 
 
 def synthetic_pairs(n: int, seed: int) -> list[tuple[float, int]]:
@@ -30,7 +31,10 @@ def test_recommends_the_boundary_with_a_certified_bound() -> None:
     assert best is not None and result.recommended_threshold == best.threshold
     assert 0.35 < best.threshold <= 0.55  # not far past where disagreement jumps
     assert best.agreement_lcb >= 0.97 and best.certified
-    assert result.guarantee == GUARANTEE and "Clopper-Pearson" in result.guarantee
+    # The bound is the Clopper-Pearson one for the disagreements counted at that threshold.
+    expected_lcb = 1 - clopper_pearson_upper(best.disagreements, best.accepted, 0.95)
+    assert best.agreement_lcb == pytest.approx(expected_lcb, rel=1e-9)
+    assert best.agreement < 1.0  # a real bound on real disagreements, not a degenerate point
     shares = [point.student_share for point in result.curve]
     assert shares == sorted(shares)  # the curve is a sweep in threshold order
 
@@ -42,18 +46,24 @@ def test_a_point_estimate_alone_would_pick_a_higher_threshold() -> None:
 
 
 def test_guarantee_holds_over_repeated_calibrations() -> None:
-    """With 95% confidence, the true disagreement at the chosen threshold stays under 3%."""
-    violations, trials = 0, 60
+    """With 95% confidence, the true disagreement at the chosen threshold stays under 3%:
+    over independent calibrations, violations are no more frequent than a 5% rate allows."""
+    trials, violations, recommended = 100, 0, 0
     for seed in range(trials):
         result = calibrate(synthetic_pairs(1500, seed + 100), target_agreement=0.97, max_points=40)
         t = result.recommended_threshold
-        if t is None:
+        if t is None:  # recommending nothing never violates, so it must stay rare (below)
             continue
+        recommended += 1
         # True disagreement among scores <= t under the synthetic model.
         low, high = min(t, 0.5), max(t - 0.5, 0.0)
         true_rate = (low * 0.01 + high * 0.4) / t
         violations += true_rate > 0.03
-    assert violations / trials <= 0.1
+    # Measured: 88 of 100 recommend a threshold; the guarantee must not hold by abstaining.
+    assert recommended >= 0.8 * trials
+    # One-sided binomial test of "violation rate <= 5%" among the trials that recommended one
+    # (abstentions do not dilute it), at the 1% level.
+    assert binom.sf(violations - 1, recommended, 0.05) > 0.01, f"{violations} violations in {recommended}"
 
 
 def test_no_data_and_no_certifiable_threshold() -> None:

@@ -13,8 +13,7 @@ from core.config import Settings
 from gateway.app import Components, create_app
 from gateway.upstream.student import VLLMStudent
 from router.decision import Decision, RoutePolicy
-from tests.servers import UvicornThread
-from tests.test_gateway_api import UTTERANCE, log_rows, sdk
+from tests.helpers import UTTERANCE, UvicornThread, log_rows, sdk
 
 
 class CascadeRouter:

@@ -8,7 +8,7 @@ repository root, which git ignores).
 from __future__ import annotations
 
 import os
-import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,10 +19,8 @@ import pytest
 from core.config import Settings
 from core.store import SQLiteStore, reporting
 from gateway.auth import ADMIN_COOKIE
-from tests.conftest import ROOT
+from tests.helpers import ROOT, UvicornThread, log_rows, sdk
 from tests.operators import STUDENT_SETTINGS, UTTERANCES, messages, operator_app, wait_for
-from tests.servers import UvicornThread
-from tests.test_gateway_api import log_rows, sdk
 
 ROUTE = "clinc-intents"
 ADMIN = {"authorization": "Bearer admin-secret"}
@@ -203,7 +201,9 @@ def test_dashboard_in_chromium_with_an_empty_store(make_settings: Callable[..., 
     assert errors == [], errors
 
 
-def test_chromium_is_the_system_one() -> None:
-    """The browser tests must never fetch a browser: they use the Debian binaries."""
-    if CHROMIUM.exists():
-        assert shutil.which("chromium") == str(CHROMIUM)
+def test_chromium_is_the_system_one(browser: Any) -> None:
+    """The browser tests must never fetch a browser: the one driven is Debian's, by its driver."""
+    system_browser = subprocess.run([str(CHROMIUM), "--version"], capture_output=True, text=True, check=True).stdout
+    system_driver = subprocess.run([str(CHROMEDRIVER), "--version"], capture_output=True, text=True, check=True).stdout
+    assert browser.capabilities["browserVersion"] in system_browser
+    assert browser.capabilities["chrome"]["chromedriverVersion"].split()[0] in system_driver

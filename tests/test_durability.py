@@ -21,8 +21,7 @@ import yaml
 
 from harness.children import Child, free_port, python_module
 from harness.replay_teacher import ReplayOptions, create_replay_app
-from tests.servers import UvicornThread
-from tests.test_gateway_api import MESSAGES
+from tests.helpers import MESSAGES, UvicornThread
 
 pytestmark = pytest.mark.integration
 ROUTE = "clinc-intents"
@@ -35,9 +34,12 @@ def slow_teacher(clinc_path: Path) -> Iterator[str]:
         yield server.url
 
 
-def write_config(tmp_path: Path, teacher_url: str, spool: bool = True) -> Path:
+def write_config(tmp_path: Path, teacher_url: str, spool: bool = True, flush_interval_s: float | None = None) -> Path:
+    store: dict[str, Any] = {"path": str(tmp_path / "log.db"), "spool": {"enabled": spool}}
+    if flush_interval_s is not None:  # rows wait in the queue (and the spool) that long
+        store.update(flush_interval_s=flush_interval_s, batch_size=100_000)
     config = {
-        "store": {"path": str(tmp_path / "log.db"), "spool": {"enabled": spool}},
+        "store": store,
         "vllm": {"url": f"http://127.0.0.1:{free_port()}", "launch": False},
         "routes": [{"name": ROUTE, "mode": "teacher_only",
                     "teacher": {"model": "openai/replay-teacher", "api_base": f"{teacher_url}/v1", "timeout_s": 10}}],
@@ -98,7 +100,9 @@ def logged_ids(db: Path) -> set[str]:
 
 
 def test_sigkill_loses_no_acknowledged_row(tmp_path: Path, slow_teacher: str) -> None:
-    config, port = write_config(tmp_path, slow_teacher), free_port()
+    # A flush interval longer than the run: at the kill, acknowledged rows are in the spool
+    # only, so recovery must replay it (not merely find rows the writer had committed).
+    config, port = write_config(tmp_path, slow_teacher, flush_interval_s=60), free_port()
     child = gateway(config, port, tmp_path / "gateway.log").start()
     with Load(f"http://127.0.0.1:{port}") as load:
         time.sleep(3)
@@ -115,6 +119,8 @@ def test_sigkill_loses_no_acknowledged_row(tmp_path: Path, slow_teacher: str) ->
     print(json.dumps({"acknowledged": len(acknowledged), "committed_at_kill": len(committed_before_restart & acknowledged),
                       "spooled": len(spooled), "lost_after_recovery": len(acknowledged - recovered)}))
     assert acknowledged <= recovered, f"{len(acknowledged - recovered)} acknowledged rows lost"
+    only_in_spool = acknowledged - committed_before_restart
+    assert only_in_spool and only_in_spool <= set(spooled), "the kill must leave rows that only the spool holds"
     assert list((tmp_path / "log.db.spool").glob("*.jsonl")) == []
 
 

@@ -19,9 +19,8 @@ import pytest
 from core.config import Settings
 from gateway.app import Components, create_app
 from gateway.upstream.student import VLLMStudent
+from tests.helpers import MESSAGES, UvicornThread, log_rows, sdk
 from tests.operators import scrape, total, wait_for
-from tests.servers import UvicornThread
-from tests.test_gateway_api import MESSAGES, log_rows, sdk
 
 ROUTE = "clinc-intents"
 BREAKER = {"failure_threshold": 3, "probe_interval_s": 0.1, "probe_timeout_s": 1.0}

@@ -16,8 +16,7 @@ import pytest
 from core.config import Settings
 from gateway.app import create_app
 from harness.replay_teacher import ReplayOptions, create_replay_app
-from tests.servers import UvicornThread
-from tests.test_gateway_api import MESSAGES, log_rows, sdk
+from tests.helpers import MESSAGES, UvicornThread, log_rows, sdk
 
 ROUTE = "clinc-intents"
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,26 +13,7 @@ import pytest
 from core.config import Settings
 from gateway.app import Components, create_app
 from gateway.upstream.student import VLLMStudent
-from tests.servers import UvicornThread, free_port
-
-UTTERANCE = "transfer $20000 from my savings account to checking account"  # CLINC150 train: transfer
-MESSAGES = [{"role": "system", "content": "You label customer utterances."}, {"role": "user", "content": UTTERANCE}]
-
-
-def sdk(url: str, api_key: str = "unused") -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=30)
-
-
-def log_rows(settings: Settings, expected: int, timeout_s: float = 5.0) -> list[dict[str, Any]]:
-    """The request log once the batched writer has caught up with ``expected`` rows."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with sqlite3.connect(settings.store.path) as connection:
-            connection.row_factory = sqlite3.Row
-            rows = [dict(row) for row in connection.execute("select * from requests order by created_at")]
-        if len(rows) >= expected or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.05)
+from tests.helpers import MESSAGES, UvicornThread, free_port, log_rows, sdk
 
 
 @pytest.fixture

@@ -14,8 +14,7 @@ import pytest
 from core.config import Settings
 from gateway.app import create_app
 from tests.fixtures_processes import VLLM_PYTHON
-from tests.servers import UvicornThread, free_port
-from tests.test_gateway_api import MESSAGES, log_rows, sdk
+from tests.helpers import MESSAGES, UvicornThread, free_port, log_rows, sdk
 
 pytestmark = pytest.mark.integration
 

@@ -23,9 +23,8 @@ from gateway.chat.endpoints import parse_chat_request, read_json_body
 from gateway.chat.protocol import ChatCompletionRequest
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.upstream.student import VLLMStudent
+from tests.helpers import MESSAGES, UvicornThread, log_rows
 from tests.operators import wait_for
-from tests.servers import UvicornThread
-from tests.test_gateway_api import MESSAGES, log_rows
 
 ROUTE = "clinc-intents"
 LIMIT = 4096

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from core.config import Settings
 from core.store import SQLiteStore
 from gateway.metrics import GatewayMetrics
-from tests.conftest import ROOT
+from tests.helpers import ROOT, UvicornThread, free_port, log_rows, sdk
 from tests.operators import (
     STUDENT_SETTINGS,
     UTTERANCES,
@@ -29,8 +29,6 @@ from tests.operators import (
     total,
     wait_for,
 )
-from tests.servers import UvicornThread, free_port
-from tests.test_gateway_api import log_rows, sdk
 
 ROUTE = "clinc-intents"
 

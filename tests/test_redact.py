@@ -11,8 +11,7 @@ import pytest
 from core.config import RedactConfig, Settings
 from gateway.app import create_app
 from gateway.redact import luhn_valid, redact_text
-from tests.servers import UvicornThread
-from tests.test_gateway_api import log_rows, sdk
+from tests.helpers import UvicornThread, log_rows, sdk
 
 ALL = RedactConfig(emails=True, phones=True, cards=True)
 

@@ -21,7 +21,7 @@ import pytest
 from cli.harness import register
 from core.answers import normalize_answer as normalize
 from harness.replay_teacher import ReplayOptions, create_replay_app
-from tests.servers import UvicornThread, free_port
+from tests.helpers import UvicornThread, free_port
 
 pytestmark = pytest.mark.integration
 

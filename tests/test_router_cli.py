@@ -16,7 +16,9 @@ import pytest
 import yaml
 
 from core.store import SQLiteStore
-from tests.conftest import CLINC, ROOT
+from tests.helpers import CLINC, ROOT
+
+pytestmark = pytest.mark.integration  # every command runs as a subprocess
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

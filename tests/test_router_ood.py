@@ -14,7 +14,7 @@ from router.eval_ood import ood_metrics
 from router.learned import LearnedRouter
 from router.ood import DETECTORS, create_detector, fit_detector_for_texts, load_detector
 from router.uncertainty import confidence, confident
-from tests.conftest import CLINC
+from tests.helpers import CLINC
 
 INTENTS = 15
 

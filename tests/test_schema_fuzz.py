@@ -12,8 +12,7 @@ from hypothesis import HealthCheck, settings
 
 from core.config import parse_settings
 from gateway.app import create_app
-from tests.conftest import CLINC
-from tests.servers import UvicornThread
+from tests.helpers import CLINC, UvicornThread
 
 schemathesis = pytest.importorskip("schemathesis")  # in the `test` extra
 

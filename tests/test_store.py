@@ -11,10 +11,7 @@ import pytest
 
 from core.store import BatchWriter, SQLiteStore
 from core.store.migrations import MIGRATIONS
-
-
-def row(index: int) -> dict[str, Any]:
-    return {"id": f"r{index}", "created_at": float(index), "route": "r", "target": "teacher", "status_code": 200}
+from tests.helpers import row
 
 
 def test_migrations_apply_once_and_are_recorded(tmp_path: Path) -> None:

@@ -20,10 +20,8 @@ from core.config import Settings
 from core.store import BatchWriter, SQLiteStore
 from core.store.spool import Spool
 from gateway.app import Components, create_app
+from tests.helpers import MESSAGES, UvicornThread, log_rows, row, sdk
 from tests.operators import scrape, total, wait_for
-from tests.servers import UvicornThread
-from tests.test_gateway_api import MESSAGES, log_rows, sdk
-from tests.test_store import row
 
 ROUTE = "clinc-intents"
 

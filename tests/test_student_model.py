@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CLINC = ROOT / "data" / "clinc150" / "data_full.json"
 LABELS = sorted({intent for split in json.loads(CLINC.read_text()).values() for _, intent in split})
 
+pytestmark = pytest.mark.slow  # every test here builds a student base model
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

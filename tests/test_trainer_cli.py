@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from cli.training import register
 from core.registry import CandidateVersion, Registry
 from core.store import SQLiteStore
-from tests.servers import UvicornThread
+from tests.helpers import UvicornThread
 from trainer.seed import seed_teacher_answers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,6 +118,7 @@ def test_registry_rollback_target_skips_rolled_back(tmp_path: Path) -> None:
     assert registry.rollback_target(ROUTE).version == "v1"
 
 
+@pytest.mark.integration
 def test_bench_train_quick(tmp_path: Path, student_base_dir: Path) -> None:
     out = tmp_path / "train.json"
     completed = subprocess.run(

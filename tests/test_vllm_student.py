@@ -13,7 +13,7 @@ import pytest
 
 from gateway.vllm_process import VLLMProcess, VLLMStartError
 from tests.fixtures_processes import VLLM_PYTHON
-from tests.servers import free_port
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,83 @@
+"""Shared test helpers: real servers on loopback (an ASGI app under uvicorn in a thread), the
+official SDK client, the request log as the writer leaves it, and the data files.
+
+Test modules import from here, never from each other."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+import uvicorn
+
+from core.config import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class UvicornThread:
+    """Runs ``app`` under a real uvicorn server (lifespan included) until ``stop()``."""
+
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.port = port or free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> UvicornThread:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> UvicornThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+CLINC = ROOT / "data" / "clinc150" / "data_full.json"
+UTTERANCE = "transfer $20000 from my savings account to checking account"  # CLINC150 train: transfer
+MESSAGES = [{"role": "system", "content": "You label customer utterances."}, {"role": "user", "content": UTTERANCE}]
+
+
+def sdk(url: str, api_key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=30)
+
+
+def log_rows(settings: Settings, expected: int, timeout_s: float = 5.0) -> list[dict[str, Any]]:
+    """The request log once the batched writer has caught up with ``expected`` rows."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with sqlite3.connect(settings.store.path) as connection:
+            connection.row_factory = sqlite3.Row
+            rows = [dict(row) for row in connection.execute("select * from requests order by created_at")]
+        if len(rows) >= expected or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
+def row(index: int) -> dict[str, Any]:
+    return {"id": f"r{index}", "created_at": float(index), "route": "r", "target": "teacher", "status_code": 200}
