@@ -17,10 +17,28 @@ def _run_demo(args: Any) -> int:
     options = DemoOptions.quick_defaults(**overrides) if args.quick else DemoOptions(**overrides)
     console = Console()
     result = run_demo(options, console)
-    console.print_json(json.dumps({"overall": result["overall"], "heldout": result["heldout"],
-                                   "goals": result["goals"]}))
+    savings = {key: result["savings"][key] for key in ("actual_cost_usd", "all_teacher_cost_usd", "shadow_cost_usd",
+                                                       "training_cost_usd", "net_savings_usd", "break_even_request")}
+    console.print_json(json.dumps({"overall": result["overall"], "loop": result["loop"], "heldout": result["heldout"],
+                                   "savings": savings}))
+    console.print(_goals_table(result["goals"]))
     console.print(f"wrote {options.out / 'report.json'} and {options.out / 'savings.png'}")
-    return 0 if result["overall"]["failed_requests"] == 0 else 1
+    failed = result["overall"]["failed_requests"] + result["heldout"]["failed_requests"]
+    return 0 if failed == 0 else 1
+
+
+def _goals_table(goals: dict[str, dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="goals (issue 11)")
+    for column in ("goal", "figure", "target", "status", "note"):
+        table.add_column(column)
+    colours = {"met": "green", "not met": "red", "undefined": "yellow"}
+    for name, goal in goals.items():
+        status = goal["status"]
+        table.add_row(name, "—" if goal["figure"] is None else str(goal["figure"]), goal["target"],
+                      f"[{colours.get(status, 'white')}]{status}[/]", goal["note"] or "")
+    return table
 
 
 def _register_demo(subparsers: Any) -> None:
