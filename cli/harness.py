@@ -4,12 +4,18 @@ stand-in for a frontier API). Their modules are imported only when a command run
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 
 def _run_demo(args: Any) -> int:
     from rich.console import Console
+
+    # The SDK's HTTP client (httpx2 under openai 3.x) logs every request at INFO: thousands
+    # of lines over the live table.
+    for noisy in ("httpx2", "httpx"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
     from harness.demo.runner import DemoOptions, run_demo
 

@@ -169,8 +169,7 @@ async def _run(options: DemoOptions, console: Console) -> dict[str, Any]:
     system_prompt = app_system_prompt(labels)
     stream = traffic_stream(splits, options.requests, options.oos_rate, options.seed)
     heldout = heldout_queries(splits, options.heldout_limit, options.seed)
-    console.log("starting the gateway (it starts the replay teacher and vLLM)")
-    stack = await asyncio.to_thread(start_stack, options)
+    stack = await asyncio.to_thread(start_stack, options, progress=console.log)
     route = stack.settings.routes[0]
     try:
         # The demo's own key, and no proxy or other setting taken from the caller's shell.

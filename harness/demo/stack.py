@@ -10,7 +10,10 @@ a 401).
 
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,8 +91,26 @@ def gateway_environment(settings: Settings, credentials: Credentials) -> dict[st
             settings.auth.admin_token_env: credentials.admin_token}
 
 
-def start_stack(options: DemoOptions, *, launch_vllm: bool = True, gateway_timeout_s: float = 600.0) -> Stack:
-    """Write ``demo.yaml`` under ``options.out`` and start the reference teacher and the gateway."""
+def ensure_student_base(config_path: Path, settings: Settings, log_path: Path) -> bool:
+    """Build the student base model (once) before the gateway starts, so that the gateway's
+    start is not timed together with a build of unknown length on a loaded machine. Returns
+    whether it built one."""
+    if (Path(settings.vllm.model_dir) / "config.json").exists():
+        return False
+    env = {name: value for name, value in os.environ.items() if not name.startswith(ENV_PREFIX)}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log_file:
+        subprocess.run(python_module("cli.main", "init-student", "--config", str(config_path), "--route",
+                                     settings.routes[0].name, "--out", str(settings.vllm.model_dir)),
+                       check=True, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, stdout=log_file,
+                       stderr=subprocess.STDOUT)
+    return True
+
+
+def start_stack(options: DemoOptions, *, launch_vllm: bool = True, gateway_timeout_s: float = 300.0,
+                progress: Callable[[str], object] = print) -> Stack:
+    """Write ``demo.yaml`` under ``options.out``, build the student base if missing, and start
+    the reference teacher and the gateway."""
     gateway_port, teacher_port, vllm_port, reference_port = free_port(), free_port(), free_port(), free_port()
     config = demo_config(options, gateway_port, teacher_port, vllm_port)
     config["vllm"]["launch"] = launch_vllm
@@ -98,6 +119,10 @@ def start_stack(options: DemoOptions, *, launch_vllm: bool = True, gateway_timeo
     config_path = options.out / "demo.yaml"
     config_path.write_text(yaml.safe_dump(config))
     logs = options.out / "logs"
+    if launch_vllm and not (Path(settings.vllm.model_dir) / "config.json").exists():
+        progress(f"building the student base model once (log: {logs / 'init-student.log'})")
+        ensure_student_base(config_path, settings, logs / "init-student.log")
+    progress("starting the gateway (it starts the replay teacher and vLLM)")
     reference = Child(
         python_module("cli.main", "--log-level", "WARNING", "replay-teacher", "--dataset", str(options.dataset),
                       "--port", str(reference_port), "--accuracy", str(options.teacher_accuracy),
