@@ -1,5 +1,6 @@
-"""``savings.png``: cumulative cost (actual, all-teacher) and savings net of training, with
-the break-even request and the promotions marked; student share and quality per phase below."""
+"""``savings.png``: cumulative cost (actual, all-teacher); savings net of training on a scale
+of their own, with the break-even request marked; student share and quality per phase. The
+promotions are marked on each."""
 
 from __future__ import annotations
 
@@ -7,29 +8,47 @@ from pathlib import Path
 from typing import Any
 
 
-def _cost_panel(axis: Any, result: dict[str, Any]) -> None:
-    savings = result["savings"]
-    series = savings["series"]
-    x = series["request"]
-    axis.plot(x, series["all_teacher_cost_usd"], label="all-teacher cost")
-    axis.plot(x, series["actual_cost_usd"], label="actual cost (teacher + student + shadow)")
-    axis.plot(x, series["training_cost_usd"], linestyle=":", label="training compute")
-    axis.plot(x, series["net_savings_usd"], linewidth=2.2, label="net savings (all-teacher - actual - training)")
-    axis.axhline(0.0, color="grey", linewidth=0.8)
+def _mark_promotions(axis: Any, result: dict[str, Any]) -> None:
     for position, request in enumerate(result["loop"]["promoted_after_request"]):
         axis.axvline(request, color="green", linestyle="--", linewidth=0.9,
                      label="promotion" if position == 0 else None)
+
+
+def _runs(count: int) -> str:
+    return f"{count} training run" + ("" if count == 1 else "s")
+
+
+def _cost_panel(axis: Any, result: dict[str, Any]) -> None:
+    series = result["savings"]["series"]
+    axis.plot(series["request"], series["all_teacher_cost_usd"], label="all-teacher cost")
+    axis.plot(series["request"], series["actual_cost_usd"], label="actual cost (teacher + student + shadow)")
+    _mark_promotions(axis, result)
+    axis.set_ylabel("cumulative USD")
+    axis.legend(loc="upper left", fontsize=8)
+    axis.set_title("distillgate demo on CLINC150 (teacher: replay stand-in)")
+
+
+def _net_panel(axis: Any, result: dict[str, Any]) -> None:
+    """Net savings on a scale of their own: early on they are a few cents beside dollars."""
+    savings = result["savings"]
+    series = savings["series"]
+    axis.plot(series["request"], series["net_savings_usd"], linewidth=2.0, color="tab:red",
+              label="net savings (all-teacher - actual - training)")
+    axis.plot(series["request"], series["training_cost_usd"], linestyle=":", color="tab:purple",
+              label="training compute")
+    axis.axhline(0.0, color="grey", linewidth=0.8)
+    _mark_promotions(axis, result)
     break_even = savings["break_even_request"]
     if break_even is not None:
-        axis.axvline(break_even, color="black", linewidth=1.2)
-        axis.annotate(f"break-even: request {break_even:,}", xy=(break_even, 0.0), xytext=(6, 12),
-                      textcoords="offset points", fontsize=9)
+        axis.axvline(break_even, color="black", linewidth=1.2, label=f"break-even: request {break_even:,}")
     else:
-        axis.text(0.01, 0.97, "no break-even within the stream", transform=axis.transAxes, va="top", fontsize=9)
-    axis.set_ylabel("cumulative $")
+        axis.text(0.99, 0.95, "no break-even within the stream", transform=axis.transAxes, ha="right", va="top",
+                  fontsize=9)
+    axis.set_ylabel("cumulative USD")
     axis.legend(loc="upper left", fontsize=8)
-    axis.set_title(f"distillgate demo on CLINC150 (teacher: replay stand-in); net savings "
-                   f"${savings['net_savings_usd'] or 0:,.4f}, training ${savings['training_cost_usd']:,.4f}")
+    net = savings["net_savings_usd"] or 0.0
+    axis.set_title(f"net savings {net:,.4f} USD after {savings['training_cost_usd']:,.4f} USD of training "
+                   f"({_runs(len(savings['training']['runs']))})", fontsize=10)
 
 
 def _share_panel(axis: Any, phases: list[dict[str, Any]]) -> None:
@@ -51,8 +70,10 @@ def plot_savings(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (cost_axis, share_axis) = plt.subplots(2, 1, figsize=(10, 8), sharex=True)
+    figure, (cost_axis, net_axis, share_axis) = plt.subplots(
+        3, 1, figsize=(10, 10), sharex=True, gridspec_kw={"height_ratios": [3, 2, 2]})
     _cost_panel(cost_axis, result)
+    _net_panel(net_axis, result)
     _share_panel(share_axis, result["phases"])
     figure.tight_layout()
     figure.savefig(path, dpi=110)
