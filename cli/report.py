@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     summaries = collect(settings, since_s)
     if args.json:
-        print(json.dumps({"since": args.since, "routes": [summary.to_dict() for summary in summaries]}, indent=2))
+        print(json.dumps({"since": args.since, "training_prices": settings.costs.model_dump(),
+                          "routes": [summary.to_dict() for summary in summaries]}, indent=2))
         return 0
     from rich.console import Console
 

@@ -138,7 +138,9 @@ def test_report_counts_training_compute_and_shadow_calls_in_net_savings(
     store.close()
     config = _config_file(settings, tmp_path)
     assert main(["report", "--config", str(config), "--json"]) == 0
-    [route] = json.loads(capsys.readouterr().out)["routes"]
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["training_prices"] == {"training_per_cpu_hour": 0.4, "training_per_gpu_hour": 6.0}
+    [route] = printed["routes"]
     assert route["training_runs"] == 2 and route["training_hours"] == pytest.approx(0.5 + 1 / 6)
     assert route["training_cost_usd"] == pytest.approx(0.5 * 0.4 + 6.0 / 6)
     assert route["shadow_cost_usd"] == pytest.approx(0.05)
