@@ -51,6 +51,14 @@ def accuracy_gap(section: dict[str, Any]) -> float | None:
     return None if served is None or teacher is None else round(teacher - served, 4)
 
 
+def _accuracy_goal(result: dict[str, Any], points: float, failed: int) -> Goal:
+    goal = judge(accuracy_gap(result["heldout"]), f"<= {points / 100:.3f}", lambda v: v <= points / 100, failed)
+    if goal.status == MET and not result["heldout"].get("student_share"):
+        # True, and worth saying: with no student answer there is nothing to lose.
+        return Goal(goal.figure, goal.target, goal.status, "the teacher served every held-out query")
+    return goal
+
+
 def _failed(result: dict[str, Any]) -> int:
     return int(result["overall"]["failed_requests"]) + int(result["heldout"]["failed_requests"])
 
@@ -64,8 +72,7 @@ def full_goals(result: dict[str, Any]) -> dict[str, Goal]:
             lambda n: n <= FULL_PROMOTION_WITHIN, failed, missing=NOT_MET, missing_note="no promotion during the stream"),
         "student serves >= 70% of in-scope traffic over the last 2,000 requests": judge(
             result["last_window"]["in_scope_student_share"], ">= 0.70", lambda v: v >= 0.70, failed),
-        "held-out in-scope accuracy within 1.5 points of all-teacher": judge(
-            accuracy_gap(result["heldout"]), "<= 0.015", lambda v: v <= 0.015, failed),
+        "held-out in-scope accuracy within 1.5 points of all-teacher": _accuracy_goal(result, 1.5, failed),
         "held-out OOS sent to the teacher >= 95%": judge(
             result["heldout"]["oos_recall_sent_to_teacher"], ">= 0.95", lambda v: v >= 0.95, failed),
         "cost <= 35% of all-teacher (whole stream, shadow calls included)": judge(
@@ -82,8 +89,7 @@ def quick_goals(result: dict[str, Any]) -> dict[str, Goal]:
             result["loop"]["promotions_during_stream"], ">= 1", lambda n: n >= 1, failed),
         "student serves >= 30% of in-scope traffic in the last phase": judge(
             phases[-1]["in_scope_student_share"] if phases else None, ">= 0.30", lambda v: v >= 0.30, failed),
-        "held-out in-scope accuracy within 2 points of all-teacher": judge(
-            accuracy_gap(result["heldout"]), "<= 0.02", lambda v: v <= 0.02, failed),
+        "held-out in-scope accuracy within 2 points of all-teacher": _accuracy_goal(result, 2.0, failed),
         "zero failed requests": judge(failed, "== 0", lambda n: n == 0, 0),
     }
 
