@@ -4,6 +4,7 @@ stand-in for a frontier API). Their modules are imported only when a command run
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,16 +12,39 @@ from typing import Any
 def _run_demo(args: Any) -> int:
     from rich.console import Console
 
+    # The SDK's HTTP client (httpx2 under openai 3.x) logs every request at INFO: thousands
+    # of lines over the live table.
+    for noisy in ("httpx2", "httpx"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
     from harness.demo.runner import DemoOptions, run_demo
 
     overrides = {key: value for key, value in (("requests", args.requests), ("out", args.out)) if value is not None}
     options = DemoOptions.quick_defaults(**overrides) if args.quick else DemoOptions(**overrides)
     console = Console()
     result = run_demo(options, console)
-    console.print_json(json.dumps({"overall": result["overall"], "heldout": result["heldout"],
-                                   "goals": result["goals"]}))
+    savings = {key: result["savings"][key] for key in ("actual_cost_usd", "all_teacher_cost_usd", "shadow_cost_usd",
+                                                       "training_cost_usd", "net_savings_usd", "break_even_request")}
+    console.print_json(json.dumps({"overall": result["overall"], "loop": result["loop"], "heldout": result["heldout"],
+                                   "savings": savings}))
+    console.print(_goals_table(result["goals"]))
     console.print(f"wrote {options.out / 'report.json'} and {options.out / 'savings.png'}")
-    return 0 if result["overall"]["failed_requests"] == 0 else 1
+    failed = result["overall"]["failed_requests"] + result["heldout"]["failed_requests"]
+    return 0 if failed == 0 else 1
+
+
+def _goals_table(goals: dict[str, dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="goals (issue 11)")
+    for column in ("goal", "figure", "target", "status", "note"):
+        table.add_column(column)
+    colours = {"met": "green", "not met": "red", "undefined": "yellow"}
+    for name, goal in goals.items():
+        status = goal["status"]
+        table.add_row(name, "—" if goal["figure"] is None else str(goal["figure"]), goal["target"],
+                      f"[{colours.get(status, 'white')}]{status}[/]", goal["note"] or "")
+    return table
 
 
 def _register_demo(subparsers: Any) -> None:

@@ -1,5 +1,7 @@
 """``distillgate report``: per-route requests, student share, cost, all-teacher cost, savings,
-shadow agreement, latency and live version, read from the store (the gateway need not run).
+savings net of the loop's own cost (shadow calls and training compute, priced under ``costs``
+in the config), shadow agreement, latency and live version, read from the store (the gateway
+need not run).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def collect(settings: Settings, since_s: float | None) -> list[reporting.RouteSu
     """Every configured route's summary (plus routes found only in the store)."""
     store = _open_store(settings)
     try:
-        summaries = reporting.route_summaries(store, [route.name for route in settings.routes], since_s)
+        summaries = reporting.route_summaries(store, [route.name for route in settings.routes], since_s,
+                                               settings.costs)
         for summary in summaries:
             summary.live_version = _live_version(store, settings, summary.route)
         return summaries
@@ -47,7 +50,8 @@ def collect(settings: Settings, since_s: float | None) -> list[reporting.RouteSu
 
 
 def _money(value: float) -> str:
-    return f"${value:,.2f}" if abs(value) >= 100 else f"${value:,.6f}"
+    sign = "-" if value < 0 else ""
+    return f"{sign}${abs(value):,.2f}" if abs(value) >= 100 else f"{sign}${abs(value):,.6f}"
 
 
 def _percent(value: float | None) -> str:
@@ -62,19 +66,21 @@ def render_table(summaries: list[reporting.RouteSummary], since: str) -> Any:
     from rich.table import Table
 
     table = Table(title=f"distillgate — last {since}" if since != "all" else "distillgate — all time")
-    for column in ("route", "requests", "student share", "cost", "all-teacher cost", "savings", "agreement",
-                   "p50", "p99", "live version"):
+    for column in ("route", "requests", "student share", "cost", "all-teacher cost", "savings", "training",
+                   "net savings", "agreement", "p50", "p99", "live version"):
         table.add_column(column, justify="left" if column in ("route", "live version") else "right")
     for summary in summaries:
         table.add_row(summary.route, str(summary.requests), _percent(summary.student_share),
                       _money(summary.cost_usd), _money(summary.teacher_cost_usd), _money(summary.savings_usd),
-                      _percent(summary.agreement), _ms(summary.latency("p50")), _ms(summary.latency("p99")),
+                      f"{_money(summary.training_cost_usd)} ({summary.training_runs})",
+                      _money(summary.net_savings_usd), _percent(summary.agreement), _ms(summary.latency("p50")), _ms(summary.latency("p99")),
                       summary.live_version or "none")
     if len(summaries) > 1:
         cost, teacher = sum(s.cost_usd for s in summaries), sum(s.teacher_cost_usd for s in summaries)
+        training, net = sum(s.training_cost_usd for s in summaries), sum(s.net_savings_usd for s in summaries)
         table.add_section()
         table.add_row("total", str(sum(s.requests for s in summaries)), "", _money(cost), _money(teacher),
-                      _money(teacher - cost), "", "", "", "")
+                      _money(teacher - cost), _money(training), _money(net), "", "", "", "")
     return table
 
 
@@ -87,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     summaries = collect(settings, since_s)
     if args.json:
-        print(json.dumps({"since": args.since, "routes": [summary.to_dict() for summary in summaries]}, indent=2))
+        print(json.dumps({"since": args.since, "training_prices": settings.costs.model_dump(),
+                          "routes": [summary.to_dict() for summary in summaries]}, indent=2))
         return 0
     from rich.console import Console
 
@@ -100,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("report", help="per-route cost, savings, student share and quality",
                                    description="Per-route requests, student share, cost, all-teacher cost, "
-                                               "savings, shadow agreement, p50/p99 latency and live version.")
+                                               "savings, training cost (runs), net savings (after shadow calls "
+                                               "and training), shadow agreement, p50/p99 latency and live "
+                                               "version.")
     parser.add_argument("--config", required=True, help="the gateway's YAML config (names the store)")
     parser.add_argument("--since", default="24h", help="window: e.g. 30m, 24h, 7d, or all (default 24h)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -197,6 +197,22 @@ class GateConfig(StrictModel):
     min_served_share: float = Field(0.05, ge=0, le=1)
 
 
+class CostsConfig(StrictModel):
+    """What training compute costs, so savings can be reported net of it (``distillgate
+    report``, the demo). Priced per hour of a training run's wall time on its machine; the
+    student's serving cost is priced per token under each route's ``student.prices``."""
+
+    # A 2-vCPU cloud machine (on-demand, late 2026), the size of this project's CI machine.
+    training_per_cpu_hour: float = Field(0.10, ge=0)
+    # One data-centre GPU (H100 class, on-demand).
+    training_per_gpu_hour: float = Field(3.00, ge=0)
+
+    def training_cost(self, seconds: float, device: str | None) -> float:
+        """Dollars for ``seconds`` of training on ``device`` ("cuda…" is a GPU, anything else a CPU)."""
+        per_hour = self.training_per_gpu_hour if (device or "").startswith("cuda") else self.training_per_cpu_hour
+        return max(0.0, seconds) / 3600 * per_hour
+
+
 class RedactConfig(StrictModel):
     """Personal data removed from logged prompts (gateway/redact.py); upstream calls are unchanged."""
 
@@ -241,6 +257,7 @@ class Settings(StrictModel):
     store: StoreConfig = StoreConfig()
     vllm: VLLMConfig = VLLMConfig()
     replay_teacher: ReplayTeacherConfig | None = None
+    costs: CostsConfig = CostsConfig()
     routes: list[RouteConfig]
 
     @model_validator(mode="after")

@@ -29,9 +29,14 @@ def free_port() -> int:
 class Child:
     """A server in its own process group, stopped (and its children) on exit."""
 
-    def __init__(self, args: Sequence[str], ready_url: str, log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: Sequence[str], ready_url: str, log_path: Path, env: dict[str, str] | None = None,
+                 scrub_prefixes: Sequence[str] = ()) -> None:
+        """``env`` is added to the caller's environment, less the variables named with any of
+        ``scrub_prefixes`` (so a child's settings do not depend on the caller's shell)."""
         self.args, self.ready_url, self.log_path = list(args), ready_url, log_path
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "LITELLM_LOCAL_MODEL_COST_MAP": "True", **(env or {})}
+        inherited = {name: value for name, value in os.environ.items()
+                     if not any(name.startswith(prefix) for prefix in scrub_prefixes)}
+        self.env = {**inherited, "PYTHONPATH": str(ROOT), "LITELLM_LOCAL_MODEL_COST_MAP": "True", **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 90.0) -> Child:

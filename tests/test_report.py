@@ -119,3 +119,33 @@ def test_route_calibration_uses_the_certified_router_calibration() -> None:
     under = sum(1 for i in range(300) if i / 300 <= at_half["threshold"])
     assert at_half["student_share"] == pytest.approx(under / 300)
     assert at_half["expected_agreement"] == 1.0 and 0.9 < at_half["agreement_lcb"] < 1.0
+
+
+def test_report_counts_training_compute_and_shadow_calls_in_net_savings(
+        make_settings: Callable[..., Settings], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = make_settings("http://127.0.0.1:9", costs={"training_per_cpu_hour": 0.4, "training_per_gpu_hour": 6.0})
+    store = SQLiteStore(settings.store.path)
+    store.insert_requests([_request(i, target="student", latency_ms=5, cost=0.0001, teacher_cost=0.01)
+                           for i in range(100)])
+    store.insert_shadow_results([{"request_id": f"r{i}", "created_at": time.time() - 30, "route": ROUTE,
+                                  "agree": 1, "cost_usd": 0.01} for i in range(5)])
+    now = time.time()
+    # 30 minutes on a CPU (rejected: it cost compute all the same), 10 minutes on a GPU.
+    store.record_training_run({"route": ROUTE, "started_at": now - 3600, "finished_at": now - 1800,
+                               "outcome": "rejected", "version": "v1", "detail_json": "{}"})
+    store.record_training_run({"route": ROUTE, "started_at": now - 900, "finished_at": now - 300, "outcome": "candidate",
+                               "version": "v2", "detail_json": json.dumps({"train": {"device": "cuda:0"}})})
+    store.close()
+    config = _config_file(settings, tmp_path)
+    assert main(["report", "--config", str(config), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["training_prices"] == {"training_per_cpu_hour": 0.4, "training_per_gpu_hour": 6.0}
+    [route] = printed["routes"]
+    assert route["training_runs"] == 2 and route["training_hours"] == pytest.approx(0.5 + 1 / 6)
+    assert route["training_cost_usd"] == pytest.approx(0.5 * 0.4 + 6.0 / 6)
+    assert route["shadow_cost_usd"] == pytest.approx(0.05)
+    assert route["savings_usd"] == pytest.approx(100 * (0.01 - 0.0001))
+    assert route["net_savings_usd"] == pytest.approx(0.99 - 0.05 - 1.2)
+    assert main(["report", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "net savings" in out and "$1.200000 (2)" in out and "-$0.260000" in out

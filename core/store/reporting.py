@@ -8,11 +8,14 @@ teacher (the all-teacher counterfactual), so savings = all-teacher cost - actual
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
+
+from core.config import CostsConfig
 
 
 class Queryable(Protocol):
@@ -32,9 +35,15 @@ select route,
 from requests where created_at >= ? group by route
 """
 _SHADOW_SQL = """
-select route, count(*) as comparisons, coalesce(sum(agree), 0) as agreements
+select route, count(*) as comparisons, coalesce(sum(agree), 0) as agreements,
+       coalesce(sum(cost_usd), 0.0) as shadow_cost_usd
 from shadow_results where created_at >= ? group by route
 """
+_TRAINING_RUNS_SQL = """
+select route, started_at, finished_at, outcome, version, detail_json from training_runs
+where started_at >= ? order by started_at
+"""
+_SHADOW_COSTS_SQL = "select created_at, coalesce(cost_usd, 0.0) as cost_usd from shadow_results order by created_at"
 _LATENCY_GROUPS_SQL = """
 select route, coalesce(target, 'none') as target, count(*) as n
 from requests where created_at >= ? and latency_ms is not null group by route, coalesce(target, 'none')
@@ -108,12 +117,21 @@ class RouteSummary:
     teacher_cost_usd: float = 0.0
     shadow_comparisons: int = 0
     shadow_agreements: int = 0
+    shadow_cost_usd: float = 0.0
+    training_runs: int = 0
+    training_hours: float = 0.0
+    training_cost_usd: float = 0.0
     latency_ms: dict[str, dict[str, float | None]] = field(default_factory=dict)  # target -> p50/p99
     live_version: str | None = None
 
     @property
     def savings_usd(self) -> float:
         return self.teacher_cost_usd - self.cost_usd
+
+    @property
+    def net_savings_usd(self) -> float:
+        """Savings after what the loop itself cost: shadow calls to the teacher and training."""
+        return self.savings_usd - self.shadow_cost_usd - self.training_cost_usd
 
     @property
     def student_share(self) -> float | None:
@@ -128,7 +146,7 @@ class RouteSummary:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data.update(savings_usd=self.savings_usd, student_share=self.student_share, agreement=self.agreement)
+        data.update(savings_usd=self.savings_usd, net_savings_usd=self.net_savings_usd, student_share=self.student_share, agreement=self.agreement)
         return data
 
 
@@ -151,9 +169,10 @@ def _latency_quantiles(store: Queryable, start: float) -> dict[str, dict[str, di
     return result
 
 
-def route_summaries(store: Queryable, routes: list[str], since_s: float | None = None) -> list[RouteSummary]:
+def route_summaries(store: Queryable, routes: list[str], since_s: float | None = None,
+                    costs: CostsConfig | None = None) -> list[RouteSummary]:
     """One summary per route: the given routes first (even without traffic), then any other
-    route found in the store."""
+    route found in the store. Training runs are priced with ``costs`` (default prices when None)."""
     start = window_start(since_s)
     summaries = {route: RouteSummary(route) for route in routes}
     for row in store.query(_SUMMARY_SQL, [start]):
@@ -164,6 +183,12 @@ def route_summaries(store: Queryable, routes: list[str], since_s: float | None =
     for row in store.query(_SHADOW_SQL, [start]):
         summary = summaries.setdefault(row["route"], RouteSummary(row["route"]))
         summary.shadow_comparisons, summary.shadow_agreements = row["comparisons"], row["agreements"]
+        summary.shadow_cost_usd = float(row["shadow_cost_usd"])
+    for run in training_compute(store, since_s):
+        summary = summaries.setdefault(run["route"], RouteSummary(run["route"]))
+        summary.training_runs += 1
+        summary.training_hours += run["seconds"] / 3600
+        summary.training_cost_usd += (costs or CostsConfig()).training_cost(run["seconds"], run["device"])
     for route, by_target in _latency_quantiles(store, start).items():
         summaries.setdefault(route, RouteSummary(route)).latency_ms = by_target
     return list(summaries.values())
@@ -249,3 +274,34 @@ def loop_tally(store: Queryable) -> dict[str, Any]:
                            "from student_versions order by created_at")
     return {"shadow_cost_usd": float(shadow["cost"]), "shadow_requests": int(shadow["n"]),
             "retrains": int(runs), "swaps": int(swaps), "versions": versions}
+
+
+def _run_device(detail_json: str | None) -> str:
+    """The device a training run used, as the trainer recorded it; CPU when it did not say."""
+    try:
+        detail = json.loads(detail_json or "{}")
+    except ValueError:
+        return "cpu"
+    train = detail.get("train") if isinstance(detail, dict) else None
+    device = (train or {}).get("device") if isinstance(train, dict) else None
+    return str(device or (detail.get("device") if isinstance(detail, dict) else None) or "cpu")
+
+
+def training_compute(store: Queryable, since_s: float | None = None) -> list[dict[str, Any]]:
+    """Every finished training run started in the window: route, started_at, finished_at,
+    outcome, version, ``seconds`` (its wall time) and ``device``. A run counts whatever its
+    outcome: a rejected candidate cost as much compute as a promoted one."""
+    runs = []
+    for row in store.query(_TRAINING_RUNS_SQL, [window_start(since_s)]):
+        if row["started_at"] is None or row["finished_at"] is None:
+            continue
+        runs.append({"route": row["route"], "started_at": row["started_at"], "finished_at": row["finished_at"],
+                     "outcome": row["outcome"], "version": row["version"],
+                     "seconds": max(0.0, row["finished_at"] - row["started_at"]),
+                     "device": _run_device(row["detail_json"])})
+    return runs
+
+
+def shadow_costs(store: Queryable) -> list[tuple[float, float]]:
+    """Each shadow comparison's (time, teacher cost), oldest first."""
+    return [(row["created_at"], float(row["cost_usd"])) for row in store.query(_SHADOW_COSTS_SQL)]

@@ -1,9 +1,67 @@
-"""``savings.png``: cost and student share over the stream, quality alongside."""
+"""``savings.png``: cumulative cost (actual, all-teacher); savings net of training on a scale
+of their own, with the break-even request marked; student share and quality per phase. The
+promotions are marked on each."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+
+def _mark_promotions(axis: Any, result: dict[str, Any]) -> None:
+    for position, request in enumerate(result["loop"]["promoted_after_request"]):
+        axis.axvline(request, color="green", linestyle="--", linewidth=0.9,
+                     label="promotion" if position == 0 else None)
+
+
+def _runs(count: int) -> str:
+    return f"{count} training run" + ("" if count == 1 else "s")
+
+
+def _cost_panel(axis: Any, result: dict[str, Any]) -> None:
+    series = result["savings"]["series"]
+    axis.plot(series["request"], series["all_teacher_cost_usd"], label="all-teacher cost")
+    axis.plot(series["request"], series["actual_cost_usd"], label="actual cost (teacher + student + shadow)")
+    _mark_promotions(axis, result)
+    axis.set_ylabel("cumulative USD")
+    axis.legend(loc="upper left", fontsize=8)
+    axis.set_title("distillgate demo on CLINC150 (teacher: replay stand-in)")
+
+
+def _net_panel(axis: Any, result: dict[str, Any]) -> None:
+    """Net savings on a scale of their own: early on they are a few cents beside dollars."""
+    savings = result["savings"]
+    series = savings["series"]
+    axis.plot(series["request"], series["net_savings_usd"], linewidth=2.0, color="tab:red",
+              label="net savings (all-teacher - actual - training)")
+    axis.plot(series["request"], series["training_cost_usd"], linestyle=":", color="tab:purple",
+              label="training compute")
+    axis.axhline(0.0, color="grey", linewidth=0.8)
+    _mark_promotions(axis, result)
+    break_even = savings["break_even_request"]
+    if break_even is not None:
+        axis.axvline(break_even, color="black", linewidth=1.2, label=f"break-even: request {break_even:,}")
+    else:
+        axis.text(0.99, 0.95, "no break-even within the stream", transform=axis.transAxes, ha="right", va="top",
+                  fontsize=9)
+    axis.set_ylabel("cumulative USD")
+    axis.legend(loc="upper left", fontsize=8)
+    net = savings["net_savings_usd"] or 0.0
+    axis.set_title(f"net savings {net:,.4f} USD after {savings['training_cost_usd']:,.4f} USD of training "
+                   f"({_runs(len(savings['training']['runs']))})", fontsize=10)
+
+
+def _share_panel(axis: Any, phases: list[dict[str, Any]]) -> None:
+    x = [phase["first_request"] + phase["requests"] - 1 for phase in phases]
+    axis.plot(x, [phase["in_scope_student_share"] or 0 for phase in phases], marker="o",
+              label="student share of in-scope")
+    axis.plot(x, [phase["in_scope_accuracy"] or 0 for phase in phases], marker="s", label="served in-scope accuracy")
+    axis.plot(x, [phase["all_teacher_in_scope_accuracy"] or 0 for phase in phases], linestyle="--",
+              label="all-teacher in-scope accuracy")
+    axis.plot(x, [phase["oos_sent_to_teacher"] or 0 for phase in phases], marker="^", label="OOS sent to teacher")
+    axis.set_ylim(0, 1.05)
+    axis.set_xlabel("requests")
+    axis.legend(loc="lower right", fontsize=8)
 
 
 def plot_savings(result: dict[str, Any], path: Path) -> None:
@@ -12,26 +70,11 @@ def plot_savings(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    phases = result["phases"]
-    x = [phase["first_request"] + phase["requests"] - 1 for phase in phases]
-    cumulative_cost, cumulative_teacher = [], []
-    for phase in phases:
-        cumulative_cost.append((cumulative_cost[-1] if cumulative_cost else 0.0) + phase["cost_usd"])
-        cumulative_teacher.append((cumulative_teacher[-1] if cumulative_teacher else 0.0) + phase["all_teacher_cost_usd"])
-    figure, (cost_axis, share_axis) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
-    cost_axis.plot(x, cumulative_teacher, marker="o", label="all-teacher")
-    cost_axis.plot(x, cumulative_cost, marker="o", label="distillgate")
-    cost_axis.set_ylabel("cumulative cost ($)")
-    cost_axis.legend()
-    cost_axis.set_title("distillgate demo on CLINC150 (teacher: replay stand-in)")
-    share_axis.plot(x, [phase["student_share"] or 0 for phase in phases], marker="o", label="student share")
-    share_axis.plot(x, [phase["in_scope_accuracy"] or 0 for phase in phases], marker="s", label="served in-scope accuracy")
-    share_axis.plot(x, [phase["all_teacher_in_scope_accuracy"] or 0 for phase in phases], linestyle="--",
-                    label="all-teacher in-scope accuracy")
-    share_axis.plot(x, [phase["oos_sent_to_teacher"] or 0 for phase in phases], marker="^", label="OOS sent to teacher")
-    share_axis.set_ylim(0, 1.05)
-    share_axis.set_xlabel("requests")
-    share_axis.legend(loc="lower right")
+    figure, (cost_axis, net_axis, share_axis) = plt.subplots(
+        3, 1, figsize=(10, 10), sharex=True, gridspec_kw={"height_ratios": [3, 2, 2]})
+    _cost_panel(cost_axis, result)
+    _net_panel(net_axis, result)
+    _share_panel(share_axis, result["phases"])
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

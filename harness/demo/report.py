@@ -49,7 +49,8 @@ def summarize(outcomes: list[Outcome], references: list[Reference], costs: dict[
     teacher_correct_in_scope = sum(
         reference_by_index[outcome.index].answer == outcome.query.label for outcome in in_scope)
     actual_cost = sum(costs.get(outcome.request_id or "", 0.0) for outcome in served)
-    all_teacher_cost = sum(reference.cost_usd for reference in references)
+    # Over the served requests only: a failed request cost nothing and saved nothing.
+    all_teacher_cost = sum(reference_by_index[outcome.index].cost_usd for outcome in served)
     return {
         "requests": len(outcomes),
         "failed_requests": len(outcomes) - len(served),
@@ -86,6 +87,7 @@ def heldout_section(outcomes: list[Outcome], references: list[Reference], costs:
     figures = summarize(outcomes, references, costs)
     return {
         "queries": len(outcomes),
+        "failed_requests": figures["failed_requests"],
         "in_scope_accuracy": figures["in_scope_accuracy"],
         "oos_recall_sent_to_teacher": figures["oos_sent_to_teacher"],
         "oos_recall_answered_oos": figures["oos_answered_oos"],
@@ -95,18 +97,3 @@ def heldout_section(outcomes: list[Outcome], references: list[Reference], costs:
         "paper_table_2_full": PAPER_ROWS,
     }
 
-
-def goals(overall: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The issue's goals for the full run, each with the figure reached."""
-    accuracy_gap = None
-    if overall["in_scope_accuracy"] is not None and overall["all_teacher_in_scope_accuracy"] is not None:
-        accuracy_gap = round(overall["all_teacher_in_scope_accuracy"] - overall["in_scope_accuracy"], 4)
-    checks = {
-        "in_scope_student_share >= 0.70": (overall["in_scope_student_share"], lambda v: v >= 0.70),
-        "in_scope_accuracy_gap <= 0.015": (accuracy_gap, lambda v: v <= 0.015),
-        "oos_sent_to_teacher >= 0.90": (overall["oos_sent_to_teacher"], lambda v: v >= 0.90),
-        "cost_vs_all_teacher <= 0.35": (overall["cost_vs_all_teacher"], lambda v: v <= 0.35),
-        "failed_requests == 0": (overall["failed_requests"], lambda v: v == 0),
-    }
-    return {name: {"value": value, "met": value is not None and bool(test(value))}
-            for name, (value, test) in checks.items()}

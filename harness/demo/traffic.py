@@ -41,6 +41,8 @@ class Outcome:
     request_id: str | None
     latency_ms: float
     error: str | None = None
+    # Wall-clock time the request was sent: places promotions and training runs on the stream.
+    sent_at: float = 0.0
 
     @property
     def correct(self) -> bool:
@@ -87,19 +89,19 @@ def heldout_queries(splits: dict[str, list[Query]], limit: int | None, seed: int
 
 async def _send_one(client: openai.AsyncOpenAI, route: str, system_prompt: str, index: int,
                     query: Query) -> Outcome:
-    started = time.perf_counter()
+    sent_at, started = time.time(), time.perf_counter()
     messages: list[Any] = [{"role": "system", "content": system_prompt}, {"role": "user", "content": query.text}]
     try:
         raw = await client.chat.completions.with_raw_response.create(
             model=route, messages=messages, temperature=0, max_tokens=16)
     except openai.APIError as error:
         return Outcome(index, query, None, None, None, None, (time.perf_counter() - started) * 1000,
-                       error=f"{type(error).__name__}: {error}")
+                       error=f"{type(error).__name__}: {error}", sent_at=sent_at)
     completion = raw.parse()
     return Outcome(
         index, query, completion.choices[0].message.content or "", raw.headers.get("x-distillgate-target"),
         raw.headers.get("x-distillgate-student-version"), raw.headers.get("x-request-id"),
-        (time.perf_counter() - started) * 1000,
+        (time.perf_counter() - started) * 1000, sent_at=sent_at,
     )
 
 
