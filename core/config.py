@@ -213,8 +213,9 @@ class RouteConfig(StrictModel):
     labels_dataset: Path | None = Field(
         None, description="label route: valid answers are the labels in this CLINC150-format file"
     )
-    ood_threshold: float = Field(0.5, ge=0)
-    confidence_threshold: float | None = None
+    ood_threshold: float = Field(0.5, ge=0, allow_inf_nan=False)
+    # A mean token logprob (<= 0); None turns the cascade off.
+    confidence_threshold: float | None = Field(None, le=0, allow_inf_nan=False)
     shadow_rate: float = Field(0.0, ge=0, le=1)
     training: TrainingConfig = TrainingConfig()
     gate: GateConfig = GateConfig()

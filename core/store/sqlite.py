@@ -86,7 +86,7 @@ class SQLiteStore:
     def route_overrides(self, route: str) -> dict[str, Any]:
         with self._lock:
             rows = self.db["route_overrides"].rows_where("route = ?", [route])
-            return {row["field"]: json.loads(row["value_json"]) for row in rows}
+            return {row["field"]: _json_or_raw(row["value_json"]) for row in rows}
 
     def set_route_overrides(self, route: str, changes: dict[str, Any], actor: str) -> None:
         now = time.time()
@@ -107,6 +107,17 @@ class SQLiteStore:
                         "at": now,
                     }
                 )
+
+    def clear_route_overrides(self, route: str, fields: list[str], actor: str) -> None:
+        """Delete these overrides (audited with ``new_json`` null): the config applies again."""
+        now = time.time()
+        with self._transaction():
+            current = self.route_overrides(route)
+            for field in fields:
+                self.db.execute("delete from route_overrides where route = ? and field = ?", [route, field])
+                self.db["route_audit"].insert({"route": route, "actor": actor, "field": field,
+                                               "old_json": json.dumps(current.get(field)), "new_json": "null",
+                                               "at": now})
 
     def route_audit(self, route: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -167,6 +178,14 @@ class SQLiteStore:
     def close(self) -> None:
         with self._lock:
             self.db.conn.close()
+
+
+def _json_or_raw(text: str) -> Any:
+    """A stored JSON value, or the raw text when it does not parse (the caller reports it)."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return text
 
 
 class ReadOnlyStore:
