@@ -98,10 +98,13 @@ class BreakerConfig(StrictModel):
     """The student server's circuit breaker (see gateway/upstream/breaker.py)."""
 
     enabled: bool = True
-    # Consecutive student failures (error, timeout, malformed answer) that open the breaker.
+    # Consecutive student server faults (5xx, timeout, connection error, malformed answer)
+    # that open the breaker; a 4xx (the request's fault) never counts.
     failure_threshold: int = Field(5, ge=1)
     probe_interval_s: float = Field(2.0, gt=0)
     probe_timeout_s: float = Field(5.0, gt=0)
+    # Half-open admits one trial request; one that never reports back frees the slot after this.
+    trial_timeout_s: float = Field(30.0, gt=0)
 
 
 class VLLMConfig(StrictModel):

@@ -64,7 +64,7 @@ def _build_teachers(settings: Settings) -> dict[str, TeacherClient]:
 def _build_student(settings: Settings) -> StudentBackend:
     from gateway.upstream.student import VLLMStudent
 
-    return VLLMStudent(settings.vllm.url)
+    return VLLMStudent(settings.vllm.url, max_model_len=settings.vllm.max_model_len)
 
 
 def _build_router(settings: Settings, store: Store) -> Router:

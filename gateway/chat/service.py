@@ -143,9 +143,17 @@ class ChatService:
         record.decision_reasons.append("student_circuit_open")
         return True
 
-    def _student_failed(self, record: RequestRecord, reason: str) -> None:
+    async def _fits_student(self, record: RequestRecord, model: str, body: dict[str, Any]) -> bool:
+        """False (and a reason on the record) when the prompt cannot fit the student's context."""
+        fits_context = getattr(self.student, "fits_context", None)
+        if fits_context is None or await fits_context(model, body):
+            return True
+        record.decision_reasons.append("prompt_exceeds_student_context")
+        return False
+
+    def _student_failed(self, record: RequestRecord, reason: str, *, server_fault: bool = True) -> None:
         if self.breaker is not None:
-            self.breaker.record_failure(reason)
+            self.breaker.record_failure(reason, server_fault=server_fault)
         record.fallback = True
         record.decision_reasons.append(reason)
         logger.warning("student failed; serving from the teacher",
@@ -173,16 +181,15 @@ class ChatService:
         pointer = state.student
         assert pointer is not None
         record.student_version = pointer.version
-        if self._student_open(record):
+        student_body = self._student_body(state, body, decision.cascade)
+        if not await self._fits_student(record, pointer.adapter_name, student_body) or self._student_open(record):
             return None
         try:
             with self.routes.track(pointer.adapter_name):
-                completion = await self.student.chat(
-                    pointer.adapter_name, self._student_body(state, body, decision.cascade),
-                    state.config.student.timeout_s,
-                )
+                completion = await self.student.chat(pointer.adapter_name, student_body,
+                                                     state.config.student.timeout_s)
         except UpstreamFailure as failure:
-            self._student_failed(record, f"student_error: {failure}")
+            self._student_failed(record, f"student_error: {failure}", server_fault=failure.server_fault)
             return None
         if self.breaker is not None:
             self.breaker.record_success()
@@ -236,17 +243,20 @@ class ChatService:
         pointer = state.student
         assert pointer is not None
         record.student_version = pointer.version
-        if self._student_open(record):
-            return None, None
         # The cascade judges a whole answer, so it applies to non-streamed requests only; a
         # streamed one is served on the router's decision alone.
         student_body = self._student_body(state, body, cascade=False)
         student_body["stream_options"] = {"include_usage": True}
+        if not await self._fits_student(record, pointer.adapter_name, student_body) or self._student_open(record):
+            return None, None
         upstream = self.student.stream(pointer.adapter_name, student_body, state.config.student.timeout_s)
         try:
             first = await upstream.__anext__()
-        except (UpstreamFailure, StopAsyncIteration) as failure:
-            self._student_failed(record, f"student_error: {failure!r}")
+        except UpstreamFailure as failure:
+            self._student_failed(record, f"student_error: {failure!r}", server_fault=failure.server_fault)
+            return None, None
+        except StopAsyncIteration:
+            self._student_failed(record, "student_error: the stream ended before its first chunk")
             return None, None
         if self.breaker is not None:
             self.breaker.record_success()
@@ -300,7 +310,7 @@ class ChatService:
             yield sse("[DONE]")
         except UpstreamFailure as failure:
             if record.target == "student" and self.breaker is not None:
-                self.breaker.record_failure(f"student stream broke: {failure}")
+                self.breaker.record_failure(f"student stream broke: {failure}", server_fault=failure.server_fault)
             record.fail(502, f"stream interrupted: {failure}")
             self._log_stream(record, text, finish_reason)
             logged = True
