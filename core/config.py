@@ -89,9 +89,15 @@ class StoreConfig(StrictModel):
     # How long a write waits for a lock held by another connection before it fails (and is retried).
     busy_timeout_ms: int = Field(5_000, ge=0)
     spool: SpoolConfig = SpoolConfig()
+    # Rows the store refuses for what they hold (poison rows), one JSON line each.
+    # Default: ``<store path>.deadletter.jsonl`` beside the database.
+    dead_letter_path: Path | None = None
 
     def spool_dir(self) -> Path:
         return self.spool.dir or self.path.with_name(self.path.name + ".spool")
+
+    def dead_letter_file(self) -> Path:
+        return self.dead_letter_path or self.path.with_name(self.path.name + ".deadletter.jsonl")
 
 
 class BreakerConfig(StrictModel):

@@ -13,6 +13,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from fastapi import FastAPI
 from core.config import Settings
 from core.store import BatchWriter, SQLiteStore, Store
 from core.store.spool import Spool
+from core.store.writer import DeadLetter, write_isolating
 from core.upstream import StudentBackend, TeacherClient
 from gateway.admin.endpoints import endpoints as admin_endpoints
 from gateway.chat.endpoints import endpoints as chat_endpoints
@@ -83,8 +85,9 @@ async def _recovered_spool(settings: Settings, store: Store) -> Spool | None:
     if not config.enabled:
         return None
     spool = Spool(settings.store.spool_dir(), fsync=config.fsync, segment_bytes=int(config.segment_mb * (1 << 20)))
+    dead_letter = DeadLetter(settings.store.dead_letter_file())
     try:
-        await asyncio.to_thread(spool.recover, store.insert_requests)
+        await asyncio.to_thread(spool.recover, partial(write_isolating, store.insert_requests, dead_letter=dead_letter))
     except sqlite3.Error as error:  # segments are kept and replayed at the next start
         logger.error("spool recovery failed", extra={"error": str(error), "spool": str(spool.directory)})
     return spool
@@ -98,8 +101,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     spool = await _recovered_spool(settings, store)
     writer = BatchWriter(store.insert_requests, batch_size=settings.store.batch_size,
                          flush_interval_s=settings.store.flush_interval_s, queue_max=settings.store.queue_max,
-                         spool=spool)
-    shadow_writer = BatchWriter(store.insert_shadow_results, name="shadow_results")
+                         spool=spool, dead_letter_path=settings.store.dead_letter_file())
+    shadow_writer = BatchWriter(store.insert_shadow_results, name="shadow_results",
+                                dead_letter_path=settings.store.dead_letter_file())
     student = components.student or _build_student(settings)
     teachers = components.teachers or _build_teachers(settings)
     routes = RouteTable(settings, store)

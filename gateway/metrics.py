@@ -181,14 +181,23 @@ class _StateCollector(Collector):
         spool_errors = CounterMetricFamily("distillgate_store_spool_append_errors",
                                            "Rows the write-ahead spool could not take (kept in memory only).",
                                            labels=["writer"])
+        alive = GaugeMetricFamily("distillgate_store_writer_alive", "1 while the writer's task runs.",
+                                  labels=["writer"])
+        restarts = CounterMetricFamily("distillgate_store_writer_restarts", "Times the writer's task died and was "
+                                       "restarted.", labels=["writer"])
+        dead = CounterMetricFamily("distillgate_store_dead_letter_rows", "Poison rows set aside in the dead-letter "
+                                   "file.", labels=["writer"])
         for writer in self._writers:
+            alive.add_metric([writer.name], 1 if writer.alive else 0)
+            restarts.add_metric([writer.name], writer.restarts)
+            dead.add_metric([writer.name], writer.dead_letter_rows)
             if getattr(writer, "spool", None) is not None:
                 spool_errors.add_metric([writer.name], writer.spool.append_errors)
             pending.add_metric([writer.name], writer.pending)
             written.add_metric([writer.name], writer.rows_written)
             errors.add_metric([writer.name], writer.write_errors)
             healthy.add_metric([writer.name], 1 if writer.healthy else 0)
-        yield from (pending, written, errors, healthy, spool_errors)
+        yield from (pending, written, errors, healthy, spool_errors, alive, restarts, dead)
         if self._shadow is not None:
             skipped = CounterMetricFamily("distillgate_shadow_skipped", "Shadow samples skipped (queue full).")
             skipped.add_metric([], self._shadow.skipped)

@@ -169,11 +169,18 @@ class SQLiteStore:
             return list(self.db["training_runs"].rows_where("route = ?", [route], order_by="id desc"))
 
     # -- health ------------------------------------------------------------------------------
-    def check_writable(self) -> None:
-        """Raises sqlite3.Error when the database cannot take a write right now."""
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("ROLLBACK")
+    def check_writable(self, timeout_s: float = 0.5) -> None:
+        """Raises sqlite3.Error when the database cannot take a write right now.
+
+        On a connection of its own with a short busy timeout: a readiness probe must not
+        hold the store's lock (every read and the writer wait on it) while the database is
+        locked by someone else."""
+        connection = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute("ROLLBACK")
+        finally:
+            connection.close()
 
     def close(self) -> None:
         with self._lock:
