@@ -113,6 +113,18 @@ class BreakerConfig(StrictModel):
     trial_timeout_s: float = Field(30.0, gt=0)
 
 
+class SuperviseConfig(StrictModel):
+    """Restarting a vLLM that ``serve`` launched (see gateway/vllm_supervisor.py)."""
+
+    enabled: bool = True
+    poll_interval_s: float = Field(1.0, gt=0)
+    backoff_initial_s: float = Field(1.0, ge=0)
+    backoff_max_s: float = Field(60.0, ge=0)
+    # A server that stayed up this long resets the backoff.
+    stable_after_s: float = Field(60.0, ge=0)
+    ready_timeout_s: float = Field(300.0, gt=0)
+
+
 class VLLMConfig(StrictModel):
     """The student server. ``launch`` starts it as a child of ``distillgate serve``."""
 
@@ -126,6 +138,7 @@ class VLLMConfig(StrictModel):
     max_loras: int = 2
     extra_args: list[str] = []
     breaker: BreakerConfig = BreakerConfig()
+    supervise: SuperviseConfig = SuperviseConfig()
 
 
 class ReplayTeacherConfig(StrictModel):

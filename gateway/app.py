@@ -55,6 +55,8 @@ class Components:
     # The config file the app was built from; scheduled retraining runs only when it is known.
     config_path: Path | None = None
     extra_startup: list[Callable[[FastAPI], Any]] = field(default_factory=list)
+    # The vLLM child that ``serve`` launched (a VLLMProcess): supervised, restarted when it dies.
+    vllm_process: Any = None
 
 
 def _build_teachers(settings: Settings) -> dict[str, TeacherClient]:
@@ -77,6 +79,15 @@ def _build_router(settings: Settings, store: Store) -> Router:
         logger.warning("router extra not installed: routing by mode and cold start only")
         return PolicyRouter()
     return build_ood_router(settings, store)
+
+
+def _build_supervisor(settings: Settings, components: Components, training: TrainingLoop) -> Any:
+    """A supervisor for the vLLM child ``serve`` launched, or None (vLLM runs elsewhere)."""
+    if components.vllm_process is None or not settings.vllm.supervise.enabled:
+        return None
+    from gateway.vllm_supervisor import VLLMSupervisor
+
+    return VLLMSupervisor(components.vllm_process, settings.vllm.supervise, on_ready=training.restore_now)
 
 
 async def _recovered_spool(settings: Settings, store: Store) -> Spool | None:
@@ -119,17 +130,24 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                                          [*components.observers, metrics.observe], breaker=breaker)
     training = TrainingLoop(settings, store, student, routes, router, components.config_path)
     app.state.training, app.state.swapper = training, training.swapper
+    supervisor = _build_supervisor(settings, components, training)
+    app.state.vllm_supervisor = supervisor
+    metrics.bind_supervisor(supervisor)
     writer.start()
     shadow_writer.start()
     shadow.start()
     breaker.start()
-    training.start()
+    training.start(restore=supervisor is None)
+    if supervisor is not None:
+        supervisor.start()
     for startup in components.extra_startup:
         await startup(app)
     logger.info("gateway ready", extra={"routes": [route.name for route in settings.routes]})
     try:
         yield
     finally:
+        if supervisor is not None:
+            await supervisor.close()
         await training.stop()
         await breaker.close()
         await shadow.close()

@@ -92,6 +92,10 @@ class GatewayMetrics:
         """Give the scrape-time collector the live objects (built in the app's lifespan)."""
         self._state.bind(store=store, routes=routes, writers=list(writers), shadow=shadow, breaker=breaker)
 
+    def bind_supervisor(self, supervisor: Any) -> None:
+        """The vLLM supervisor (None when the gateway did not launch vLLM)."""
+        self._state.supervisor = supervisor
+
     def observe(self, record: RequestRecord) -> None:
         """The ChatService observer: account for one finished request."""
         route, target, status = record.route, record.target or "none", str(record.status_code)
@@ -124,6 +128,7 @@ class _StateCollector(Collector):
         self._writers: list[Any] = []
         self._shadow: Any = None
         self._breaker: Any = None
+        self.supervisor: Any = None
         self._lock = threading.Lock()
         self._shadow_last_id = 0
         self._shadow_totals: dict[tuple[str, str], list[int]] = {}
@@ -170,6 +175,14 @@ class _StateCollector(Collector):
         opened = CounterMetricFamily("distillgate_student_breaker_opened", "Times the student breaker opened.")
         opened.add_metric([], self._breaker.opened_total)
         yield from (state, opened)
+        if self.supervisor is not None:
+            up = GaugeMetricFamily("distillgate_student_server_up",
+                                   "1 while the supervised vLLM server is ready (adapters reloaded).")
+            up.add_metric([], 1 if self.supervisor.up else 0)
+            restarts = CounterMetricFamily("distillgate_student_server_restarts",
+                                           "Times the supervised vLLM server was restarted.")
+            restarts.add_metric([], self.supervisor.restarts)
+            yield from (up, restarts)
 
     def _writer_families(self) -> Iterator[Metric]:
         pending = GaugeMetricFamily("distillgate_store_pending_rows", "Rows queued for the store.", labels=["writer"])
