@@ -77,6 +77,8 @@ class VLLMSupervisor:
                 lived = time.monotonic() - (self.ready_since or time.monotonic())
                 self._failures = 0 if lived >= self.config.stable_after_s else self._failures + 1
                 self.ready_since = None
+                # What the dead server forked (vLLM's engine core) is still in its process group.
+                await asyncio.to_thread(self.process.stop, 1.0)
                 await self._restart(f"exited with status {code}")
                 await self._until_ready()
 
