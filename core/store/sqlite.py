@@ -55,6 +55,17 @@ class SQLiteStore:
         with self._lock:
             return self.db["requests"].count_where(where, args) if where else self.db["requests"].count
 
+    def count_new_examples(self, route: str, after: float) -> int:
+        """Teacher answers (status 200) plus shadow results logged since ``after``: two count
+        queries on the (route, target, created_at) and (route, created_at) indexes, no row read."""
+        with self._lock:
+            teacher = self.db.execute(
+                "select count(*) from requests where route = ? and target = 'teacher' and created_at > ? "
+                "and status_code = 200", [route, after]).fetchone()[0]
+            shadow = self.db.execute("select count(*) from shadow_results where route = ? and created_at > ?",
+                                     [route, after]).fetchone()[0]
+        return int(teacher) + int(shadow)
+
     def iter_requests(
         self, route: str, *, target: str | None = None, after: float = 0.0, ok_only: bool = True
     ) -> Iterator[dict[str, Any]]:
