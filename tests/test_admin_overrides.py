@@ -98,3 +98,17 @@ def test_a_bad_persisted_override_is_reported_and_ignored_at_start(admin_setting
     reopened = SQLiteStore(admin_settings.store.path)
     assert reopened.route_overrides("clinc-intents") == {}
     reopened.close()
+
+
+@pytest.mark.parametrize("force", ["false", "true", 1, 0, None, []])
+def test_promote_force_must_be_a_json_boolean(admin_settings: Settings, force: object) -> None:
+    from core.registry import CandidateVersion, Registry
+
+    store = SQLiteStore(admin_settings.store.path)
+    Registry(store).record(CandidateVersion("clinc-intents", "v1", "rejected", "/nowhere/v1"))
+    store.close()
+    with UvicornThread(create_app(admin_settings)) as server:
+        response = httpx.post(f"{server.url}{ROUTE_URL}/promote", headers=ADMIN, json={"version": "v1", "force": force})
+        versions = httpx.get(f"{server.url}{ROUTE_URL}/versions", headers=ADMIN).json()["data"]
+    assert response.status_code == 400 and response.json()["error"]["param"] == "force"
+    assert versions[0]["status"] == "rejected"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -16,6 +18,8 @@ import sqlite_utils
 from core.store.migrations import migrate
 
 VERSION_STATUSES = ("candidate", "live", "retired", "rejected", "failed")
+# A reservation older than this is free whoever holds it (a host that never came back).
+RESERVATION_MAX_AGE_S = 86_400.0
 
 
 class SQLiteStore:
@@ -171,6 +175,39 @@ class SQLiteStore:
                 if updated != 1:
                     raise KeyError(f"route {route!r} has no version {version!r}")
 
+    def reserve_version_number(self, route: str) -> int:
+        """The next version number of ``route``, reserved for this process until it exits or
+        reserves again: two training runs at once (a manual ``train`` beside a scheduled
+        one) never take the same number. A reservation whose process is gone is free again,
+        so a rerun after a crash takes the crashed run's number (and resumes its checkpoint).
+        One ``BEGIN IMMEDIATE`` transaction: concurrent processes serialize on it."""
+        host, pid = socket.gethostname(), os.getpid()
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self._drop_stale_reservations(route, host, pid)
+                taken = [row[0] for row in self.db.execute(
+                    "select number from version_reservations where route = ?", [route]).fetchall()]
+                taken += [_version_number(row[0]) for row in self.db.execute(
+                    "select version from student_versions where route = ?", [route]).fetchall()]
+                number = max(taken, default=0) + 1
+                self.db.execute("insert into version_reservations (route, number, host, pid, reserved_at) "
+                                "values (?, ?, ?, ?, ?)", [route, number, host, pid, time.time()])
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        return number
+
+    def _drop_stale_reservations(self, route: str, host: str, pid: int) -> None:
+        rows = self.db.execute("select number, host, pid, reserved_at from version_reservations where route = ?",
+                               [route]).fetchall()
+        for number, holder_host, holder_pid, reserved_at in rows:
+            mine = holder_host == host and holder_pid == pid
+            gone = holder_host == host and not _pid_alive(holder_pid)
+            if mine or gone or time.time() - reserved_at > RESERVATION_MAX_AGE_S:
+                self.db.execute("delete from version_reservations where route = ? and number = ?", [route, number])
+
     def record_training_run(self, row: dict[str, Any]) -> int:
         with self._transaction():
             return self.db["training_runs"].insert(row, alter=False).last_pk
@@ -196,6 +233,20 @@ class SQLiteStore:
     def close(self) -> None:
         with self._lock:
             self.db.conn.close()
+
+
+def _version_number(version: str) -> int:
+    return int(version[1:]) if version.startswith("v") and version[1:].isdigit() else 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
 
 
 def _json_or_raw(text: str) -> Any:

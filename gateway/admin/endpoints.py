@@ -88,7 +88,9 @@ async def promote(route: str, request: Request) -> dict[str, Any]:
     known = {row["version"] for row in request.app.state.store.versions(route)}
     if version not in known:
         raise NotFound(f"Route {route!r} has no version {version!r}.", param="version")
-    force = bool(payload.get("force", False))
+    force = payload.get("force", False)
+    if not isinstance(force, bool):  # bool("false") is True: only a JSON boolean means yes or no
+        raise InvalidRequest("force must be a JSON boolean (true or false).", param="force")
     try:
         await _swapper(request).promote(route, version, force=force)
     except SwapError as error:

@@ -90,10 +90,18 @@ class ChatService:
         # The log gets a redacted copy when the route asks for it; upstreams get ``body``.
         record = RequestRecord(route=state.config.name, request=redact_request(body, state.config.redact),
                                stream=request.stream, client_key_id=client_key_id)
-        decision = await self.router.decide(state.policy(), body["messages"])
+        decision = await self._decide(state, body["messages"])
         record.router_score = decision.score
         record.decision_reasons = list(decision.reasons)
         return state, record, decision, body
+
+    async def _decide(self, state: RouteState, messages: list[dict[str, Any]]) -> Decision:
+        """The router's decision; when the router fails, the teacher answers (never a 500)."""
+        try:
+            return await self.router.decide(state.policy(), messages)
+        except Exception as error:  # the router is a plug-in seam (models, numpy, files): any failure is its own
+            logger.exception("router failed; serving from the teacher", extra={"route": state.config.name})
+            return Decision("teacher", reasons=[f"router_error: {type(error).__name__}"])
 
     def _student_body(self, state: RouteState, body: dict[str, Any], cascade: bool) -> dict[str, Any]:
         student_body = {**body, "messages": student_messages(state.config.student.system_prompt, body["messages"])}
