@@ -108,7 +108,9 @@ async def _recovered_spool(settings: Settings, store: Store) -> Spool | None:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     components: Components = app.state.components
-    store = components.store or SQLiteStore(settings.store.path, busy_timeout_ms=settings.store.busy_timeout_ms)
+    spool_config = settings.store.spool
+    store = components.store or SQLiteStore(settings.store.path, busy_timeout_ms=settings.store.busy_timeout_ms,
+                                             durable_commits=spool_config.enabled and spool_config.fsync)
     spool = await _recovered_spool(settings, store)
     writer = BatchWriter(store.insert_requests, batch_size=settings.store.batch_size,
                          flush_interval_s=settings.store.flush_interval_s, queue_max=settings.store.queue_max,

@@ -112,3 +112,16 @@ async def test_the_writer_task_is_restarted_when_it_dies(tmp_path: Path, monkeyp
     await writer.close(timeout_s=10)
     assert writer.restarts == 1 and "a bug outside the write" in (writer.last_crash or "")
     assert store.count_requests() == 2
+
+
+@pytest.mark.parametrize(("fsync", "synchronous"), [(True, 2), (False, 1)])
+def test_spool_fsync_makes_store_commits_durable_before_the_spool_lets_go(
+        make_settings: Callable[..., Settings], replay_teacher: str, fsync: bool, synchronous: int) -> None:
+    """With ``spool.fsync`` the store commits with synchronous=FULL (2): a committed row is on
+    disk before its spool line is truncated away. Without it, NORMAL (1) is enough."""
+    settings = make_settings(replay_teacher, store={"spool": {"fsync": fsync}})
+    app = create_app(settings)
+    with UvicornThread(app) as server:
+        sdk(server.url).chat.completions.create(model=ROUTE, messages=MESSAGES)
+        log_rows(settings, 1)
+        assert app.state.store.query("pragma synchronous")[0]["synchronous"] == synchronous

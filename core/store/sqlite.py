@@ -25,7 +25,7 @@ RESERVATION_MAX_AGE_S = 86_400.0
 class SQLiteStore:
     """All persistence for one deployment. Thread-safe: one connection behind a lock."""
 
-    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 5_000) -> None:
+    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 5_000, durable_commits: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit mode with explicit transactions (sqlite-utils' atomic(), savepoints when
@@ -35,7 +35,9 @@ class SQLiteStore:
         self.db = sqlite_utils.Database(connection)
         self.db.enable_wal()
         # NORMAL in WAL mode survives a process crash; only an OS crash can lose the last commits.
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        # FULL (``durable_commits``) syncs the WAL at every commit: what the spool's ``fsync``
+        # promise needs, since a committed row leaves the spool (see core/store/spool.py).
+        self.db.execute(f"PRAGMA synchronous={'FULL' if durable_commits else 'NORMAL'}")
         self._lock = threading.RLock()
         with self._lock:
             migrate(self.db)
