@@ -9,6 +9,7 @@ until the student is up: student failures, including "not started yet", fall bac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import secrets
@@ -20,14 +21,22 @@ from pathlib import Path
 from typing import Any
 
 from core.config import Settings, settings_for_command
+from gateway.vllm_process import VLLMStartError
 
 logger = logging.getLogger(__name__)
 
 
+class StrayServer(RuntimeError):
+    """A child's port is taken: refuse rather than silently use what answers there."""
+
+
 def _child(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """A child in its own process group that dies with this process (gateway/child_guard.py)."""
+    from gateway.child_guard import guarded
+
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log_file:
-        return subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(guarded(args), stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _start_replay_teacher(settings: Settings, log_dir: Path) -> subprocess.Popen[bytes] | None:
@@ -40,6 +49,11 @@ def _start_replay_teacher(settings: Settings, log_dir: Path) -> subprocess.Popen
         "--latency-ms", str(options.latency_ms), "--latency-jitter-ms", str(options.latency_jitter_ms),
         "--error-rate", str(options.error_rate), "--accuracy", str(options.accuracy), "--seed", str(options.seed),
     ]
+    from gateway.child_guard import port_in_use
+
+    if port_in_use("127.0.0.1", options.port):
+        raise StrayServer(f"replay_teacher.port {options.port} is already in use (a stray replay teacher from an "
+                          "earlier run?); stop it or choose another port")
     logger.info("starting the replay teacher (stand-in for the frontier API)", extra={"port": options.port})
     return _child(command, log_dir / "replay-teacher.log")
 
@@ -68,7 +82,7 @@ def _start_vllm(settings: Settings, log_dir: Path) -> Any:
                           max_model_len=vllm.max_model_len, max_lora_rank=vllm.max_lora_rank,
                           max_loras=vllm.max_loras, extra_args=vllm.extra_args, log_path=log_dir / "vllm.log")
     logger.info("starting vLLM for the student", extra={"url": vllm.url, "log": str(log_dir / "vllm.log")})
-    process.start()
+    process.start()  # refuses a port another server holds (VLLMStartError)
     return process
 
 
@@ -93,9 +107,15 @@ def serve(args: argparse.Namespace) -> int:
     try:
         if settings.vllm.launch:
             _ensure_student_base(Path(args.config), settings)
-        replay = _start_replay_teacher(settings, log_dir)
-        children += [child for child in (replay, _start_vllm(settings, log_dir)) if child is not None]
-        app = create_app(settings, Components(config_path=Path(args.config)))
+        try:
+            children += [child for child in (_start_replay_teacher(settings, log_dir),) if child is not None]
+            vllm = _start_vllm(settings, log_dir)
+        except (StrayServer, VLLMStartError) as error:
+            print(f"distillgate serve: {error}", file=sys.stderr, flush=True)
+            return 2
+        if vllm is not None:
+            children.append(vllm)
+        app = create_app(settings, Components(config_path=Path(args.config), vllm_process=vllm))
         # uvicorn drains on SIGTERM, then re-raises the signal; exit through the finally
         # below instead, so the children are stopped too and the exit status is 0.
         signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -115,12 +135,14 @@ def _stop(child: Any) -> None:
     if hasattr(child, "stop"):
         child.stop()
         return
-    child.terminate()
+    child.terminate()  # the guard forwards it to the server
     deadline = time.monotonic() + 10
     while child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     if child.poll() is None:
-        child.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)  # the whole group: the guard and the server
+        child.wait()
 
 
 def check_config(args: argparse.Namespace) -> int:

@@ -91,19 +91,40 @@ class StoreConfig(StrictModel):
     # How long a write waits for a lock held by another connection before it fails (and is retried).
     busy_timeout_ms: int = Field(5_000, ge=0)
     spool: SpoolConfig = SpoolConfig()
+    # Rows the store refuses for what they hold (poison rows), one JSON line each.
+    # Default: ``<store path>.deadletter.jsonl`` beside the database.
+    dead_letter_path: Path | None = None
 
     def spool_dir(self) -> Path:
         return self.spool.dir or self.path.with_name(self.path.name + ".spool")
+
+    def dead_letter_file(self) -> Path:
+        return self.dead_letter_path or self.path.with_name(self.path.name + ".deadletter.jsonl")
 
 
 class BreakerConfig(StrictModel):
     """The student server's circuit breaker (see gateway/upstream/breaker.py)."""
 
     enabled: bool = True
-    # Consecutive student failures (error, timeout, malformed answer) that open the breaker.
+    # Consecutive student server faults (5xx, timeout, connection error, malformed answer)
+    # that open the breaker; a 4xx (the request's fault) never counts.
     failure_threshold: int = Field(5, ge=1)
     probe_interval_s: float = Field(2.0, gt=0)
     probe_timeout_s: float = Field(5.0, gt=0)
+    # Half-open admits one trial request; one that never reports back frees the slot after this.
+    trial_timeout_s: float = Field(30.0, gt=0)
+
+
+class SuperviseConfig(StrictModel):
+    """Restarting a vLLM that ``serve`` launched (see gateway/vllm_supervisor.py)."""
+
+    enabled: bool = True
+    poll_interval_s: float = Field(1.0, gt=0)
+    backoff_initial_s: float = Field(1.0, ge=0)
+    backoff_max_s: float = Field(60.0, ge=0)
+    # A server that stayed up this long resets the backoff.
+    stable_after_s: float = Field(60.0, ge=0)
+    ready_timeout_s: float = Field(300.0, gt=0)
 
 
 class VLLMConfig(StrictModel):
@@ -119,6 +140,7 @@ class VLLMConfig(StrictModel):
     max_loras: int = 2
     extra_args: list[str] = []
     breaker: BreakerConfig = BreakerConfig()
+    supervise: SuperviseConfig = SuperviseConfig()
 
 
 class ReplayTeacherConfig(StrictModel):
@@ -236,8 +258,9 @@ class RouteConfig(StrictModel):
     # The detector fixes the unit of ``ood_threshold`` (knn: cosine distance to the nearest
     # training prompts; mahalanobis: squared distance), so both live on the route.
     ood_detector: str = Field("knn", pattern="^(knn|mahalanobis)$")
-    ood_threshold: float = Field(0.5, ge=0)
-    confidence_threshold: float | None = None
+    ood_threshold: float = Field(0.5, ge=0, allow_inf_nan=False)
+    # A mean token logprob (<= 0); None turns the cascade off.
+    confidence_threshold: float | None = Field(None, le=0, allow_inf_nan=False)
     shadow_rate: float = Field(0.0, ge=0, le=1)
     training: TrainingConfig = TrainingConfig()
     gate: GateConfig = GateConfig()

@@ -86,6 +86,11 @@ class Registry:
         return CandidateVersion.from_row(row) if row else None
 
     def next_version(self, route: str) -> str:
+        """The next version name, reserved in the store when it can (concurrent training runs
+        in other processes then never get the same one)."""
+        reserve = getattr(self._store, "reserve_version_number", None)
+        if reserve is not None:
+            return f"v{reserve(route)}"
         return f"v{max((version_number(item.version) for item in self.list(route)), default=0) + 1}"
 
     def record(self, candidate: CandidateVersion) -> CandidateVersion:

@@ -13,6 +13,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from fastapi import FastAPI
 from core.config import Settings
 from core.store import BatchWriter, SQLiteStore, Store
 from core.store.spool import Spool
+from core.store.writer import DeadLetter, write_isolating
 from core.upstream import StudentBackend, TeacherClient
 from gateway.admin.endpoints import endpoints as admin_endpoints
 from gateway.chat.endpoints import endpoints as chat_endpoints
@@ -53,6 +55,8 @@ class Components:
     # The config file the app was built from; scheduled retraining runs only when it is known.
     config_path: Path | None = None
     extra_startup: list[Callable[[FastAPI], Any]] = field(default_factory=list)
+    # The vLLM child that ``serve`` launched (a VLLMProcess): supervised, restarted when it dies.
+    vllm_process: Any = None
 
 
 def _build_teachers(settings: Settings) -> dict[str, TeacherClient]:
@@ -64,7 +68,7 @@ def _build_teachers(settings: Settings) -> dict[str, TeacherClient]:
 def _build_student(settings: Settings) -> StudentBackend:
     from gateway.upstream.student import VLLMStudent
 
-    return VLLMStudent(settings.vllm.url)
+    return VLLMStudent(settings.vllm.url, max_model_len=settings.vllm.max_model_len)
 
 
 def _build_router(settings: Settings, store: Store) -> Router:
@@ -77,14 +81,24 @@ def _build_router(settings: Settings, store: Store) -> Router:
     return build_ood_router(settings, store)
 
 
+def _build_supervisor(settings: Settings, components: Components, training: TrainingLoop) -> Any:
+    """A supervisor for the vLLM child ``serve`` launched, or None (vLLM runs elsewhere)."""
+    if components.vllm_process is None or not settings.vllm.supervise.enabled:
+        return None
+    from gateway.vllm_supervisor import VLLMSupervisor
+
+    return VLLMSupervisor(components.vllm_process, settings.vllm.supervise, on_ready=training.restore_now)
+
+
 async def _recovered_spool(settings: Settings, store: Store) -> Spool | None:
     """The request log's spool, after replaying what a crashed run left in it."""
     config = settings.store.spool
     if not config.enabled:
         return None
     spool = Spool(settings.store.spool_dir(), fsync=config.fsync, segment_bytes=int(config.segment_mb * (1 << 20)))
+    dead_letter = DeadLetter(settings.store.dead_letter_file())
     try:
-        await asyncio.to_thread(spool.recover, store.insert_requests)
+        await asyncio.to_thread(spool.recover, partial(write_isolating, store.insert_requests, dead_letter=dead_letter))
     except sqlite3.Error as error:  # segments are kept and replayed at the next start
         logger.error("spool recovery failed", extra={"error": str(error), "spool": str(spool.directory)})
     return spool
@@ -99,10 +113,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     async with contextlib.AsyncExitStack() as stack:
         store = components.store
         if store is None:
-            store = SQLiteStore(settings.store.path, busy_timeout_ms=settings.store.busy_timeout_ms)
+            spool_config = settings.store.spool
+            store = SQLiteStore(settings.store.path, busy_timeout_ms=settings.store.busy_timeout_ms,
+                                durable_commits=spool_config.enabled and spool_config.fsync)
             stack.callback(store.close)
         writer = await _start_writer(stack, settings, store)
-        shadow_writer = BatchWriter(store.insert_shadow_results, name="shadow_results")
+        shadow_writer = BatchWriter(store.insert_shadow_results, name="shadow_results",
+                                    dead_letter_path=settings.store.dead_letter_file())
         shadow_writer.start()
         stack.push_async_callback(shadow_writer.close)
         student = components.student or _build_student(settings)
@@ -127,8 +144,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                                              [*components.observers, metrics.observe], breaker=breaker)
         training = TrainingLoop(settings, store, student, routes, router, components.config_path)
         app.state.training, app.state.swapper = training, training.swapper
-        training.start()
+        supervisor = _build_supervisor(settings, components, training)
+        app.state.vllm_supervisor = supervisor
+        metrics.bind_supervisor(supervisor)
+        training.start(restore=supervisor is None)
         stack.push_async_callback(training.stop)
+        if supervisor is not None:
+            supervisor.start()
+            stack.push_async_callback(supervisor.close)
         for startup in components.extra_startup:
             await startup(app)
         logger.info("gateway ready", extra={"routes": [route.name for route in settings.routes]})
@@ -141,7 +164,7 @@ async def _start_writer(stack: contextlib.AsyncExitStack, settings: Settings, st
     spool = await _recovered_spool(settings, store)
     writer = BatchWriter(store.insert_requests, batch_size=settings.store.batch_size,
                          flush_interval_s=settings.store.flush_interval_s, queue_max=settings.store.queue_max,
-                         spool=spool)
+                         spool=spool, dead_letter_path=settings.store.dead_letter_file())
     writer.start()
     stack.push_async_callback(writer.close)
     return writer

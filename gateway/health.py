@@ -1,4 +1,9 @@
-"""``/healthz`` (the process is up) and ``/readyz`` (store writable, upstreams reachable)."""
+"""``/healthz`` (the process is up) and ``/readyz`` (store writable, writer alive, upstreams).
+
+``/readyz`` is open (orchestrators probe it without credentials), so it says what is up and
+what is not, and counts; error text (paths, SQL errors, upstream messages) is shown only to a
+caller with the admin token, as Envoy keeps its admin detail behind the admin listener.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,15 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from gateway.auth import require_admin
+from gateway.errors import GatewayError
+
 endpoints = APIRouter()
+
+# The write check runs on its own connection with a short busy timeout; readiness answers
+# sooner than the store's busy timeout and never holds the store's lock meanwhile.
+STORE_CHECK_TIMEOUT_S = 2.0
+DETAIL_KEYS = ("error", "last_failure", "last_crash", "last_exit")
 
 
 @endpoints.get("/healthz")
@@ -17,14 +30,11 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-# A locked database makes the write check wait for the store's busy timeout; readiness
-# answers sooner than that.
-STORE_CHECK_TIMEOUT_S = 2.0
-
-
 async def _store_check(request: Request) -> dict[str, Any]:
     writer = request.app.state.writer
-    check: dict[str, Any] = {"pending_rows": writer.pending}
+    check: dict[str, Any] = {"pending_rows": writer.pending, "writer_alive": writer.alive,
+                             "writer_restarts": writer.restarts, "dead_letter_rows": writer.dead_letter_rows,
+                             "last_crash": writer.last_crash}
     spool = writer.spool
     if spool is not None:
         check["spool"] = {"pending_rows": spool.pending, "error": spool.last_error}
@@ -34,8 +44,32 @@ async def _store_check(request: Request) -> dict[str, Any]:
         return {**check, "ok": False, "error": f"{type(error).__name__}: {error}"}
     except TimeoutError:
         return {**check, "ok": False, "error": "the store did not take a write in time (locked?)"}
-    ok = writer.healthy and (spool is None or spool.last_error is None)
+    ok = writer.alive and writer.healthy and (spool is None or spool.last_error is None)
     return {**check, "ok": ok, "error": writer.last_error or (spool.last_error if spool else None)}
+
+
+def _student_check(request: Request, reachable: bool) -> dict[str, Any]:
+    state = request.app.state
+    check: dict[str, Any] = {"ok": reachable, "breaker": state.breaker.describe()}
+    supervisor = getattr(state, "vllm_supervisor", None)
+    if supervisor is not None:
+        check["server"] = supervisor.describe()
+    return check
+
+
+def _is_admin(request: Request) -> bool:
+    try:
+        require_admin(request)
+    except GatewayError:
+        return False
+    return True
+
+
+def _without_detail(value: Any) -> Any:
+    """The checks without error text: what a caller without the admin token sees."""
+    if isinstance(value, dict):
+        return {key: _without_detail(item) for key, item in value.items() if key not in DETAIL_KEYS}
+    return value
 
 
 @endpoints.get("/readyz")
@@ -47,9 +81,10 @@ async def readyz(request: Request) -> JSONResponse:
     )
     checks = {
         "store": await _store_check(request),
-        "student": {"ok": student_ok, "breaker": state.breaker.describe()},
+        "student": _student_check(request, student_ok),
         "teachers": {name: {"ok": ok} for name, ok in zip(teachers, teacher_oks, strict=True)},
     }
     # The student is optional for readiness: without it every request goes to the teacher.
     ready = checks["store"]["ok"] and all(ok for ok in teacher_oks)
-    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+    body = {"ready": ready, "checks": checks if _is_admin(request) else _without_detail(checks)}
+    return JSONResponse(body, status_code=200 if ready else 503)

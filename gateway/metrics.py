@@ -92,6 +92,10 @@ class GatewayMetrics:
         """Give the scrape-time collector the live objects (built in the app's lifespan)."""
         self._state.bind(store=store, routes=routes, writers=list(writers), shadow=shadow, breaker=breaker)
 
+    def bind_supervisor(self, supervisor: Any) -> None:
+        """The vLLM supervisor (None when the gateway did not launch vLLM)."""
+        self._state.supervisor = supervisor
+
     def observe(self, record: RequestRecord) -> None:
         """The ChatService observer: account for one finished request."""
         route, target, status = record.route, record.target or "none", str(record.status_code)
@@ -124,6 +128,7 @@ class _StateCollector(Collector):
         self._writers: list[Any] = []
         self._shadow: Any = None
         self._breaker: Any = None
+        self.supervisor: Any = None
         self._lock = threading.Lock()
         self._shadow_last_id = 0
         self._shadow_totals: dict[tuple[str, str], list[int]] = {}
@@ -170,6 +175,14 @@ class _StateCollector(Collector):
         opened = CounterMetricFamily("distillgate_student_breaker_opened", "Times the student breaker opened.")
         opened.add_metric([], self._breaker.opened_total)
         yield from (state, opened)
+        if self.supervisor is not None:
+            up = GaugeMetricFamily("distillgate_student_server_up",
+                                   "1 while the supervised vLLM server is ready (adapters reloaded).")
+            up.add_metric([], 1 if self.supervisor.up else 0)
+            restarts = CounterMetricFamily("distillgate_student_server_restarts",
+                                           "Times the supervised vLLM server was restarted.")
+            restarts.add_metric([], self.supervisor.restarts)
+            yield from (up, restarts)
 
     def _writer_families(self) -> Iterator[Metric]:
         pending = GaugeMetricFamily("distillgate_store_pending_rows", "Rows queued for the store.", labels=["writer"])
@@ -181,14 +194,23 @@ class _StateCollector(Collector):
         spool_errors = CounterMetricFamily("distillgate_store_spool_append_errors",
                                            "Rows the write-ahead spool could not take (kept in memory only).",
                                            labels=["writer"])
+        alive = GaugeMetricFamily("distillgate_store_writer_alive", "1 while the writer's task runs.",
+                                  labels=["writer"])
+        restarts = CounterMetricFamily("distillgate_store_writer_restarts", "Times the writer's task died and was "
+                                       "restarted.", labels=["writer"])
+        dead = CounterMetricFamily("distillgate_store_dead_letter_rows", "Poison rows set aside in the dead-letter "
+                                   "file.", labels=["writer"])
         for writer in self._writers:
+            alive.add_metric([writer.name], 1 if writer.alive else 0)
+            restarts.add_metric([writer.name], writer.restarts)
+            dead.add_metric([writer.name], writer.dead_letter_rows)
             if getattr(writer, "spool", None) is not None:
                 spool_errors.add_metric([writer.name], writer.spool.append_errors)
             pending.add_metric([writer.name], writer.pending)
             written.add_metric([writer.name], writer.rows_written)
             errors.add_metric([writer.name], writer.write_errors)
             healthy.add_metric([writer.name], 1 if writer.healthy else 0)
-        yield from (pending, written, errors, healthy, spool_errors)
+        yield from (pending, written, errors, healthy, spool_errors, alive, restarts, dead)
         if self._shadow is not None:
             skipped = CounterMetricFamily("distillgate_shadow_skipped", "Shadow samples skipped (queue full).")
             skipped.add_metric([], self._shadow.skipped)

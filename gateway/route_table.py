@@ -13,7 +13,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -28,15 +28,52 @@ logger = logging.getLogger(__name__)
 BASE_MODEL_VERSION = "base"
 
 
+# strict: a JSON number only (no bool, no string); allow_inf_nan=False: json.loads accepts
+# NaN and Infinity, which would make every comparison with the threshold false.
+ThresholdField = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
 class RouteOverrides(BaseModel):
-    """The live-tunable settings; PATCH bodies are validated against this model."""
+    """The live-tunable settings; PATCH bodies are validated against this model.
+
+    Every field is optional but never null: an override is cleared explicitly
+    (``DELETE /admin/routes/{route}/overrides/{field}``), which restores the config's value.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    ood_threshold: float | None = Field(None, ge=0)
-    confidence_threshold: float | None = None
-    shadow_rate: float | None = Field(None, ge=0, le=1)
-    mode: Mode | None = None
+    ood_threshold: Annotated[ThresholdField, Field(ge=0)] = None  # type: ignore[assignment]
+    # A mean token logprob: 0 is certainty, so a threshold above 0 could never be met.
+    confidence_threshold: Annotated[ThresholdField, Field(le=0)] = None  # type: ignore[assignment]
+    shadow_rate: Annotated[ThresholdField, Field(ge=0, le=1)] = None  # type: ignore[assignment]
+    mode: Mode = None  # type: ignore[assignment]
+
+
+def validate_overrides(changes: dict[str, Any]) -> dict[str, Any]:
+    """The changes as stored values; raises InvalidRequest naming the first bad setting."""
+    try:
+        validated = RouteOverrides.model_validate(changes)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        message = "unknown setting" if first["type"] == "extra_forbidden" else first["msg"]
+        raise InvalidRequest(f"{field}: {message}", param=field) from None
+    return {key: (value.value if isinstance(value, Mode) else value)
+            for key, value in validated.model_dump(exclude_unset=True).items()}
+
+
+def _usable_overrides(route: str, stored: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Split persisted overrides into those the current code accepts and those it ignores
+    (written by an older version, or by hand): a bad one is reported, never a 500 per request."""
+    usable, ignored = {}, {}
+    for field, value in stored.items():
+        try:
+            usable.update(validate_overrides({field: value}))
+        except InvalidRequest as error:
+            ignored[field] = f"{error} (stored value {value!r})"
+            logger.error("persisted route override ignored", extra={"route": route, "field": field,
+                                                                     "value": value, "error": str(error)})
+    return usable, ignored
 
 
 @dataclass(frozen=True)
@@ -52,7 +89,7 @@ def adapter_name(route: str, version: str) -> str:
 class RouteState:
     def __init__(self, config: RouteConfig, overrides: dict[str, Any]) -> None:
         self.config = config
-        self.overrides = overrides
+        self.overrides, self.ignored_overrides = _usable_overrides(config.name, overrides)
         self.student: StudentPointer | None = None
 
     def setting(self, name: str) -> Any:
@@ -81,6 +118,7 @@ class RouteState:
             "teacher_model": self.config.teacher.model,
             "student_base_model": self.config.student.base_model,
             "overrides": dict(self.overrides),
+            "ignored_overrides": dict(self.ignored_overrides),
         }
 
 
@@ -108,20 +146,28 @@ class RouteTable:
     def update(self, name: str, changes: dict[str, Any], actor: str) -> RouteState:
         """Validate, persist and apply live overrides; effective for the next request."""
         state = self.get(name)
-        try:
-            validated = RouteOverrides.model_validate(changes)
-        except ValidationError as error:
-            first = error.errors()[0]
-            field = ".".join(str(part) for part in first["loc"])
-            message = "unknown setting" if first["type"] == "extra_forbidden" else first["msg"]
-            raise InvalidRequest(f"{field}: {message}", param=field) from None
-        applied = {key: (value.value if isinstance(value, Mode) else value)
-                   for key, value in validated.model_dump(exclude_unset=True).items()}
+        applied = validate_overrides(changes)
         if not applied:
             raise InvalidRequest("no setting to change: send one of " + ", ".join(RouteOverrides.model_fields))
         self._store.set_route_overrides(name, applied, actor)
         state.overrides.update(applied)
+        for field in applied:
+            state.ignored_overrides.pop(field, None)
         logger.info("route settings changed", extra={"route": name, "actor": actor, "changes": applied})
+        return state
+
+    def clear(self, name: str, fields: list[str], actor: str) -> RouteState:
+        """Drop overrides (persisted and live): the config's values apply again."""
+        state = self.get(name)
+        unknown = [field for field in fields
+                   if field not in RouteOverrides.model_fields and field not in state.ignored_overrides]
+        if unknown:
+            raise InvalidRequest(f"{unknown[0]}: unknown setting", param=unknown[0])
+        self._store.clear_route_overrides(name, fields, actor)
+        for field in fields:
+            state.overrides.pop(field, None)
+            state.ignored_overrides.pop(field, None)
+        logger.info("route overrides cleared", extra={"route": name, "actor": actor, "fields": fields})
         return state
 
     # -- student pointer and drain (used by the hot swap) ------------------------------------

@@ -25,6 +25,8 @@ from typing import IO, Any
 
 import httpx
 
+from gateway.child_guard import guarded, guarded_child_pid, port_in_use
+
 logger = logging.getLogger(__name__)
 
 VLLM_ENV = {
@@ -78,7 +80,16 @@ class VLLMProcess:
 
     @property
     def pid(self) -> int | None:
+        """The process group's leader (the guard); signal the group with ``os.killpg``."""
         return self._process.pid if self._process else None
+
+    def server_pid(self) -> int | None:
+        """The vLLM API server's own pid (the guard's child)."""
+        return guarded_child_pid(self._process.pid) if self.running() and self._process else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.poll() if self._process else None
 
     def command(self) -> list[str]:
         return [
@@ -102,19 +113,28 @@ class VLLMProcess:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        """Launch the server; returns at once (use :meth:`wait_ready`)."""
+        """Launch the server; returns at once (use :meth:`wait_ready`).
+
+        Refuses (VLLMStartError) when something already listens on the port: a stray vLLM
+        left by an earlier run would otherwise answer in place of this one, silently, with
+        other adapters and settings."""
         if self.running():
             raise RuntimeError(f"vLLM is already running (pid {self.pid})")
         if not self.python.exists():
             raise VLLMStartError(f"vLLM's Python not found at {self.python}; build the vLLM environment first")
+        if port_in_use(self.host, self.port):
+            raise VLLMStartError(f"port {self.port} on {self.host} is already in use (a stray vLLM from an earlier "
+                                 "run?); stop it or choose another vllm.url port")
+        self._close_log()
         output: IO[bytes] | int = subprocess.DEVNULL
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_file = output = open(self.log_path, "ab")
-        # A new session makes the server a process-group leader, so one signal reaches the
-        # API server and the engine core it forks.
+        # A new session makes the guard a process-group leader, so one signal reaches the
+        # guard, the API server and the engine core it forks; the guard kills the group when
+        # this process dies, even by SIGKILL (see gateway/child_guard.py).
         self._process = subprocess.Popen(
-            self.command(), env=self.environment(), stdout=output, stderr=subprocess.STDOUT,
+            guarded(self.command()), env=self.environment(), stdout=output, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
         self._started_at = time.monotonic()

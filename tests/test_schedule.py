@@ -85,3 +85,34 @@ async def test_scheduler_starts_and_stops_in_the_event_loop(parts: Any, tmp_path
     await asyncio.sleep(0.8)  # the 0.6 s interval fires once: too few examples, so it waits
     await scheduler.shutdown()
     assert scheduler.last_outcome[ROUTE]["action"] == "waiting"
+
+
+class NoRowReads(SQLiteStore):
+    """A store that fails the test if anyone loads request or shadow rows to count them."""
+
+    def iter_requests(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the scheduler loaded every row to count them")
+
+    def iter_shadow_results(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the scheduler loaded every row to count them")
+
+
+def test_new_examples_are_counted_by_a_query_not_by_loading_rows(tmp_path: Path) -> None:
+    settings = parse_settings({"store": {"path": str(tmp_path / "db.sqlite")},
+                               "routes": [{"name": ROUTE, "teacher": {"model": "openai/x"}}]})
+    store = NoRowReads(settings.store.path)
+    base = {"route": ROUTE, "request_json": "x" * 10_000}
+    store.insert_requests(
+        [{**base, "id": f"t{index}", "created_at": 100.0 + index, "target": "teacher", "status_code": 200}
+         for index in range(40)]
+        + [{**base, "id": "old", "created_at": 5.0, "target": "teacher", "status_code": 200},
+           {**base, "id": "failed", "created_at": 150.0, "target": "teacher", "status_code": 502},
+           {**base, "id": "student", "created_at": 150.0, "target": "student", "status_code": 200},
+           {**base, "id": "other", "created_at": 150.0, "target": "teacher", "status_code": 200, "route": "other"}])
+    store.insert_shadow_results([{"request_id": f"s{index}", "created_at": 120.0, "route": ROUTE}
+                                 for index in range(3)])
+    store.record_training_run({"route": ROUTE, "started_at": 10.0, "finished_at": 11.0, "outcome": "candidate",
+                               "version": "v1", "detail_json": "{}"})
+    scheduler = TrainingScheduler(settings, store, FakeSwapper(), config_path="c.yaml")
+    assert scheduler.new_examples(ROUTE) == 43
+    assert store.count_new_examples(ROUTE, after=119.5) == 20 + 3

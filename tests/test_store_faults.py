@@ -24,6 +24,13 @@ from tests.helpers import MESSAGES, UvicornThread, log_rows, row, sdk
 from tests.operators import scrape, total, wait_for
 
 ROUTE = "clinc-intents"
+ADMIN = {"authorization": "Bearer admin-secret"}
+
+
+@pytest.fixture(autouse=True)
+def _admin_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    # /readyz shows error text only to the admin.
+    monkeypatch.setenv("DISTILLGATE_ADMIN_TOKEN", "admin-secret")
 
 
 def serve_while(url: str, count: int) -> list[float]:
@@ -47,9 +54,11 @@ def test_locked_database_keeps_serving_and_shows_in_readyz(make_settings: Callab
         try:
             latencies = serve_while(server.url, 8)
             wait_for(lambda: total(scrape(server.url), "distillgate_store_write_errors_total") > 0, timeout_s=5)
-            ready = httpx.get(f"{server.url}/readyz", timeout=10)
+            ready = httpx.get(f"{server.url}/readyz", headers=ADMIN, timeout=10)
             assert ready.status_code == 503
             assert "locked" in ready.json()["checks"]["store"]["error"]
+            public = httpx.get(f"{server.url}/readyz", timeout=10)
+            assert public.status_code == 503 and "error" not in public.json()["checks"]["store"]
             assert total(scrape(server.url), "distillgate_store_writer_healthy", writer="requests") == 0
         finally:
             locker.execute("ROLLBACK")
@@ -77,7 +86,7 @@ def test_full_disk_keeps_serving_and_rows_are_written_when_space_returns(
     with UvicornThread(create_app(settings, Components(store=store))) as server:
         serve_while(server.url, 5)
         wait_for(lambda: httpx.get(f"{server.url}/readyz").status_code == 503, timeout_s=5)
-        assert "disk is full" in httpx.get(f"{server.url}/readyz").json()["checks"]["store"]["error"]
+        assert "disk is full" in httpx.get(f"{server.url}/readyz", headers=ADMIN).json()["checks"]["store"]["error"]
         store.full = False
         wait_for(lambda: httpx.get(f"{server.url}/readyz").status_code == 200, timeout_s=10)
     assert store.count_requests() == 5

@@ -181,3 +181,32 @@ def test_validate_adapter_dir(adapters: dict[str, Path], tmp_path: Path) -> None
             validate_adapter_dir(adapters[bad], max_rank=8)
     with pytest.raises(SwapError):
         validate_adapter_dir(tmp_path, max_rank=8)  # empty directory
+
+
+async def test_a_failed_store_write_switches_nothing_and_unloads_the_new_adapter(
+        setup: dict[str, Any], tmp_path: Path) -> None:
+    """The database is locked by another connection when the swap records the new live
+    version: the pointer, the store and vLLM all stay on the old version; once the lock is
+    gone the same promotion succeeds and the old adapter is unloaded."""
+    import sqlite3
+
+    swapper, routes = setup["swapper"], setup["routes"]
+    await swapper.promote(ROUTE, "v1")
+    locker = sqlite3.connect(tmp_path / "db.sqlite", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(SwapError, match="not recorded as live"):
+            await swapper.promote(ROUTE, "v2")
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert routes.get(ROUTE).student.version == "v1"
+    assert setup["registry"].live(ROUTE).version == "v1"
+    assert setup["registry"].get(ROUTE, "v2").status == "candidate"
+    served = await _served_models(setup["url"])
+    assert f"{ROUTE}@v1" in served and f"{ROUTE}@v2" not in served
+    assert (ROUTE, "v2") in setup["detectors"].dropped
+    result = await swapper.promote(ROUTE, "v2")
+    assert (result.previous, result.unloaded) == ("v1", f"{ROUTE}@v1")
+    assert routes.get(ROUTE).student.version == setup["registry"].live(ROUTE).version == "v2"
+    assert f"{ROUTE}@v1" not in await _served_models(setup["url"])

@@ -112,11 +112,19 @@ def m004_versions(db: sqlite_utils.Database) -> None:
     )
 
 
+def m005_version_reservations(db: sqlite_utils.Database) -> None:
+    """Version numbers taken by training runs still going (see SQLiteStore.reserve_version_number)."""
+    db["version_reservations"].create(
+        {"route": str, "number": int, "host": str, "pid": int, "reserved_at": float}, pk=("route", "number")
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     m001_requests,
     m002_shadow,
     m003_route_settings,
     m004_versions,
+    m005_version_reservations,
 ]
 
 

@@ -5,7 +5,9 @@ a process killed in between (SIGKILL, OOM killer) would lose the queued rows. So
 first appended to a spool file as one JSON line, with a single ``write(2)``, before the
 response is sent. The kernel has the line once ``write`` returns, so a process crash loses
 nothing already acknowledged; with ``fsync: true`` each append is also forced to disk, which
-bounds an OS crash or power loss too, at the cost of one fsync per request on the event loop.
+bounds an OS crash or power loss too, at the cost of one fsync per request on the event loop;
+the store then commits with ``synchronous=FULL``, so a row is durable in SQLite before the
+spool lets it go (a NORMAL commit in WAL mode can be lost by power loss after the truncate).
 
 Segments: ``<seq>.jsonl`` files in the spool directory. The writer tells the spool when a
 batch is committed; a segment whose rows are all committed is deleted (the current one is

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -16,12 +18,14 @@ import sqlite_utils
 from core.store.migrations import migrate
 
 VERSION_STATUSES = ("candidate", "live", "retired", "rejected", "failed")
+# A reservation older than this is free whoever holds it (a host that never came back).
+RESERVATION_MAX_AGE_S = 86_400.0
 
 
 class SQLiteStore:
     """All persistence for one deployment. Thread-safe: one connection behind a lock."""
 
-    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 5_000) -> None:
+    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 5_000, durable_commits: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit mode with explicit transactions (sqlite-utils' atomic(), savepoints when
@@ -31,7 +35,9 @@ class SQLiteStore:
         self.db = sqlite_utils.Database(connection)
         self.db.enable_wal()
         # NORMAL in WAL mode survives a process crash; only an OS crash can lose the last commits.
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        # FULL (``durable_commits``) syncs the WAL at every commit: what the spool's ``fsync``
+        # promise needs, since a committed row leaves the spool (see core/store/spool.py).
+        self.db.execute(f"PRAGMA synchronous={'FULL' if durable_commits else 'NORMAL'}")
         self._lock = threading.RLock()
         with self._lock:
             migrate(self.db)
@@ -54,6 +60,17 @@ class SQLiteStore:
         where, args = ("route = ?", [route]) if route else (None, None)
         with self._lock:
             return self.db["requests"].count_where(where, args) if where else self.db["requests"].count
+
+    def count_new_examples(self, route: str, after: float) -> int:
+        """Teacher answers (status 200) plus shadow results logged since ``after``: two count
+        queries on the (route, target, created_at) and (route, created_at) indexes, no row read."""
+        with self._lock:
+            teacher = self.db.execute(
+                "select count(*) from requests where route = ? and target = 'teacher' and created_at > ? "
+                "and status_code = 200", [route, after]).fetchone()[0]
+            shadow = self.db.execute("select count(*) from shadow_results where route = ? and created_at > ?",
+                                     [route, after]).fetchone()[0]
+        return int(teacher) + int(shadow)
 
     def iter_requests(
         self, route: str, *, target: str | None = None, after: float = 0.0, ok_only: bool = True
@@ -86,7 +103,7 @@ class SQLiteStore:
     def route_overrides(self, route: str) -> dict[str, Any]:
         with self._lock:
             rows = self.db["route_overrides"].rows_where("route = ?", [route])
-            return {row["field"]: json.loads(row["value_json"]) for row in rows}
+            return {row["field"]: _json_or_raw(row["value_json"]) for row in rows}
 
     def set_route_overrides(self, route: str, changes: dict[str, Any], actor: str) -> None:
         now = time.time()
@@ -107,6 +124,17 @@ class SQLiteStore:
                         "at": now,
                     }
                 )
+
+    def clear_route_overrides(self, route: str, fields: list[str], actor: str) -> None:
+        """Delete these overrides (audited with ``new_json`` null): the config applies again."""
+        now = time.time()
+        with self._transaction():
+            current = self.route_overrides(route)
+            for field in fields:
+                self.db.execute("delete from route_overrides where route = ? and field = ?", [route, field])
+                self.db["route_audit"].insert({"route": route, "actor": actor, "field": field,
+                                               "old_json": json.dumps(current.get(field)), "new_json": "null",
+                                               "at": now})
 
     def route_audit(self, route: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -149,6 +177,39 @@ class SQLiteStore:
                 if updated != 1:
                     raise KeyError(f"route {route!r} has no version {version!r}")
 
+    def reserve_version_number(self, route: str) -> int:
+        """The next version number of ``route``, reserved for this process until it exits or
+        reserves again: two training runs at once (a manual ``train`` beside a scheduled
+        one) never take the same number. A reservation whose process is gone is free again,
+        so a rerun after a crash takes the crashed run's number (and resumes its checkpoint).
+        One ``BEGIN IMMEDIATE`` transaction: concurrent processes serialize on it."""
+        host, pid = socket.gethostname(), os.getpid()
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self._drop_stale_reservations(route, host, pid)
+                taken = [row[0] for row in self.db.execute(
+                    "select number from version_reservations where route = ?", [route]).fetchall()]
+                taken += [_version_number(row[0]) for row in self.db.execute(
+                    "select version from student_versions where route = ?", [route]).fetchall()]
+                number = max(taken, default=0) + 1
+                self.db.execute("insert into version_reservations (route, number, host, pid, reserved_at) "
+                                "values (?, ?, ?, ?, ?)", [route, number, host, pid, time.time()])
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        return number
+
+    def _drop_stale_reservations(self, route: str, host: str, pid: int) -> None:
+        rows = self.db.execute("select number, host, pid, reserved_at from version_reservations where route = ?",
+                               [route]).fetchall()
+        for number, holder_host, holder_pid, reserved_at in rows:
+            mine = holder_host == host and holder_pid == pid
+            gone = holder_host == host and not _pid_alive(holder_pid)
+            if mine or gone or time.time() - reserved_at > RESERVATION_MAX_AGE_S:
+                self.db.execute("delete from version_reservations where route = ? and number = ?", [route, number])
+
     def record_training_run(self, row: dict[str, Any]) -> int:
         with self._transaction():
             return self.db["training_runs"].insert(row, alter=False).last_pk
@@ -158,15 +219,44 @@ class SQLiteStore:
             return list(self.db["training_runs"].rows_where("route = ?", [route], order_by="id desc"))
 
     # -- health ------------------------------------------------------------------------------
-    def check_writable(self) -> None:
-        """Raises sqlite3.Error when the database cannot take a write right now."""
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("ROLLBACK")
+    def check_writable(self, timeout_s: float = 0.5) -> None:
+        """Raises sqlite3.Error when the database cannot take a write right now.
+
+        On a connection of its own with a short busy timeout: a readiness probe must not
+        hold the store's lock (every read and the writer wait on it) while the database is
+        locked by someone else."""
+        connection = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute("ROLLBACK")
+        finally:
+            connection.close()
 
     def close(self) -> None:
         with self._lock:
             self.db.conn.close()
+
+
+def _version_number(version: str) -> int:
+    return int(version[1:]) if version.startswith("v") and version[1:].isdigit() else 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def _json_or_raw(text: str) -> Any:
+    """A stored JSON value, or the raw text when it does not parse (the caller reports it)."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return text
 
 
 class ReadOnlyStore:

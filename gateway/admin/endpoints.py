@@ -44,6 +44,21 @@ async def patch_route(route: str, request: Request, actor: str = Depends(require
     return _routes(request).update(route, changes, actor).describe()
 
 
+@endpoints.delete("/routes/{route}/overrides/{field}")
+async def clear_route_override(route: str, field: str, request: Request,
+                               actor: str = Depends(require_admin)) -> dict[str, Any]:
+    """Clear one override: the config's value applies again (audited)."""
+    return _routes(request).clear(route, [field], actor).describe()
+
+
+@endpoints.delete("/routes/{route}/overrides")
+async def clear_route_overrides(route: str, request: Request, actor: str = Depends(require_admin)) -> dict[str, Any]:
+    """Clear every override of the route, ignored ones included."""
+    state = _routes(request).get(route)
+    fields = sorted({*state.overrides, *state.ignored_overrides})
+    return _routes(request).clear(route, fields, actor).describe()
+
+
 @endpoints.get("/routes/{route}/audit")
 async def route_audit(route: str, request: Request) -> dict[str, Any]:
     _routes(request).get(route)
@@ -73,7 +88,9 @@ async def promote(route: str, request: Request) -> dict[str, Any]:
     known = {row["version"] for row in request.app.state.store.versions(route)}
     if version not in known:
         raise NotFound(f"Route {route!r} has no version {version!r}.", param="version")
-    force = bool(payload.get("force", False))
+    force = payload.get("force", False)
+    if not isinstance(force, bool):  # bool("false") is True: only a JSON boolean means yes or no
+        raise InvalidRequest("force must be a JSON boolean (true or false).", param="force")
     try:
         await _swapper(request).promote(route, version, force=force)
     except SwapError as error:

@@ -18,10 +18,34 @@ from gateway.errors import InvalidRequest, PayloadTooLarge
 
 endpoints = APIRouter()
 
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """The model's JSON schema with its ``$defs`` inlined: pydantic's ``#/$defs/...`` refs
+    resolve against the document root, and in the OpenAPI document that root has no
+    ``$defs``, so client generators and fuzzers could not read the body. The chat models are
+    not recursive, so inlining terminates."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any, seen: tuple[str, ...] = ()) -> Any:
+        if isinstance(node, list):
+            return [resolve(item, seen) for item in node]
+        if not isinstance(node, dict):
+            return node
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            name = ref.removeprefix("#/$defs/")
+            if name in seen:
+                raise ValueError(f"recursive schema {name}: cannot inline")
+            rest = {key: value for key, value in node.items() if key != "$ref"}
+            return {**resolve(defs[name], (*seen, name)), **resolve(rest, seen)}
+        return {key: resolve(value, seen) for key, value in node.items()}
+
+    return resolve(schema)
+
+
 REQUEST_SCHEMA: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}},
+        "content": {"application/json": {"schema": _inlined(ChatCompletionRequest.model_json_schema())}},
     }
 }
 

@@ -90,10 +90,18 @@ class ChatService:
         # The log gets a redacted copy when the route asks for it; upstreams get ``body``.
         record = RequestRecord(route=state.config.name, request=redact_request(body, state.config.redact),
                                stream=request.stream, client_key_id=client_key_id)
-        decision = await self.router.decide(state.policy(), body["messages"])
+        decision = await self._decide(state, body["messages"])
         record.router_score = decision.score
         record.decision_reasons = list(decision.reasons)
         return state, record, decision, body
+
+    async def _decide(self, state: RouteState, messages: list[dict[str, Any]]) -> Decision:
+        """The router's decision; when the router fails, the teacher answers (never a 500)."""
+        try:
+            return await self.router.decide(state.policy(), messages)
+        except Exception as error:  # the router is a plug-in seam (models, numpy, files): any failure is its own
+            logger.exception("router failed; serving from the teacher", extra={"route": state.config.name})
+            return Decision("teacher", reasons=[f"router_error: {type(error).__name__}"])
 
     def _student_body(self, state: RouteState, body: dict[str, Any], cascade: bool) -> dict[str, Any]:
         student_body = {**body, "messages": student_messages(state.config.student.system_prompt, body["messages"])}
@@ -143,9 +151,17 @@ class ChatService:
         record.decision_reasons.append("student_circuit_open")
         return True
 
-    def _student_failed(self, record: RequestRecord, reason: str) -> None:
+    async def _fits_student(self, record: RequestRecord, model: str, body: dict[str, Any]) -> bool:
+        """False (and a reason on the record) when the prompt cannot fit the student's context."""
+        fits_context = getattr(self.student, "fits_context", None)
+        if fits_context is None or await fits_context(model, body):
+            return True
+        record.decision_reasons.append("prompt_exceeds_student_context")
+        return False
+
+    def _student_failed(self, record: RequestRecord, reason: str, *, server_fault: bool = True) -> None:
         if self.breaker is not None:
-            self.breaker.record_failure(reason)
+            self.breaker.record_failure(reason, server_fault=server_fault)
         record.fallback = True
         record.decision_reasons.append(reason)
         logger.warning("student failed; serving from the teacher",
@@ -173,16 +189,15 @@ class ChatService:
         pointer = state.student
         assert pointer is not None
         record.student_version = pointer.version
-        if self._student_open(record):
+        student_body = self._student_body(state, body, decision.cascade)
+        if not await self._fits_student(record, pointer.adapter_name, student_body) or self._student_open(record):
             return None
         try:
             with self.routes.track(pointer.adapter_name):
-                completion = await self.student.chat(
-                    pointer.adapter_name, self._student_body(state, body, decision.cascade),
-                    state.config.student.timeout_s,
-                )
+                completion = await self.student.chat(pointer.adapter_name, student_body,
+                                                     state.config.student.timeout_s)
         except UpstreamFailure as failure:
-            self._student_failed(record, f"student_error: {failure}")
+            self._student_failed(record, f"student_error: {failure}", server_fault=failure.server_fault)
             return None
         if self.breaker is not None:
             self.breaker.record_success()
@@ -236,17 +251,20 @@ class ChatService:
         pointer = state.student
         assert pointer is not None
         record.student_version = pointer.version
-        if self._student_open(record):
-            return None, None
         # The cascade judges a whole answer, so it applies to non-streamed requests only; a
         # streamed one is served on the router's decision alone.
         student_body = self._student_body(state, body, cascade=False)
         student_body["stream_options"] = {"include_usage": True}
+        if not await self._fits_student(record, pointer.adapter_name, student_body) or self._student_open(record):
+            return None, None
         upstream = self.student.stream(pointer.adapter_name, student_body, state.config.student.timeout_s)
         try:
             first = await upstream.__anext__()
-        except (UpstreamFailure, StopAsyncIteration) as failure:
-            self._student_failed(record, f"student_error: {failure!r}")
+        except UpstreamFailure as failure:
+            self._student_failed(record, f"student_error: {failure!r}", server_fault=failure.server_fault)
+            return None, None
+        except StopAsyncIteration:
+            self._student_failed(record, "student_error: the stream ended before its first chunk")
             return None, None
         if self.breaker is not None:
             self.breaker.record_success()
@@ -300,7 +318,7 @@ class ChatService:
             yield sse("[DONE]")
         except UpstreamFailure as failure:
             if record.target == "student" and self.breaker is not None:
-                self.breaker.record_failure(f"student stream broke: {failure}")
+                self.breaker.record_failure(f"student stream broke: {failure}", server_fault=failure.server_fault)
             record.fail(502, f"stream interrupted: {failure}")
             self._log_stream(record, text, finish_reason)
             logged = True

@@ -37,10 +37,18 @@ class TrainingLoop:
         self.restored: dict[str, str] | None = None
         self._restore_task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._restore_task = asyncio.create_task(self._restore_when_ready(), name="restore-live-students")
+    def start(self, *, restore: bool = True) -> None:
+        """Start the schedule; ``restore=False`` when a supervisor reloads the adapters each
+        time the server it launched becomes ready (see gateway/vllm_supervisor.py)."""
+        if restore:
+            self._restore_task = asyncio.create_task(self._restore_when_ready(), name="restore-live-students")
         if self.scheduler is not None:
             self.scheduler.start()
+
+    async def restore_now(self) -> dict[str, str]:
+        """Load every route's live adapter into the (re)started server; returns the outcomes."""
+        self.restored = await self.swapper.restore_live()
+        return self.restored
 
     async def _restore_when_ready(self) -> None:
         loop = asyncio.get_running_loop()

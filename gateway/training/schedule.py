@@ -23,7 +23,6 @@ from typing import Any
 from core.config import RouteConfig, Settings
 from core.store import Store
 from gateway.training.swap import SwapError, Swapper
-from trainer.dataset import count_new_examples
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ class TrainingScheduler:
     def new_examples(self, route: str) -> int:
         runs = self.store.training_runs(route)
         since = max((run["started_at"] or 0.0 for run in runs), default=0.0)
-        return count_new_examples(self.store, route, since)
+        return self.store.count_new_examples(route, since)  # a count query: no row is loaded
 
     async def tick(self, route: str) -> dict[str, Any]:
         """One scheduled check for ``route``; returns what happened (also kept in last_outcome)."""

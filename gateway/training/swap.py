@@ -2,10 +2,11 @@
 
 Per route, under a lock: validate the adapter directory, ``load_lora_adapter`` under a new
 versioned name, smoke-test one chat request on that name, register the version's OOD
-detector, switch the route's pointer (one assignment on the event loop), record the new
-live version, then wait until the requests that chose the old adapter have finished and
-unload it (PLATFORM.md: unloading without the drain failed requests). Any failure before
-the switch leaves the old version serving and marks the candidate ``failed``.
+detector, record the new live version in the store, switch the route's pointer (one
+assignment on the event loop), then wait until the requests that chose the old adapter have
+finished and unload it (PLATFORM.md: unloading without the drain failed requests). Any
+failure before the switch leaves the old version serving and marks the candidate ``failed``;
+a store write that fails unloads the new adapter again and switches nothing.
 
 No torch and no FastAPI here: the gateway imports this module at startup.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import struct
 import time
 from dataclasses import dataclass, field
@@ -180,9 +182,9 @@ class Swapper:
             self._fail(candidate, f"smoke test failed: {error}")
             raise SwapError(f"version {version} of {route} failed its smoke test: {error}") from error
         smoked = time.perf_counter()
+        await self._record_live(candidate, name)
         # The switch: from here on new requests choose the new adapter (and its detector).
         self.routes.switch_student(route, StudentPointer(version, name))
-        self.registry.set_live(route, version)
         logger.info("student promoted", extra={"route": route, "version": version,
                                                "previous": previous.version if previous else None})
         drained, unloaded = await self._retire(route, previous)
@@ -190,6 +192,22 @@ class Swapper:
         return SwapResult(route, version, previous.version if previous else None,
                           load_ms=(loaded - started) * 1000, smoke_ms=(smoked - loaded) * 1000,
                           drain_ms=(finished - smoked) * 1000, drained=drained, unloaded=unloaded)
+
+    async def _record_live(self, candidate: CandidateVersion, name: str) -> None:
+        """Write the new live version to the store *before* the pointer switches, so memory
+        and store never disagree: when the write fails, nothing was switched, the new
+        adapter is unloaded again and the old version keeps serving (the candidate keeps its
+        status: the store failed, not the version)."""
+        try:
+            await asyncio.to_thread(self.registry.set_live, candidate.route, candidate.version)
+        except (sqlite3.Error, OSError) as error:
+            logger.error("store write failed at promotion; the old version keeps serving",
+                         extra={"route": candidate.route, "version": candidate.version, "error": str(error)})
+            await self._unload_quietly(name)
+            if self.detectors is not None:
+                self.detectors.drop_detector(candidate.route, candidate.version)
+            raise SwapError(f"version {candidate.version} of {candidate.route} was not recorded as live "
+                            f"({type(error).__name__}: {error}); the old version keeps serving") from error
 
     async def _load(self, name: str, path: str) -> None:
         try:

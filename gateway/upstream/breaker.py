@@ -2,18 +2,22 @@
 
 States::
 
-    closed ──N consecutive failures──► open ──probe passes──► half_open
-      ▲                                  ▲                       │
-      └────────── a request succeeds ────┼───────────────────────┘
-                                         └── a request fails ────┘
+    closed ──N consecutive server faults──► open ──probe passes──► half_open
+      ▲                                      ▲                        │
+      └──────── the trial request succeeds ──┼────────────────────────┘
+                                             └── the trial fails ─────┘
 
-* closed: requests go to the student; failures (error, timeout, garbage such as a 200 with
-  a malformed body) are counted, a success resets the count.
+* closed: requests go to the student; server faults (5xx, timeout, connection error, a 200
+  with a malformed body) are counted, a success resets the count. A 4xx is the request's
+  fault (a prompt too long, an adapter just unloaded) and the gateway's own full connection
+  pool is not the server's: neither counts, so no client can open the breaker for everyone.
 * open: requests skip the student and go straight to the teacher (no client waits for a
   student timeout). A background probe checks the server (``/health`` plus a one-token chat
   against the base model) every ``probe_interval_s``.
-* half_open: the probe passed; real requests go to the student again, the first failure
-  re-opens the breaker, the first success closes it.
+* half_open: the probe passed; one trial request goes to the student (the others keep going
+  to the teacher), as Envoy and resilience4j admit a bounded number of trial calls. Its
+  failure re-opens the breaker, its success closes it. A trial that never reports back
+  (its client went away) frees the slot after ``trial_timeout_s``.
 
 One breaker guards the one student server (every route's adapter lives in it), so a dead
 server is detected after N failures whichever routes they came from.
@@ -52,23 +56,40 @@ class StudentBreaker:
         self.opened_total = 0
         self.last_failure: str | None = None
         self.opened_at: float | None = None
+        self.ignored_failures = 0  # client-caused failures (4xx) and the gateway's own limits
+        self._trial_since: float | None = None  # when the half-open trial request was admitted
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     # -- the request path -------------------------------------------------------------------
     def allow(self) -> bool:
-        """Whether a request may try the student now."""
-        return not self.config.enabled or self.state is not BreakerState.open
+        """Whether a request may try the student now (in half-open: the one trial)."""
+        if not self.config.enabled or self.state is BreakerState.closed:
+            return True
+        if self.state is BreakerState.open:
+            return False
+        now = time.monotonic()
+        if self._trial_since is not None and now - self._trial_since < self.config.trial_timeout_s:
+            return False
+        self._trial_since = now
+        return True
 
     def record_success(self) -> None:
         if self.state is not BreakerState.closed:
             logger.info("student breaker closed", extra={"after_s": self._open_for()})
         self.state = BreakerState.closed
         self.consecutive_failures = 0
+        self._trial_since = None
 
-    def record_failure(self, reason: str) -> None:
+    def record_failure(self, reason: str, *, server_fault: bool = True) -> None:
+        """A student request failed; only a server fault counts towards opening."""
+        if not server_fault:
+            self.ignored_failures += 1
+            self._trial_since = None  # the trial proved nothing either way: admit another
+            return
         self.consecutive_failures += 1
         self.last_failure = reason[:300]
+        self._trial_since = None
         if not self.config.enabled or self.state is BreakerState.open:
             return
         if self.state is BreakerState.half_open or self.consecutive_failures >= self.config.failure_threshold:
@@ -87,7 +108,8 @@ class StudentBreaker:
 
     def describe(self) -> dict[str, Any]:
         return {"state": self.state.name, "consecutive_failures": self.consecutive_failures,
-                "opened_total": self.opened_total, "last_failure": self.last_failure}
+                "opened_total": self.opened_total, "ignored_failures": self.ignored_failures,
+                "last_failure": self.last_failure}
 
     # -- the background probe ---------------------------------------------------------------
     def start(self) -> None:
@@ -108,6 +130,7 @@ class StudentBreaker:
                 await asyncio.sleep(self.config.probe_interval_s)
                 if await self.probe():
                     self.state = BreakerState.half_open
+                    self._trial_since = None
                     logger.info("student probe passed: breaker half-open", extra={"open_s": self._open_for()})
             self._wake.clear()
 

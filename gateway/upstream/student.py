@@ -15,11 +15,17 @@ import httpx
 
 from core.upstream import Completion, UpstreamFailure
 
+# Per message, what a chat template may add around the content (role markers, separators),
+# and once per prompt (the system prompt's frame, the generation prompt); in tokens.
+TEMPLATE_TOKENS_PER_MESSAGE = 32
+TEMPLATE_TOKENS_PER_PROMPT = 64
+
 
 class VLLMStudent:
     def __init__(self, base_url: str, *, transport: httpx.AsyncBaseTransport | None = None,
-                 max_connections: int = 256) -> None:
+                 max_connections: int = 256, max_model_len: int | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.max_model_len = max_model_len
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             transport=transport,
@@ -32,6 +38,8 @@ class VLLMStudent:
         payload = {**body, "model": model, "stream": False}
         try:
             response = await self._client.post("/v1/chat/completions", json=payload, timeout=timeout_s)
+        except httpx.PoolTimeout as error:
+            raise _pool_full(error) from error
         except httpx.TimeoutException as error:
             raise UpstreamFailure(f"student timed out: {error!r}", timeout=True, retryable=True) from error
         except httpx.HTTPError as error:
@@ -67,10 +75,41 @@ class VLLMStudent:
                     chunk = _parse_sse_line(line)
                     if chunk is not None:
                         yield chunk
+        except httpx.PoolTimeout as error:
+            raise _pool_full(error) from error
         except httpx.TimeoutException as error:
             raise UpstreamFailure(f"student timed out: {error!r}", timeout=True, retryable=True) from error
         except httpx.HTTPError as error:
             raise UpstreamFailure(f"student stream failed: {error!r}", retryable=True) from error
+
+    async def fits_context(self, model: str, body: dict[str, Any]) -> bool:
+        """Whether prompt plus requested completion fit the server's ``max_model_len``.
+
+        A request that cannot fit is the client's, not the server's, problem: it goes to the
+        teacher without a student call. Cheap for the usual short prompt: a token covers at
+        least one byte, so the bytes bound the tokens; only a prompt near the limit is counted
+        exactly with vLLM's ``/tokenize``. When that count fails, the student is tried (its
+        400 does not count against the breaker).
+        """
+        if self.max_model_len is None:
+            return True
+        messages = body.get("messages") or []
+        wanted = body.get("max_completion_tokens") or body.get("max_tokens") or 1
+        bound = (len(json.dumps(messages, ensure_ascii=False).encode()) + TEMPLATE_TOKENS_PER_PROMPT
+                 + TEMPLATE_TOKENS_PER_MESSAGE * len(messages))
+        if bound + wanted <= self.max_model_len:
+            return True
+        count = await self._count_prompt_tokens(model, messages)
+        return count is None or count + wanted <= self.max_model_len
+
+    async def _count_prompt_tokens(self, model: str, messages: list[Any]) -> int | None:
+        payload = {"model": model, "messages": messages, "add_generation_prompt": True}
+        try:
+            response = await self._client.post("/tokenize", json=payload, timeout=5.0)
+            count = response.json().get("count") if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        return count if isinstance(count, int) else None
 
     async def healthy(self) -> bool:
         try:
@@ -96,6 +135,12 @@ class VLLMStudent:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _pool_full(error: httpx.PoolTimeout) -> UpstreamFailure:
+    """The gateway's own connection pool is exhausted: not the student server's fault."""
+    return UpstreamFailure(f"student connection pool exhausted: {error!r}", timeout=True, retryable=True,
+                           server_fault=False)
 
 
 def _parse_completion(response: httpx.Response) -> dict[str, Any]:
