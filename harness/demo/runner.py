@@ -109,6 +109,7 @@ async def _references(teacher_url: str, queries: list[Query], prices: Prices | N
             async with semaphore:
                 response = await client.post("/v1/chat/completions", json={"model": "replay-teacher", "messages": [
                     {"role": "system", "content": system_prompt}, {"role": "user", "content": query.text}]})
+            response.raise_for_status()
             body = response.json()
             usage = body["usage"]
             cost = prices.cost(usage["prompt_tokens"], usage["completion_tokens"]) if prices else 0.0
