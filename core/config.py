@@ -10,7 +10,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -52,6 +52,9 @@ class ClientKeyConfig(StrictModel):
     routes: list[str] | None = Field(None, description="route names this key may use; unset = all")
     requests_per_minute: float | None = Field(None, gt=0)
     burst: int | None = Field(None, ge=1, description="requests at once; default a minute's worth")
+    # Only rows from keys trusted for training become training data: any other key could
+    # plant answers that the student would then serve to everyone (trainer/dataset.py).
+    trusted_for_training: bool = False
 
 
 class AuthConfig(StrictModel):
@@ -60,6 +63,11 @@ class AuthConfig(StrictModel):
     client_keys_env: str = "DISTILLGATE_API_KEYS"
     admin_token_env: str = "DISTILLGATE_ADMIN_TOKEN"
     keys: list[ClientKeyConfig] = []
+    # Whether rows from the keys in ``client_keys_env`` (no per-key policy) are trained on.
+    client_keys_trusted_for_training: bool = False
+    # Whether rows of an open gateway (no client keys at all: loopback development) are
+    # trained on. ``serve`` refuses an open gateway beyond loopback unless --insecure.
+    anonymous_trusted_for_training: bool = True
 
     def client_keys(self) -> list[str]:
         raw = os.environ.get(self.client_keys_env, "")
@@ -182,6 +190,11 @@ class TrainingConfig(StrictModel):
     learning_rate: float = Field(2e-3, gt=0)
     lora_rank: int = Field(8, ge=1)
     max_steps: int | None = None
+    # Rows whose request carries a client system/developer message: "skip" them (default),
+    # or "replace" that message by the route's student prompt as serving does. A client's
+    # system prompt steers the teacher, so with "replace" a key could plant answers; choose
+    # it only when every key trusted for training sends the app's own fixed prompt.
+    client_system_prompts: Literal["skip", "replace"] = "skip"
 
 
 class GateConfig(StrictModel):
@@ -194,15 +207,19 @@ class GateConfig(StrictModel):
 
 
 class RedactConfig(StrictModel):
-    """Personal data removed from logged prompts (gateway/redact.py); upstream calls are unchanged."""
+    """Personal data and secrets removed from every logged string (gateway/redact.py): request,
+    answer, error text, shadow rows; so never trained on. Upstream calls are unchanged."""
 
+    # API keys (sk-..., AKIA..., ghp_..., AIza..., xox?-...): on by default, never worth keeping.
+    secrets: bool = True
+    ibans: bool = False
     emails: bool = False
     phones: bool = False
     cards: bool = False
 
     @property
     def enabled(self) -> bool:
-        return self.emails or self.phones or self.cards
+        return self.secrets or self.ibans or self.emails or self.phones or self.cards
 
 
 class RouteConfig(StrictModel):

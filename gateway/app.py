@@ -112,7 +112,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics: GatewayMetrics = app.state.metrics
     metrics.bind(store=store, routes=routes, writers=[writer, shadow_writer], shadow=shadow, breaker=breaker)
     app.state.chat_service = ChatService(routes, router, student, teachers, writer, shadow,
-                                         [*components.observers, metrics.observe], breaker=breaker)
+                                         [*components.observers, metrics.observe], breaker=breaker,
+                                         trusted_for_training=app.state.key_policies.trusted_for_training)
     training = TrainingLoop(settings, store, student, routes, router, components.config_path)
     app.state.training, app.state.swapper = training, training.swapper
     writer.start()

@@ -21,7 +21,7 @@ from gateway.chat import shapes
 from gateway.chat.protocol import ChatCompletionRequest
 from gateway.chat.record import RequestRecord, estimate_tokens
 from gateway.errors import UpstreamError, UpstreamTimeout, gateway_error_body
-from gateway.redact import redact_request
+from gateway.redact import Redactor
 from gateway.route_table import RouteState, RouteTable
 from gateway.upstream.breaker import StudentBreaker
 from router.decision import Decision, Router
@@ -71,6 +71,7 @@ class ChatService:
         shadow: Any | None = None,
         observers: list[Observer] | None = None,
         breaker: StudentBreaker | None = None,
+        trusted_for_training: Callable[[str | None], bool] | None = None,
     ) -> None:
         self.routes = routes
         self.router = router
@@ -80,6 +81,16 @@ class ChatService:
         self.shadow = shadow
         self.observers = observers or []
         self.breaker = breaker
+        # Without a key policy only an open gateway's (anonymous) rows are trained on.
+        self.trusted_for_training = trusted_for_training or (lambda client_key_id: client_key_id is None)
+        self._redactors: dict[str, Redactor] = {}
+
+    def redactor(self, state: RouteState) -> Redactor:
+        """The route's redaction, compiled once per route."""
+        name = state.config.name
+        if name not in self._redactors:
+            self._redactors[name] = Redactor(state.config.redact)
+        return self._redactors[name]
 
     # -- shared steps ------------------------------------------------------------------------
     async def _begin(self, request: ChatCompletionRequest, client_key_id: str | None) -> tuple[
@@ -87,9 +98,10 @@ class ChatService:
     ]:
         state = self.routes.get(request.model)
         body = request.upstream_body()
-        # The log gets a redacted copy when the route asks for it; upstreams get ``body``.
-        record = RequestRecord(route=state.config.name, request=redact_request(body, state.config.redact),
-                               stream=request.stream, client_key_id=client_key_id)
+        # The log gets redacted copies (``record.redact`` at ``to_row``); upstreams get ``body``.
+        record = RequestRecord(route=state.config.name, request=body, stream=request.stream,
+                               client_key_id=client_key_id, redact=self.redactor(state).value,
+                               train_trusted=self.trusted_for_training(client_key_id))
         decision = await self.router.decide(state.policy(), body["messages"])
         record.router_score = decision.score
         record.decision_reasons = list(decision.reasons)
