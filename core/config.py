@@ -41,8 +41,18 @@ class Prices(StrictModel):
 class ServerConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # Every route's request body (413 beyond it, before it is read whole).
     max_body_bytes: int = Field(1_048_576, gt=0)
     max_tokens_limit: int = Field(32_768, gt=0)
+    # One chat request from start to its last byte, streams and teacher retries included (504).
+    request_timeout_s: float = Field(300.0, gt=0)
+    # Slow clients: the request line and headers must arrive within header_timeout_s of the
+    # connection (or of the request's first byte), the body within body_timeout_s of waiting (408).
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
+    # uvicorn's limit_concurrency: connections plus tasks beyond it get 503 at once.
+    limit_concurrency: int = Field(1024, ge=1)
+    keep_alive_s: int = Field(5, ge=1)
 
 
 class ClientKeyConfig(StrictModel):
@@ -151,6 +161,13 @@ class TeacherConfig(StrictModel):
     timeout_s: float = Field(30.0, gt=0)
     max_retries: int = Field(2, ge=0, le=10)
     backoff_base_s: float = Field(0.2, ge=0)
+    # A provider's retry-after is honoured up to this wait; a longer one (or one that would
+    # pass the request's deadline) goes to the client as a 429 with that retry-after.
+    max_retry_after_s: float = Field(20.0, ge=0)
+    # Concurrent calls to this teacher (streams hold a slot until they end); beyond it a call
+    # waits up to queue_timeout_s for a slot, then the client gets 503 with retry-after.
+    max_concurrency: int = Field(64, ge=1)
+    queue_timeout_s: float = Field(10.0, ge=0)
     params: dict[str, Any] = {}
     prices: Prices | None = None
 

@@ -8,14 +8,16 @@ from typing import Any, Protocol
 
 
 class UpstreamFailure(Exception):
-    """An upstream could not answer. ``retryable`` marks 429/5xx/connection/timeout."""
+    """An upstream could not answer. ``retryable`` marks 429/5xx/connection/timeout;
+    ``retry_after_s`` is the wait the provider asked for (its ``retry-after``), when it did."""
 
     def __init__(self, message: str, *, status_code: int | None = None, timeout: bool = False,
-                 retryable: bool = False) -> None:
+                 retryable: bool = False, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.timeout = timeout
         self.retryable = retryable
+        self.retry_after_s = retry_after_s
 
 
 @dataclass

@@ -113,7 +113,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics.bind(store=store, routes=routes, writers=[writer, shadow_writer], shadow=shadow, breaker=breaker)
     app.state.chat_service = ChatService(routes, router, student, teachers, writer, shadow,
                                          [*components.observers, metrics.observe], breaker=breaker,
-                                         trusted_for_training=app.state.key_policies.trusted_for_training)
+                                         trusted_for_training=app.state.key_policies.trusted_for_training,
+                                         request_timeout_s=settings.server.request_timeout_s)
     training = TrainingLoop(settings, store, student, routes, router, components.config_path)
     app.state.training, app.state.swapper = training, training.swapper
     writer.start()
