@@ -79,12 +79,28 @@ class AuthConfig(StrictModel):
     # trained on. ``serve`` refuses an open gateway beyond loopback unless --insecure.
     anonymous_trusted_for_training: bool = True
 
+    # Where ``serve`` writes the admin token it generates (mode 0600) when the variable is
+    # unset; the CLI's admin commands read it there. Default: ``admin-token`` beside the store.
+    admin_token_file: Path | None = None
+    # Dashboard sign-in sessions (server-side; sign-out and POST /admin/sessions/revoke end them).
+    session_ttl_s: float = Field(8 * 3600, gt=0)
+    session_idle_s: float = Field(30 * 60, gt=0)
+    # Sign-in attempts per client address per minute (and 6x that from all addresses together).
+    sign_in_per_minute: float = Field(5, gt=0)
+
     def client_keys(self) -> list[str]:
         raw = os.environ.get(self.client_keys_env, "")
         return [key.strip() for key in raw.split(",") if key.strip()]
 
-    def admin_token(self) -> str | None:
-        return os.environ.get(self.admin_token_env) or None
+    def admin_token(self, token_file: Path | None = None) -> str | None:
+        """The admin token: its environment variable, else the file ``serve`` wrote."""
+        token = os.environ.get(self.admin_token_env)
+        if token:
+            return token
+        path = token_file or self.admin_token_file
+        if path is not None and path.is_file():
+            return path.read_text().strip() or None
+        return None
 
 
 class SpoolConfig(StrictModel):
@@ -282,6 +298,13 @@ class Settings(StrictModel):
         if unknown:
             raise ValueError(f"auth.keys names unknown routes: {', '.join(unknown)}")
         return self
+
+    def admin_token_file(self) -> Path:
+        return self.auth.admin_token_file or self.store.path.with_name("admin-token")
+
+    def admin_token(self) -> str | None:
+        """The admin token from its variable or from the file ``serve`` wrote."""
+        return self.auth.admin_token(self.admin_token_file())
 
     def route(self, name: str) -> RouteConfig | None:
         return next((route for route in self.routes if route.name == name), None)

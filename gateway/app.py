@@ -25,10 +25,12 @@ from core.upstream import StudentBackend, TeacherClient
 from gateway.admin.endpoints import endpoints as admin_endpoints
 from gateway.chat.endpoints import endpoints as chat_endpoints
 from gateway.chat.service import ChatService, Observer
+from gateway.dashboard import sessions as dashboard_sessions
 from gateway.dashboard.endpoints import endpoints as dashboard_endpoints
 from gateway.error_handlers import install_error_handlers
 from gateway.health import endpoints as health_endpoints
 from gateway.keys import KeyPolicies
+from gateway.limits import BodyLimits
 from gateway.metrics import GatewayMetrics, scrape_token_from_env
 from gateway.metrics import endpoints as metrics_endpoints
 from gateway.models_api import endpoints as models_endpoints
@@ -148,10 +150,14 @@ def create_app(settings: Settings, components: Components | None = None) -> Fast
     app.state.client_keys = settings.auth.client_keys() + app.state.key_policies.keys
     # Keys configured under auth.keys close the surface even when none of them is set.
     app.state.auth_required = bool(app.state.client_keys or settings.auth.keys)
-    app.state.admin_token = settings.auth.admin_token()
+    app.state.admin_token = settings.admin_token()
+    app.state.sessions, app.state.sign_in_limiter = dashboard_sessions.build(settings.auth)
     app.state.started_at = int(time.time())
     app.state.metrics = GatewayMetrics(scrape_token=scrape_token_from_env())
     install_error_handlers(app)
+    # Every route's body is bounded in size and arrival time, the dashboard's sign-in included.
+    app.add_middleware(BodyLimits, max_body_bytes=settings.server.max_body_bytes,
+                       body_timeout_s=settings.server.body_timeout_s)
     for endpoints in (chat_endpoints, models_endpoints, health_endpoints, admin_endpoints, metrics_endpoints, dashboard_endpoints):
         app.include_router(endpoints)
     return app

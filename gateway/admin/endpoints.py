@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -12,6 +13,8 @@ from gateway.chat.endpoints import read_json_body
 from gateway.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from gateway.route_table import RouteTable
 from gateway.training.swap import SwapError
+
+logger = logging.getLogger(__name__)
 
 endpoints = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
@@ -89,3 +92,11 @@ async def rollback(route: str, request: Request) -> dict[str, Any]:
     except SwapError as error:
         raise Conflict(str(error)) from error
     return _routes(request).get(route).describe()
+
+
+@endpoints.post("/sessions/revoke")
+async def revoke_sessions(request: Request, actor: str = Depends(require_admin)) -> dict[str, Any]:
+    """Sign every dashboard session out (e.g. after a shared screen or a lost laptop)."""
+    revoked = request.app.state.sessions.revoke_all()
+    logger.warning("dashboard sessions revoked", extra={"actor": actor, "revoked": revoked})
+    return {"revoked": revoked}
