@@ -123,6 +123,10 @@ class StoreConfig(StrictModel):
     # How long a write waits for a lock held by another connection before it fails (and is retried).
     busy_timeout_ms: int = Field(5_000, ge=0)
     spool: SpoolConfig = SpoolConfig()
+    # Requests and shadow rows older than this are deleted (``distillgate purge``, and hourly
+    # inside ``serve``); unset keeps them for ever. Training only sees what is kept.
+    retention_days: float | None = Field(None, gt=0)
+    purge_interval_s: float = Field(3600.0, gt=0)
 
     def spool_dir(self) -> Path:
         return self.spool.dir or self.path.with_name(self.path.name + ".spool")

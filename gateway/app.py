@@ -34,6 +34,7 @@ from gateway.limits import BodyLimits
 from gateway.metrics import GatewayMetrics, scrape_token_from_env
 from gateway.metrics import endpoints as metrics_endpoints
 from gateway.models_api import endpoints as models_endpoints
+from gateway.retention import RetentionTask
 from gateway.route_table import RouteTable
 from gateway.shadow import ShadowRunner
 from gateway.training import TrainingLoop
@@ -124,12 +125,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     shadow.start()
     breaker.start()
     training.start()
+    retention = RetentionTask(store, settings.store)
+    retention.start()
     for startup in components.extra_startup:
         await startup(app)
     logger.info("gateway ready", extra={"routes": [route.name for route in settings.routes]})
     try:
         yield
     finally:
+        await retention.stop()
         await training.stop()
         await breaker.close()
         await shadow.close()
