@@ -111,6 +111,12 @@ class SQLiteStore:
                     }
                 )
 
+    def record_route_event(self, route: str, actor: str, action: str, old: Any, new: Any) -> None:
+        """An operator or scheduler action (promote, promote --force, rollback) in the audit table."""
+        with self._transaction():
+            self.db["route_audit"].insert({"route": route, "actor": actor, "field": action,
+                                           "old_json": json.dumps(old), "new_json": json.dumps(new), "at": time.time()})
+
     def route_audit(self, route: str) -> list[dict[str, Any]]:
         with self._lock:
             return list(self.db["route_audit"].rows_where("route = ?", [route], order_by="id desc"))

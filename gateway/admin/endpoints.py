@@ -67,7 +67,7 @@ def _swapper(request: Request) -> Any:
 
 
 @endpoints.post("/routes/{route}/promote")
-async def promote(route: str, request: Request) -> dict[str, Any]:
+async def promote(route: str, request: Request, actor: str = Depends(require_admin)) -> dict[str, Any]:
     _routes(request).get(route)
     payload = await read_json_body(request)
     version = payload.get("version") if isinstance(payload, dict) else None
@@ -77,21 +77,39 @@ async def promote(route: str, request: Request) -> dict[str, Any]:
     if version not in known:
         raise NotFound(f"Route {route!r} has no version {version!r}.", param="version")
     force = bool(payload.get("force", False))
+    action = "promote --force" if force else "promote"
+    previous = _live_version(request, route)
     try:
         await _swapper(request).promote(route, version, force=force)
     except SwapError as error:
+        _audit(request, route, actor, action, previous, {"version": version, "refused": str(error)})
         raise Conflict(str(error), param="version") from error
+    _audit(request, route, actor, action, previous, {"version": version})
     return _routes(request).get(route).describe()
 
 
 @endpoints.post("/routes/{route}/rollback")
-async def rollback(route: str, request: Request) -> dict[str, Any]:
+async def rollback(route: str, request: Request, actor: str = Depends(require_admin)) -> dict[str, Any]:
     _routes(request).get(route)
+    previous = _live_version(request, route)
     try:
         await _swapper(request).rollback(route)
     except SwapError as error:
+        _audit(request, route, actor, "rollback", previous, {"refused": str(error)})
         raise Conflict(str(error)) from error
+    _audit(request, route, actor, "rollback", previous, {"version": _live_version(request, route)})
     return _routes(request).get(route).describe()
+
+
+def _live_version(request: Request, route: str) -> str | None:
+    pointer = _routes(request).get(route).student
+    return pointer.version if pointer is not None else None
+
+
+def _audit(request: Request, route: str, actor: str, action: str, old: Any, new: Any) -> None:
+    """Promotions and rollbacks, refused ones too, with who asked (``GET .../audit``)."""
+    request.app.state.store.record_route_event(route, actor, action, old, new)
+    logger.info("route audit", extra={"route": route, "actor": actor, "action": action, "old": old, "new": new})
 
 
 @endpoints.post("/sessions/revoke")
