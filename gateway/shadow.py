@@ -73,7 +73,8 @@ class ShadowRunner:
                 await self._run(job)
             except UpstreamFailure as failure:
                 self.failed += 1
-                logger.info("shadow call failed", extra={"route": job.record.route, "error": str(failure)})
+                logger.info("shadow call failed", extra={"route": job.record.route,
+                                                         "error": job.record.redact(str(failure))})
             except Exception:  # the worker loop is an outer boundary: log and keep serving
                 self.failed += 1
                 logger.exception("shadow job crashed", extra={"route": job.record.route})

@@ -75,6 +75,7 @@ SECRETS = {
     "card": "4111 1111 1111 1111",
 }
 PII = ", ".join(SECRETS.values())
+REDACTED = "[SECRET], [SECRET], [IBAN], [EMAIL], [CARD]"
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -160,10 +161,18 @@ def test_every_logged_string_is_redacted_and_never_trained_on(make_settings: Cal
             wait_for(lambda: store.query("select count(*) as n from shadow_results")[0]["n"] == 1)
     assert SECRETS["openai_key"] in answer.choices[0].message.content  # the client's answer is unchanged
     assert failed.status_code == 502 and len(rows) == 3
-    assert "[IBAN]" in rows[0]["request_json"] and "[SECRET]" in rows[0]["response_json"]
-    assert rows[2]["error"] and "[EMAIL]" in rows[2]["error"]
+    request, response = json.loads(rows[0]["request_json"]), json.loads(rows[0]["response_json"])
+    assert request["user"] == request["messages"][0]["name"] == "[EMAIL]"
+    assert request["metadata"] == {"ref": "[SECRET]"}
+    assert json.loads(request["messages"][1]["tool_calls"][0]["function"]["arguments"]) == {"note": REDACTED}
+    assert request["messages"][0]["content"] == f"my details {REDACTED}" and request["messages"][2]["content"] == REDACTED
+    answer_message = response["choices"][0]["message"]
+    assert answer_message["content"] == f"Noted: {REDACTED}"
+    assert json.loads(answer_message["tool_calls"][0]["function"]["arguments"]) == {"email": "[EMAIL]", "iban": "[IBAN]"}
+    assert rows[2]["error"] and "[EMAIL]" in rows[2]["error"] and "[SECRET]" in rows[2]["error"]
     [shadow] = store.query("select * from shadow_results")
-    assert "[CARD]" in shadow["student_answer"] and "[IBAN]" in shadow["teacher_response_json"]
+    assert shadow["student_answer"] == f"student saw {REDACTED}" and shadow["teacher_answer"] == f"Noted: {REDACTED}"
+    assert "[IBAN]" in shadow["teacher_response_json"]
     dataset = build_dataset(store, settings.routes[0])
     store.close()
     trained = json.dumps([(example.messages, example.answer) for example in dataset.train + dataset.holdout])

@@ -57,7 +57,7 @@ class RequestRecord:
             "target": self.target,
             "student_version": self.student_version,
             "router_score": self.router_score,
-            "decision_reasons": json.dumps(self.decision_reasons),
+            "decision_reasons": json.dumps(self.redact(self.decision_reasons)),  # may quote an upstream error
             "fallback": int(self.fallback),
             "stream": int(self.stream),
             "status_code": self.status_code,

@@ -201,7 +201,7 @@ class ChatService:
         record.fallback = True
         record.decision_reasons.append(reason)
         logger.warning("student failed; serving from the teacher",
-                       extra={"route": record.route, "request_id": record.id, "reason": reason})
+                       extra={"route": record.route, "request_id": record.id, "reason": record.redact(reason)})
 
     # -- non-streaming -----------------------------------------------------------------------
     async def complete(self, request: ChatCompletionRequest, client_key_id: str | None = None) -> Served:
