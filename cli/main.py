@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 COMMAND_MODULES = [
@@ -20,12 +21,15 @@ COMMAND_MODULES = [
     "cli.router",
     "cli.student",
     "cli.training",
+    "cli.purge",
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distillgate", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-format", choices=("json", "text"), default="json",
+                        help="json (default): one object a line with every structured field; text: for a terminal")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         try:
@@ -38,10 +42,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Root logging to stderr. JSON keeps every ``extra=`` field (route, version, reason...),
+    which a plain format string drops."""
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Everything distillgate writes (database, spool, adapters, logs, the admin token) holds
+    # prompts, answers or secrets: readable by its own user only (files 0600, folders 0700).
+    os.umask(0o077)
+    configure_logging(args.log_level, args.log_format)
     # Per-call INFO lines from the HTTP and provider libraries drown the gateway's own log.
     for noisy in ("httpx", "httpcore", "LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))

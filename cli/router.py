@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +151,7 @@ def _apply(settings: Any, store: Any, args: argparse.Namespace, threshold: float
     import httpx
 
     url = (args.gateway_url or f"http://{settings.server.host}:{settings.server.port}").rstrip("/")
-    token = os.environ.get(settings.auth.admin_token_env, "")
+    token = settings.admin_token() or ""
     changes = {"ood_threshold": round(threshold, 6)}
     try:
         response = httpx.patch(f"{url}/admin/routes/{args.route}", json=changes,

@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -20,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cli import security
 from core.config import Settings, settings_for_command
 from gateway.vllm_process import VLLMStartError
 
@@ -86,23 +85,36 @@ def _start_vllm(settings: Settings, log_dir: Path) -> Any:
     return process
 
 
-def _admin_token(settings: Settings) -> None:
-    if settings.auth.admin_token() is None:
-        token = secrets.token_urlsafe(24)
-        os.environ[settings.auth.admin_token_env] = token
-        print(f"admin token for this run (set {settings.auth.admin_token_env} to choose one): {token}", flush=True)
+def _secured_app(args: argparse.Namespace, settings: Settings, host: str) -> Any:
+    """The app, or None after saying why serving on ``host`` is refused. The admin and
+    metrics tokens leave the environment here, before any child starts."""
+    from gateway.app import Components, create_app
+
+    announcement = security.prepare_admin_token(settings)
+    if announcement:
+        print(announcement, flush=True)
+    app = create_app(settings, Components(config_path=Path(args.config)))
+    security.scrub_secrets(settings)
+    problems = security.exposure_problems(host, app.state.auth_required, app.state.metrics.scrape_token is not None)
+    if problems and not args.insecure:
+        print(security.refusal_message(host, problems), file=sys.stderr)
+        return None
+    if problems:
+        logger.warning("serving beyond loopback with --insecure", extra={"host": host, "problems": problems})
+    return app
 
 
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway.app import Components, create_app
-
     settings = settings_for_command(args.config)
     if settings is None:
         return 2
     log_dir = Path(args.log_dir)
-    _admin_token(settings)
+    host = args.host or settings.server.host
+    app = _secured_app(args, settings, host)
+    if app is None:
+        return 2
     children: list[Any] = []
     try:
         if settings.vllm.launch:
@@ -119,8 +131,8 @@ def serve(args: argparse.Namespace) -> int:
         # uvicorn drains on SIGTERM, then re-raises the signal; exit through the finally
         # below instead, so the children are stopped too and the exit status is 0.
         signal.signal(signal.SIGTERM, _exit_cleanly)
-        uvicorn.run(app, host=args.host or settings.server.host, port=args.port or settings.server.port,
-                    log_level="warning", timeout_graceful_shutdown=30)
+        uvicorn.run(app, host=host, port=args.port or settings.server.port, log_level="warning",
+                    timeout_graceful_shutdown=30, **security.uvicorn_options(settings))
     finally:
         for child in children:
             _stop(child)
@@ -159,6 +171,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--host", default=None)
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--log-dir", default="var/logs")
+    parser.add_argument("--insecure", action="store_true",
+                        help="serve beyond loopback even with no client keys or an open /metrics")
     parser.set_defaults(func=serve)
     check = subparsers.add_parser("check-config", help="validate a config file")
     check.add_argument("--config", default="configs/default.yaml")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
@@ -150,7 +149,7 @@ def _admin_call(args: argparse.Namespace, action: str, payload: dict[str, Any] |
     if settings is None:
         return 2
     url = args.gateway_url or f"http://{settings.server.host}:{settings.server.port}"
-    token = os.environ.get(settings.auth.admin_token_env)
+    token = settings.admin_token()
     headers = {"authorization": f"Bearer {token}"} if token else {}
     try:
         response = httpx.post(f"{url.rstrip('/')}/admin/routes/{args.route}/{action}", json=payload,

@@ -10,7 +10,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -43,8 +43,18 @@ class Prices(StrictModel):
 class ServerConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # Every route's request body (413 beyond it, before it is read whole).
     max_body_bytes: int = Field(1_048_576, gt=0)
     max_tokens_limit: int = Field(32_768, gt=0)
+    # One chat request from start to its last byte, streams and teacher retries included (504).
+    request_timeout_s: float = Field(300.0, gt=0)
+    # Slow clients: the request line and headers must arrive within header_timeout_s of the
+    # connection (or of the request's first byte), the body within body_timeout_s of waiting (408).
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
+    # uvicorn's limit_concurrency: connections plus tasks beyond it get 503 at once.
+    limit_concurrency: int = Field(1024, ge=1)
+    keep_alive_s: int = Field(5, ge=1)
 
 
 class ClientKeyConfig(StrictModel):
@@ -54,6 +64,9 @@ class ClientKeyConfig(StrictModel):
     routes: list[str] | None = Field(None, description="route names this key may use; unset = all")
     requests_per_minute: float | None = Field(None, gt=0)
     burst: int | None = Field(None, ge=1, description="requests at once; default a minute's worth")
+    # Only rows from keys trusted for training become training data: any other key could
+    # plant answers that the student would then serve to everyone (trainer/dataset.py).
+    trusted_for_training: bool = False
 
 
 class AuthConfig(StrictModel):
@@ -62,13 +75,34 @@ class AuthConfig(StrictModel):
     client_keys_env: str = "DISTILLGATE_API_KEYS"
     admin_token_env: str = "DISTILLGATE_ADMIN_TOKEN"
     keys: list[ClientKeyConfig] = []
+    # Whether rows from the keys in ``client_keys_env`` (no per-key policy) are trained on.
+    client_keys_trusted_for_training: bool = False
+    # Whether rows of an open gateway (no client keys at all: loopback development) are
+    # trained on. ``serve`` refuses an open gateway beyond loopback unless --insecure.
+    anonymous_trusted_for_training: bool = True
+
+    # Where ``serve`` writes the admin token it generates (mode 0600) when the variable is
+    # unset; the CLI's admin commands read it there. Default: ``admin-token`` beside the store.
+    admin_token_file: Path | None = None
+    # Dashboard sign-in sessions (server-side; sign-out and POST /admin/sessions/revoke end them).
+    session_ttl_s: float = Field(8 * 3600, gt=0)
+    session_idle_s: float = Field(30 * 60, gt=0)
+    # Sign-in attempts per client address per minute (and 6x that from all addresses together).
+    sign_in_per_minute: float = Field(5, gt=0)
 
     def client_keys(self) -> list[str]:
         raw = os.environ.get(self.client_keys_env, "")
         return [key.strip() for key in raw.split(",") if key.strip()]
 
-    def admin_token(self) -> str | None:
-        return os.environ.get(self.admin_token_env) or None
+    def admin_token(self, token_file: Path | None = None) -> str | None:
+        """The admin token: its environment variable, else the file ``serve`` wrote."""
+        token = os.environ.get(self.admin_token_env)
+        if token:
+            return token
+        path = token_file or self.admin_token_file
+        if path is not None and path.is_file():
+            return path.read_text().strip() or None
+        return None
 
 
 class SpoolConfig(StrictModel):
@@ -94,6 +128,10 @@ class StoreConfig(StrictModel):
     # Rows the store refuses for what they hold (poison rows), one JSON line each.
     # Default: ``<store path>.deadletter.jsonl`` beside the database.
     dead_letter_path: Path | None = None
+    # Requests and shadow rows older than this are deleted (``distillgate purge``, and hourly
+    # inside ``serve``); unset keeps them for ever. Training only sees what is kept.
+    retention_days: float | None = Field(None, gt=0)
+    purge_interval_s: float = Field(3600.0, gt=0)
 
     def spool_dir(self) -> Path:
         return self.spool.dir or self.path.with_name(self.path.name + ".spool")
@@ -167,6 +205,13 @@ class TeacherConfig(StrictModel):
     timeout_s: float = Field(30.0, gt=0)
     max_retries: int = Field(2, ge=0, le=10)
     backoff_base_s: float = Field(0.2, ge=0)
+    # A provider's retry-after is honoured up to this wait; a longer one (or one that would
+    # pass the request's deadline) goes to the client as a 429 with that retry-after.
+    max_retry_after_s: float = Field(20.0, ge=0)
+    # Concurrent calls to this teacher (streams hold a slot until they end); beyond it a call
+    # waits up to queue_timeout_s for a slot, then the client gets 503 with retry-after.
+    max_concurrency: int = Field(64, ge=1)
+    queue_timeout_s: float = Field(10.0, ge=0)
     params: dict[str, Any] = {}
     prices: Prices | None = None
 
@@ -208,6 +253,11 @@ class TrainingConfig(StrictModel):
     learning_rate: float = Field(2e-3, gt=0)
     lora_rank: int = Field(8, ge=1)
     max_steps: int | None = None
+    # Rows whose request carries a client system/developer message: "skip" them (default),
+    # or "replace" that message by the route's student prompt as serving does. A client's
+    # system prompt steers the teacher, so with "replace" a key could plant answers; choose
+    # it only when every key trusted for training sends the app's own fixed prompt.
+    client_system_prompts: Literal["skip", "replace"] = "skip"
 
 
 class GateConfig(StrictModel):
@@ -236,15 +286,19 @@ class CostsConfig(StrictModel):
 
 
 class RedactConfig(StrictModel):
-    """Personal data removed from logged prompts (gateway/redact.py); upstream calls are unchanged."""
+    """Personal data and secrets removed from every logged string (gateway/redact.py): request,
+    answer, error text, shadow rows; so never trained on. Upstream calls are unchanged."""
 
+    # API keys (sk-..., AKIA..., ghp_..., AIza..., xox?-...): on by default, never worth keeping.
+    secrets: bool = True
+    ibans: bool = False
     emails: bool = False
     phones: bool = False
     cards: bool = False
 
     @property
     def enabled(self) -> bool:
-        return self.emails or self.phones or self.cards
+        return self.secrets or self.ibans or self.emails or self.phones or self.cards
 
 
 class RouteConfig(StrictModel):
@@ -317,6 +371,13 @@ class Settings(StrictModel):
         if route.gate.metric == "served_agreement" and route.confidence_threshold is None:
             raise ValueError(f"route {route.name}: gate.metric served_agreement needs a confidence_threshold "
                              "(the cascade decides what the student would serve)")
+
+    def admin_token_file(self) -> Path:
+        return self.auth.admin_token_file or self.store.path.with_name("admin-token")
+
+    def admin_token(self) -> str | None:
+        """The admin token from its variable or from the file ``serve`` wrote."""
+        return self.auth.admin_token(self.admin_token_file())
 
     def route(self, name: str) -> RouteConfig | None:
         return next((route for route in self.routes if route.name == name), None)

@@ -8,7 +8,8 @@ from typing import Any, Protocol
 
 
 class UpstreamFailure(Exception):
-    """An upstream could not answer. ``retryable`` marks 429/5xx/connection/timeout.
+    """An upstream could not answer. ``retryable`` marks 429/5xx/connection/timeout;
+    ``retry_after_s`` is the wait the provider asked for (its ``retry-after``), when it did.
 
     ``server_fault`` says whether the upstream itself is to blame (5xx, timeout, connection
     error, a malformed answer) rather than the request (4xx: a prompt too long, an unloaded
@@ -17,12 +18,14 @@ class UpstreamFailure(Exception):
     """
 
     def __init__(self, message: str, *, status_code: int | None = None, timeout: bool = False,
-                 retryable: bool = False, server_fault: bool | None = None) -> None:
+                 retryable: bool = False, server_fault: bool | None = None,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.timeout = timeout
         self.retryable = retryable
         self.server_fault = (status_code is None or status_code >= 500) if server_fault is None else server_fault
+        self.retry_after_s = retry_after_s
 
 
 @dataclass

@@ -27,13 +27,16 @@ from core.upstream import StudentBackend, TeacherClient
 from gateway.admin.endpoints import endpoints as admin_endpoints
 from gateway.chat.endpoints import endpoints as chat_endpoints
 from gateway.chat.service import ChatService, Observer
+from gateway.dashboard import sessions as dashboard_sessions
 from gateway.dashboard.endpoints import endpoints as dashboard_endpoints
 from gateway.error_handlers import install_error_handlers
 from gateway.health import endpoints as health_endpoints
 from gateway.keys import KeyPolicies
+from gateway.limits import BodyLimits
 from gateway.metrics import GatewayMetrics, scrape_token_from_env
 from gateway.metrics import endpoints as metrics_endpoints
 from gateway.models_api import endpoints as models_endpoints
+from gateway.retention import RetentionTask
 from gateway.route_table import RouteTable
 from gateway.shadow import ShadowRunner
 from gateway.training import TrainingLoop
@@ -141,7 +144,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics: GatewayMetrics = app.state.metrics
         metrics.bind(store=store, routes=routes, writers=[writer, shadow_writer], shadow=shadow, breaker=breaker)
         app.state.chat_service = ChatService(routes, router, student, teachers, writer, shadow,
-                                             [*components.observers, metrics.observe], breaker=breaker)
+                                             [*components.observers, metrics.observe], breaker=breaker,
+                                             trusted_for_training=app.state.key_policies.trusted_for_training,
+                                             request_timeout_s=settings.server.request_timeout_s)
         training = TrainingLoop(settings, store, student, routes, router, components.config_path)
         app.state.training, app.state.swapper = training, training.swapper
         supervisor = _build_supervisor(settings, components, training)
@@ -152,6 +157,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if supervisor is not None:
             supervisor.start()
             stack.push_async_callback(supervisor.close)
+        retention = RetentionTask(store, settings.store)
+        retention.start()
+        stack.push_async_callback(retention.stop)
         for startup in components.extra_startup:
             await startup(app)
         logger.info("gateway ready", extra={"routes": [route.name for route in settings.routes]})
@@ -179,10 +187,14 @@ def create_app(settings: Settings, components: Components | None = None) -> Fast
     app.state.client_keys = settings.auth.client_keys() + app.state.key_policies.keys
     # Keys configured under auth.keys close the surface even when none of them is set.
     app.state.auth_required = bool(app.state.client_keys or settings.auth.keys)
-    app.state.admin_token = settings.auth.admin_token()
+    app.state.admin_token = settings.admin_token()
+    app.state.sessions, app.state.sign_in_limiter = dashboard_sessions.build(settings.auth)
     app.state.started_at = int(time.time())
     app.state.metrics = GatewayMetrics(scrape_token=scrape_token_from_env())
     install_error_handlers(app)
+    # Every route's body is bounded in size and arrival time, the dashboard's sign-in included.
+    app.add_middleware(BodyLimits, max_body_bytes=settings.server.max_body_bytes,
+                       body_timeout_s=settings.server.body_timeout_s)
     for endpoints in (chat_endpoints, models_endpoints, health_endpoints, admin_endpoints, metrics_endpoints, dashboard_endpoints):
         app.include_router(endpoints)
     return app

@@ -3,9 +3,9 @@
 Keys are compared in constant time and never logged: a request is identified in the log
 by a short hash of its key.
 
-The dashboard's browser session carries the admin credential as an HttpOnly, SameSite=Strict
-cookie holding an HMAC of the admin token (never the token itself; rotating the token ends
-every session). Because a cookie rides along on cross-site requests, a cookie alone only
+The dashboard's browser session is a server-side session (gateway/dashboard/sessions.py):
+its HttpOnly, SameSite=Strict cookie holds a random id, never the token; sessions expire
+and can be revoked. Because a cookie rides along on cross-site requests, a cookie alone only
 authorises safe methods: a state-changing request must also carry the
 ``x-distillgate-dashboard`` header, which another origin's page cannot add without a CORS
 preflight that this server never grants.
@@ -51,18 +51,15 @@ DASHBOARD_HEADER = "x-distillgate-dashboard"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-def admin_session_value(admin_token: str) -> str:
-    """The dashboard cookie's value for this admin token."""
-    return hmac.new(admin_token.encode(), b"distillgate-dashboard-session", hashlib.sha256).hexdigest()
-
-
-def _cookie_admin(request: Request, admin_token: str) -> str | None:
+def _cookie_admin(request: Request) -> str | None:
     cookie = request.cookies.get(ADMIN_COOKIE)
-    if not cookie or not _matches(cookie, [admin_session_value(admin_token)]):
+    sessions = getattr(request.app.state, "sessions", None)
+    if not cookie or sessions is None:
         return None
     if request.method not in SAFE_METHODS and request.headers.get(DASHBOARD_HEADER) is None:
         return None
-    return f"dashboard:{key_id(admin_token)}"
+    session = sessions.get(cookie)
+    return session.actor if session is not None else None
 
 
 def require_client(request: Request) -> str | None:
@@ -91,7 +88,7 @@ def require_admin(request: Request) -> str:
     token = bearer_token(request)
     if token is not None and _matches(token, [admin_token]):
         return f"admin:{key_id(token)}"
-    session = _cookie_admin(request, admin_token)
+    session = _cookie_admin(request)
     if session is None:
         raise AuthenticationFailed("This endpoint requires the admin token.")
     return session

@@ -4,7 +4,8 @@ Exception tree::
 
     GatewayError                    500 server_error
     ├── InvalidRequest              400 invalid_request_error
-    │   └── PayloadTooLarge         413 invalid_request_error
+    │   ├── PayloadTooLarge         413 invalid_request_error
+    │   └── RequestTimeout          408 invalid_request_error (the client sent its body too slowly)
     ├── AuthenticationFailed        401 authentication_error
     ├── PermissionDenied            403 permission_error
     ├── RouteNotFound               404 invalid_request_error (code model_not_found)
@@ -52,6 +53,11 @@ class InvalidRequest(GatewayError):
 class PayloadTooLarge(InvalidRequest):
     status_code = 413
     default_code = "request_too_large"
+
+
+class RequestTimeout(InvalidRequest):
+    status_code = 408
+    default_code = "request_timeout"
 
 
 class AuthenticationFailed(GatewayError):
@@ -123,6 +129,7 @@ STATUS_TO_ERROR: dict[int, type[GatewayError]] = {
     403: PermissionDenied,
     404: NotFound,
     405: InvalidRequest,
+    408: RequestTimeout,
     413: PayloadTooLarge,
     422: InvalidRequest,
     429: RateLimited,

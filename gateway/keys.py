@@ -51,6 +51,7 @@ class KeyPolicy:
     name: str
     routes: frozenset[str] | None
     bucket: TokenBucket | None
+    trusted_for_training: bool = False
 
 
 class KeyPolicies:
@@ -59,6 +60,8 @@ class KeyPolicies:
     def __init__(self, config: AuthConfig) -> None:
         self.keys: list[str] = []
         self._by_id: dict[str, KeyPolicy] = {}
+        self._anonymous_trusted = config.anonymous_trusted_for_training
+        self._env_keys_trusted = config.client_keys_trusted_for_training
         for entry in config.keys:
             key = os.environ.get(entry.key_env, "").strip()
             if not key:
@@ -68,7 +71,7 @@ class KeyPolicies:
             bucket = TokenBucket(entry.burst or max(1.0, rate), rate / 60) if rate else None
             self.keys.append(key)
             self._by_id[key_id(key)] = KeyPolicy(entry.key_env, frozenset(entry.routes) if entry.routes else None,
-                                                 bucket)
+                                                 bucket, entry.trusted_for_training)
 
     def admit(self, client_key_id: str | None) -> None:
         """Raises RateLimited when the key's bucket is empty."""
@@ -81,6 +84,13 @@ class KeyPolicies:
             raise RateLimited("Rate limit reached for this API key: too many requests per minute.",
                               headers={"retry-after": str(math.ceil(wait_s)),
                                        "retry-after-ms": str(math.ceil(wait_s * 1000))})
+
+    def trusted_for_training(self, client_key_id: str | None) -> bool:
+        """Whether this caller's rows may become training data (see ``auth`` in the config)."""
+        if client_key_id is None:
+            return self._anonymous_trusted
+        policy = self._by_id.get(client_key_id)
+        return policy.trusted_for_training if policy is not None else self._env_keys_trusted
 
     def route_allowed(self, client_key_id: str | None, route: str) -> bool:
         policy = self._by_id.get(client_key_id or "")

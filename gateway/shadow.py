@@ -73,7 +73,8 @@ class ShadowRunner:
                 await self._run(job)
             except UpstreamFailure as failure:
                 self.failed += 1
-                logger.info("shadow call failed", extra={"route": job.record.route, "error": str(failure)})
+                logger.info("shadow call failed", extra={"route": job.record.route,
+                                                         "error": job.record.redact(str(failure))})
             except Exception:  # the worker loop is an outer boundary: log and keep serving
                 self.failed += 1
                 logger.exception("shadow job crashed", extra={"route": job.record.route})
@@ -95,15 +96,16 @@ class ShadowRunner:
             student_answer, teacher_answer = student_completion.text, job.served.text
             teacher_body, cost = job.served.body, 0.0
         self.completed += 1
+        redact = job.record.redact  # the route's redaction, as for the request row
         await self._writer.log({
             "request_id": job.record.id,
             "created_at": time.time(),
             "route": config.name,
             "student_version": job.state.student.version if job.state.student else None,
             "router_score": job.record.router_score,
-            "student_answer": student_answer,
-            "teacher_answer": teacher_answer,
-            "teacher_response_json": json.dumps(teacher_body, ensure_ascii=False, default=str),
+            "student_answer": redact(student_answer),
+            "teacher_answer": redact(teacher_answer),
+            "teacher_response_json": json.dumps(redact(teacher_body), ensure_ascii=False, default=str),
             "agree": int(answers_agree(student_answer, teacher_answer)),
             "cost_usd": cost,
         })

@@ -11,7 +11,8 @@ Knobs that make it behave like a real provider:
   with ``latency_jitter_ms`` > 0 each delay is drawn from a **lognormal** distribution with
   that mean and standard deviation (always positive, right-skewed like real API latency).
 * ``error_rate``: that share of calls fails, half with a 500 and half with a 429 that
-  carries ``retry-after`` (seconds) and ``retry-after-ms``, both in OpenAI's error format.
+  carries ``retry-after`` (seconds) and ``retry-after-ms``, both in OpenAI's error format;
+  ``error_status`` (500 or 429) makes every injected error that one.
 * ``accuracy``: an utterance is answered with a wrong label with probability
   ``1 - accuracy``. Whether it is wrong, and which wrong label, is a pure function of
   ``(seed, utterance)`` so reruns reproduce the same teacher mistakes.
@@ -33,7 +34,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -60,6 +61,7 @@ class ReplayOptions(BaseModel):
     error_rate: float = Field(0.0, ge=0, le=1)
     accuracy: float = Field(1.0, ge=0, le=1)
     retry_after_s: float = Field(1.0, ge=0)
+    error_status: Literal[429, 500] | None = None
     seed: int = 0
 
 
@@ -181,7 +183,8 @@ class ReplayTeacher:
     def injected_error(self) -> JSONResponse | None:
         if self._random.random() >= self.options.error_rate:
             return None
-        if self._random.random() < 0.5:
+        status = self.options.error_status or (500 if self._random.random() < 0.5 else 429)
+        if status == 500:
             logger.info("replay teacher (stand-in) injected a 500")
             return _error(500, "The replay teacher (a stand-in) injected a server error.", "server_error", None)
         retry_after = self.options.retry_after_s

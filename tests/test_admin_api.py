@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
 from core.config import Settings
-from gateway.app import create_app
+from core.registry import CandidateVersion, Registry
+from core.store import SQLiteStore
+from gateway.app import Components, create_app
+from gateway.auth import key_id
+from gateway.upstream.student import VLLMStudent
+from tests.operators import ScoringRouter, _student_reply
 from tests.helpers import UvicornThread
+
+ROUTE = "clinc-intents"
 
 ADMIN = {"authorization": "Bearer admin-secret"}
 
@@ -97,3 +107,44 @@ def test_unknown_route_and_version_are_404(admin_settings: Settings) -> None:
         missing_version = httpx.post(f"{server.url}/admin/routes/clinc-intents/promote", headers=ADMIN,
                                      json={"version": "v99"})
     assert missing_route.status_code == 404 and missing_version.status_code == 404
+
+
+def _fake_adapter(directory: Path) -> str:
+    """An adapter directory that passes the swap's checks (config, rank, whole safetensors)."""
+    directory.mkdir(parents=True)
+    (directory / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    (directory / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    return str(directory)
+
+
+def _vllm_reply(request: httpx.Request) -> httpx.Response:
+    if request.url.path.endswith(("load_lora_adapter", "unload_lora_adapter")):
+        return httpx.Response(200, text="ok")
+    return _student_reply(request)
+
+
+def test_promote_rollback_and_force_are_audited_with_the_actor(admin_settings: Settings, tmp_path: Path) -> None:
+    store = SQLiteStore(admin_settings.store.path)
+    registry = Registry(store)
+    for version, status in (("v1", "candidate"), ("v2", "candidate"), ("v3", "rejected")):
+        registry.record(CandidateVersion(ROUTE, version, status, _fake_adapter(tmp_path / version)))
+    store.close()
+    student = VLLMStudent("http://vllm.test", transport=httpx.MockTransport(_vllm_reply))
+    app = create_app(admin_settings, Components(student=student, router=ScoringRouter()))
+    base = f"/admin/routes/{ROUTE}"
+    with UvicornThread(app) as server:
+        calls = [httpx.post(f"{server.url}{base}/promote", headers=ADMIN, json={"version": "v1"}),
+                 httpx.post(f"{server.url}{base}/promote", headers=ADMIN, json={"version": "v2"}),
+                 httpx.post(f"{server.url}{base}/rollback", headers=ADMIN),
+                 httpx.post(f"{server.url}{base}/promote", headers=ADMIN, json={"version": "v3"}),
+                 httpx.post(f"{server.url}{base}/promote", headers=ADMIN, json={"version": "v3", "force": True})]
+        audit = httpx.get(f"{server.url}{base}/audit", headers=ADMIN).json()["data"]
+    assert [call.status_code for call in calls] == [200, 200, 200, 409, 200]
+    events = [(entry["field"], json.loads(entry["old_json"]), json.loads(entry["new_json"])) for entry in reversed(audit)]
+    assert [(action, old) for action, old, _ in events] == [
+        ("promote", None), ("promote", "v1"), ("rollback", "v2"), ("promote", "v1"), ("promote --force", "v1")]
+    assert [new.get("version") for _, _, new in events] == ["v1", "v2", "v1", "v3", "v3"]
+    assert "refused" in events[3][2] and "refused" not in events[4][2]
+    actor = f"admin:{key_id('admin-secret')}"
+    assert all(entry["actor"] == actor for entry in audit)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -63,7 +65,8 @@ def test_sign_in_sets_an_httponly_cookie_that_needs_the_header_to_change_state(
     with UvicornThread(operator_app(make_settings(replay_teacher))) as server:
         anonymous = httpx.get(f"{server.url}/dashboard")
         wrong = httpx.post(f"{server.url}/dashboard/login", data={"token": "nope", "next": "/dashboard"})
-        signed = httpx.get(f"{server.url}/dashboard", params={"token": "admin-secret"})
+        in_url = httpx.get(f"{server.url}/dashboard", params={"token": "admin-secret"})
+        signed = httpx.post(f"{server.url}/dashboard/login", data={"token": "admin-secret", "next": "/dashboard"})
         cookie = signed.cookies[ADMIN_COOKIE]
         jar = {ADMIN_COOKIE: cookie}
         page = httpx.get(f"{server.url}/dashboard", cookies=jar)
@@ -74,6 +77,7 @@ def test_sign_in_sets_an_httponly_cookie_that_needs_the_header_to_change_state(
         offsite = httpx.post(f"{server.url}/dashboard/login", data={"token": "admin-secret", "next": "//evil.test/"})
     assert anonymous.status_code == 401 and 'name="token"' in anonymous.text
     assert wrong.status_code == 401 and "not the admin token" in wrong.text
+    assert in_url.status_code == 401 and "set-cookie" not in in_url.headers, "a token in a URL never signs in"
     assert signed.status_code == 303 and signed.headers["location"] == "/dashboard"
     set_cookie = signed.headers["set-cookie"].lower()
     assert "httponly" in set_cookie and "samesite=strict" in set_cookie and "admin-secret" not in set_cookie
@@ -107,6 +111,42 @@ def test_empty_store_and_no_student(make_settings: Callable[..., Settings], repl
     assert unknown.status_code == 404
     assert library.status_code == 200 and "uPlot" in library.text
     assert traversal.status_code == 404
+
+
+def test_sessions_are_server_side_expire_and_can_be_revoked(
+        make_settings: Callable[..., Settings], replay_teacher: str, admin_env: None) -> None:
+    settings = make_settings(replay_teacher, auth={"session_idle_s": 1.5})
+    with UvicornThread(operator_app(settings)) as server:
+        def sign_in() -> dict[str, str]:
+            response = httpx.post(f"{server.url}/dashboard/login", data={"token": "admin-secret", "next": "/dashboard"})
+            assert response.status_code == 303
+            return {ADMIN_COOKIE: response.cookies[ADMIN_COOKIE]}
+
+        def page(jar: dict[str, str]) -> int:
+            return httpx.get(f"{server.url}/dashboard", cookies=jar).status_code
+
+        first, second = sign_in(), sign_in()
+        assert first != second and page(first) == page(second) == 200
+        signed_out = httpx.post(f"{server.url}/dashboard/logout", cookies=first)
+        assert signed_out.status_code == 303 and page(first) == 401, "sign-out ends the session on the server"
+        assert page(second) == 200
+        revoked = httpx.post(f"{server.url}/admin/sessions/revoke", headers=ADMIN)
+        assert revoked.json() == {"revoked": 1} and page(second) == 401
+        idle = sign_in()
+        time.sleep(2.0)
+        assert page(idle) == 401, "an idle session expires"
+
+
+def test_sign_in_is_rate_limited_per_address(make_settings: Callable[..., Settings], replay_teacher: str,
+                                             admin_env: None) -> None:
+    settings = make_settings(replay_teacher, auth={"sign_in_per_minute": 3})
+    with UvicornThread(operator_app(settings)) as server:
+        guesses = [httpx.post(f"{server.url}/dashboard/login", data={"token": f"guess-{index}"})
+                   for index in range(3)]
+        limited = httpx.post(f"{server.url}/dashboard/login", data={"token": "admin-secret"})
+    assert [guess.status_code for guess in guesses] == [401, 401, 401]
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    assert ADMIN_COOKIE not in limited.cookies, "even the right token waits its turn"
 
 
 # -- the page in headless Chromium -----------------------------------------------------------
@@ -152,8 +192,10 @@ def test_dashboard_in_chromium_shows_savings_and_moves_the_threshold(
     store.close()
     assert summary.savings_usd > 0
 
-    browser.get(f"{url}/dashboard?token=admin-secret")
-    assert browser.current_url == f"{url}/dashboard", "the token leaves the address bar after sign-in"
+    browser.get(f"{url}/dashboard")
+    browser.find_element(By.ID, "token").send_keys("admin-secret")
+    browser.find_element(By.ID, "sign-in").click()
+    assert browser.current_url == f"{url}/dashboard"
     browser.find_element(By.LINK_TEXT, ROUTE).click()
     wait = WebDriverWait(browser, 15)
     wait.until(lambda driver: len(driver.find_elements(By.CSS_SELECTOR, ".uplot")) == 3)

@@ -50,7 +50,7 @@ def teacher_with(clinc_path: Path) -> Iterator[Callable[..., tuple[str, Counting
 
 def test_failing_teacher_is_retried_then_a_clean_openai_error(make_settings: Callable[..., Settings],
                                                               teacher_with: Callable[..., tuple[str, CountingApp]]) -> None:
-    url, counter = teacher_with(error_rate=1.0)
+    url, counter = teacher_with(error_rate=1.0, error_status=500)  # a 429 goes on as a 429: test_upstream_limits
     settings = make_settings(url, route={"teacher": {"max_retries": 2, "backoff_base_s": 0.01}})
     with UvicornThread(create_app(settings)) as server:
         for stream in (False, True):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,9 @@ def test_train_then_versions(config: Path, tmp_path: Path, clinc_path: Path,
     assert candidate["version"] == "v1" and candidate["status"] in ("candidate", "rejected")
     assert Path(candidate["detector_path"]).is_file()  # the router's OOD detector, fitted with this version
     assert (Path(candidate["adapter_path"]) / "adapter_config.json").is_file()
+    version_dir = Path(candidate["adapter_path"]).parent
+    for path in [version_dir, *version_dir.rglob("*")]:  # distilled from logged prompts: private
+        assert stat.S_IMODE(path.stat().st_mode) == (0o700 if path.is_dir() else 0o600), path
 
     assert run_cli(["versions", "--config", str(config), "--route", ROUTE, "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)

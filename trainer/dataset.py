@@ -2,9 +2,13 @@
 
 Sources: requests the teacher answered (``target == "teacher"``, status 200) and shadow
 results (teacher answers to student-served requests). Dropped, with a count per reason:
-errors, empty or truncated answers, refusals, answers failing the route's validity check
-(label routes: one of the known labels; ``response_format`` JSON requests: must parse)
-and duplicate prompts (the newest answer wins: a teacher upgrade should win over stale data).
+rows from keys not trusted for training (``untrusted_key``: any other key could plant
+answers the student then serves to everyone), rows carrying a client system prompt unless
+the route's ``training.client_system_prompts`` is ``replace`` (``client_system_prompt``: it
+steered the teacher, but the student never sees it), errors, empty or truncated answers,
+refusals, answers failing the route's validity check (label routes: one of the known labels;
+``response_format`` JSON requests: must parse) and duplicate prompts (the newest answer wins:
+a teacher upgrade should win over stale data).
 
 The holdout is fixed and grows with the data: an example's split is a pure function of a
 hash of its prompt, so it never moves between splits, and every candidate and the live
@@ -132,6 +136,21 @@ def _first_choice(response: Any) -> dict[str, Any]:
     return choices[0] if isinstance(choices[0], dict) else {}
 
 
+CLIENT_SYSTEM_ROLES = ("system", "developer")
+
+
+def _untrusted_reason(row: dict[str, Any], request: Any, client_system_prompts: str) -> str | None:
+    """Why a row must not be trained on whatever its answer, or None."""
+    if row.get("train_trusted") != 1:
+        return "untrusted_key"
+    if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
+        return "bad_request"
+    if client_system_prompts == "skip" and any(
+            isinstance(message, dict) and message.get("role") in CLIENT_SYSTEM_ROLES for message in request["messages"]):
+        return "client_system_prompt"
+    return None
+
+
 def _candidate(request: Any, response: Any, *, source: str, request_id: str, created_at: float,
                system_prompt: str, labels: Collection[str] | None, keep_reasoning: bool
                ) -> Example | str:
@@ -187,16 +206,20 @@ def collect_examples(store: Store, route: RouteConfig, *, labels: Collection[str
     dropped: Counter[str] = Counter()
     label_set = {normalize_answer(label) for label in labels} if labels is not None else None
     options = {"system_prompt": route.student.system_prompt, "labels": label_set, "keep_reasoning": keep_reasoning}
+    policy = route.training.client_system_prompts
     found: list[Example | str] = []
     for row in _teacher_rows(store, route.name, after):
-        found.append(_candidate(_loads(row["request_json"]), _loads(row["response_json"]), source="teacher",
-                                request_id=row["id"], created_at=row["created_at"], **options))
-    for shadow, request in _shadow_rows(store, route.name, after):
+        request = _loads(row["request_json"])
+        found.append(_untrusted_reason(row, request, policy) or _candidate(
+            request, _loads(row["response_json"]), source="teacher", request_id=row["id"],
+            created_at=row["created_at"], **options))
+    for shadow, row in _shadow_rows(store, route.name, after):
+        request = _loads(row["request_json"])
         response = _loads(shadow.get("teacher_response_json"))
         if response is None and shadow.get("teacher_answer"):
             response = {"choices": [{"message": {"content": shadow["teacher_answer"]}, "finish_reason": "stop"}]}
-        found.append(_candidate(_loads(request["request_json"]), response, source="shadow",
-                                request_id=request["id"], created_at=shadow["created_at"], **options))
+        found.append(_untrusted_reason(row, request, policy) or _candidate(
+            request, response, source="shadow", request_id=row["id"], created_at=shadow["created_at"], **options))
     newest: dict[str, Example] = {}
     for item in found:
         if isinstance(item, str):

@@ -23,6 +23,14 @@ from trainer.dataset import Dataset, build_dataset, labels_for_route
 
 logger = logging.getLogger(__name__)
 
+def make_private(root: Path) -> None:
+    """An adapter is distilled from logged prompts: this user's only (0700/0600), whatever the
+    umask of the process that trained it."""
+    for path in [root.parent, root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o700 if path.is_dir() else 0o600)
+
+
 class NotEnoughData(Exception):
     """The route has too few curated examples to train or evaluate a student."""
 
@@ -86,6 +94,7 @@ class Trainer:
         trained = self._train(config, dataset, adapter_dir, version)
         detail["train"] = trained
         detector_path = self._fit_detector(config, dataset, out_dir / "detector")
+        make_private(out_dir)
         metrics = self._evaluate(config, dataset, adapter_dir, labels)
         detail["gate"] = metrics["gate"]
         live = self.registry.live(config.name)

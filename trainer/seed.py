@@ -19,10 +19,12 @@ APP_SYSTEM_PROMPT = "You are the intent classifier of a bank's assistant. Answer
 
 def teacher_row(route: str, prompt: str, answer: str, *, created_at: float | None = None, status_code: int = 200,
                 finish_reason: str = "stop", logprobs: list[dict[str, Any]] | None = None,
-                target: str = "teacher", request_extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One ``requests`` row: the app's request (with its long system prompt) and the answer."""
-    request = {"model": route, "messages": [{"role": "system", "content": APP_SYSTEM_PROMPT},
-                                            {"role": "user", "content": prompt}], **(request_extra or {})}
+                target: str = "teacher", request_extra: dict[str, Any] | None = None,
+                system_prompt: str | None = None, train_trusted: bool = True) -> dict[str, Any]:
+    """One ``requests`` row: the app's request and the answer, from a key trusted for training.
+    ``system_prompt`` (e.g. ``APP_SYSTEM_PROMPT``) adds the app's own system message."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+    request = {"model": route, "messages": [*system, {"role": "user", "content": prompt}], **(request_extra or {})}
     choice = {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": finish_reason,
               "logprobs": {"content": logprobs} if logprobs is not None else None}
     response = {"object": "chat.completion", "model": "teacher", "choices": [choice]}
@@ -30,7 +32,7 @@ def teacher_row(route: str, prompt: str, answer: str, *, created_at: float | Non
             "route": route, "target": target, "status_code": status_code,
             "error": None if status_code == 200 else "upstream error",
             "request_json": json.dumps(request), "response_json": json.dumps(response) if status_code == 200 else None,
-            "stream": 0, "fallback": 0}
+            "stream": 0, "fallback": 0, "train_trusted": int(train_trusted)}
 
 
 def seed_teacher_answers(store: Store, route: str, pairs: Iterable[tuple[str, str]], *,

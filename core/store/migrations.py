@@ -119,12 +119,20 @@ def m005_version_reservations(db: sqlite_utils.Database) -> None:
     )
 
 
+def m006_sec_train_trusted(db: sqlite_utils.Database) -> None:
+    """Which rows may become training data (the caller's key is trusted for training). Rows
+    logged before this existed count as trusted only when no key sent them (an open gateway)."""
+    db["requests"].add_column("train_trusted", int)
+    db.execute("update requests set train_trusted = (client_key_id is null)")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     m001_requests,
     m002_shadow,
     m003_route_settings,
     m004_versions,
     m005_version_reservations,
+    m006_sec_train_trusted,
 ]
 
 

@@ -34,7 +34,7 @@ SUFFIX = ".jsonl"
 class Spool:
     def __init__(self, directory: Path, *, fsync: bool = False, segment_bytes: int = 16 << 20) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.fsync = fsync
         self.segment_bytes = segment_bytes
         self._outstanding: Counter[int] = Counter()

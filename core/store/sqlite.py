@@ -27,7 +27,9 @@ class SQLiteStore:
 
     def __init__(self, path: str | Path, *, busy_timeout_ms: int = 5_000, durable_commits: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.path.exists():  # prompts and answers: this user's only (SQLite gives -wal/-shm the same mode)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         # Autocommit mode with explicit transactions (sqlite-utils' atomic(), savepoints when
         # nested): a half-applied promotion must roll back whole.
         connection = sqlite3.connect(str(self.path), check_same_thread=False, timeout=busy_timeout_ms / 1000,
@@ -136,6 +138,12 @@ class SQLiteStore:
                                                "old_json": json.dumps(current.get(field)), "new_json": "null",
                                                "at": now})
 
+    def record_route_event(self, route: str, actor: str, action: str, old: Any, new: Any) -> None:
+        """An operator or scheduler action (promote, promote --force, rollback) in the audit table."""
+        with self._transaction():
+            self.db["route_audit"].insert({"route": route, "actor": actor, "field": action,
+                                           "old_json": json.dumps(old), "new_json": json.dumps(new), "at": time.time()})
+
     def route_audit(self, route: str) -> list[dict[str, Any]]:
         with self._lock:
             return list(self.db["route_audit"].rows_where("route = ?", [route], order_by="id desc"))
@@ -217,6 +225,30 @@ class SQLiteStore:
     def training_runs(self, route: str) -> list[dict[str, Any]]:
         with self._lock:
             return list(self.db["training_runs"].rows_where("route = ?", [route], order_by="id desc"))
+
+    # -- retention (store.retention_days; ``distillgate purge``) -----------------------------
+    PURGED_TABLES = ("requests", "shadow_results")
+
+    def count_before(self, cutoff: float) -> dict[str, int]:
+        """Rows logged before ``cutoff`` (epoch seconds), per table."""
+        with self._lock:
+            return {table: self.db[table].count_where("created_at < ?", [cutoff]) for table in self.PURGED_TABLES}
+
+    def purge_before(self, cutoff: float, batch: int = 5_000) -> dict[str, int]:
+        """Delete request and shadow rows logged before ``cutoff``, in batches so the writer is
+        never held up for long; deleted content is overwritten on disk (secure_delete)."""
+        deleted = dict.fromkeys(self.PURGED_TABLES, 0)
+        for table in self.PURGED_TABLES:
+            while True:
+                with self._transaction():
+                    self.db.execute("PRAGMA secure_delete = ON")
+                    count = self.db.execute(
+                        f"delete from {table} where rowid in "  # table names: our constant, never input
+                        f"(select rowid from {table} where created_at < ? limit ?)", [cutoff, batch]).rowcount
+                deleted[table] += count
+                if count < batch:
+                    break
+        return deleted
 
     # -- health ------------------------------------------------------------------------------
     def check_writable(self, timeout_s: float = 0.5) -> None:

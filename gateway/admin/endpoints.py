@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -12,6 +13,8 @@ from gateway.chat.endpoints import read_json_body
 from gateway.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from gateway.route_table import RouteTable
 from gateway.training.swap import SwapError
+
+logger = logging.getLogger(__name__)
 
 endpoints = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
@@ -79,7 +82,7 @@ def _swapper(request: Request) -> Any:
 
 
 @endpoints.post("/routes/{route}/promote")
-async def promote(route: str, request: Request) -> dict[str, Any]:
+async def promote(route: str, request: Request, actor: str = Depends(require_admin)) -> dict[str, Any]:
     _routes(request).get(route)
     payload = await read_json_body(request)
     version = payload.get("version") if isinstance(payload, dict) else None
@@ -91,18 +94,44 @@ async def promote(route: str, request: Request) -> dict[str, Any]:
     force = payload.get("force", False)
     if not isinstance(force, bool):  # bool("false") is True: only a JSON boolean means yes or no
         raise InvalidRequest("force must be a JSON boolean (true or false).", param="force")
+    action = "promote --force" if force else "promote"
+    previous = _live_version(request, route)
     try:
         await _swapper(request).promote(route, version, force=force)
     except SwapError as error:
+        _audit(request, route, actor, action, previous, {"version": version, "refused": str(error)})
         raise Conflict(str(error), param="version") from error
+    _audit(request, route, actor, action, previous, {"version": version})
     return _routes(request).get(route).describe()
 
 
 @endpoints.post("/routes/{route}/rollback")
-async def rollback(route: str, request: Request) -> dict[str, Any]:
+async def rollback(route: str, request: Request, actor: str = Depends(require_admin)) -> dict[str, Any]:
     _routes(request).get(route)
+    previous = _live_version(request, route)
     try:
         await _swapper(request).rollback(route)
     except SwapError as error:
+        _audit(request, route, actor, "rollback", previous, {"refused": str(error)})
         raise Conflict(str(error)) from error
+    _audit(request, route, actor, "rollback", previous, {"version": _live_version(request, route)})
     return _routes(request).get(route).describe()
+
+
+def _live_version(request: Request, route: str) -> str | None:
+    pointer = _routes(request).get(route).student
+    return pointer.version if pointer is not None else None
+
+
+def _audit(request: Request, route: str, actor: str, action: str, old: Any, new: Any) -> None:
+    """Promotions and rollbacks, refused ones too, with who asked (``GET .../audit``)."""
+    request.app.state.store.record_route_event(route, actor, action, old, new)
+    logger.info("route audit", extra={"route": route, "actor": actor, "action": action, "old": old, "new": new})
+
+
+@endpoints.post("/sessions/revoke")
+async def revoke_sessions(request: Request, actor: str = Depends(require_admin)) -> dict[str, Any]:
+    """Sign every dashboard session out (e.g. after a shared screen or a lost laptop)."""
+    revoked = request.app.state.sessions.revoke_all()
+    logger.warning("dashboard sessions revoked", extra={"actor": actor, "revoked": revoked})
+    return {"revoked": revoked}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,10 @@ class RequestRecord:
     cost_usd: float = 0.0
     teacher_cost_usd: float = 0.0
     teacher_model: str | None = None
+    # Whether this row may become training data: the caller's key is trusted for training.
+    train_trusted: bool = False
+    # Applied to every logged string (the route's ``redact``); the live request is untouched.
+    redact: Callable[[Any], Any] = field(default=lambda value: value, repr=False)
 
     def fail(self, status_code: int, error: str) -> None:
         self.status_code = status_code
@@ -52,13 +57,14 @@ class RequestRecord:
             "target": self.target,
             "student_version": self.student_version,
             "router_score": self.router_score,
-            "decision_reasons": json.dumps(self.decision_reasons),
+            "decision_reasons": json.dumps(self.redact(self.decision_reasons)),  # may quote an upstream error
             "fallback": int(self.fallback),
             "stream": int(self.stream),
             "status_code": self.status_code,
-            "error": self.error,
-            "request_json": json.dumps(self.request, ensure_ascii=False),
-            "response_json": json.dumps(self.response, ensure_ascii=False) if self.response is not None else None,
+            "error": self.redact(self.error) if self.error is not None else None,
+            "request_json": json.dumps(self.redact(self.request), ensure_ascii=False),
+            "response_json": (json.dumps(self.redact(self.response), ensure_ascii=False)
+                              if self.response is not None else None),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "latency_ms": (time.perf_counter() - self.started) * 1000,
@@ -67,4 +73,5 @@ class RequestRecord:
             "teacher_cost_usd": self.teacher_cost_usd,
             "teacher_model": self.teacher_model,
             "client_key_id": self.client_key_id,
+            "train_trusted": int(self.train_trusted),
         }

@@ -2,13 +2,18 @@
 
 The client never sees a student failure: any student error, timeout or low-confidence
 answer (cascade) is served by the teacher instead. Teacher failures, after the teacher
-client's own retries, become 502/504 in OpenAI's error format.
+client's own retries, become 502/504 in OpenAI's error format; a teacher's 429 stays a 429
+with its ``retry-after``, a teacher at its concurrency limit is a 503 with ``retry-after``.
+Each request has an overall deadline (``server.request_timeout_s``, streams included): past
+it the client gets a 504, or for a stream already under way an error event.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -17,11 +22,19 @@ from typing import Any
 from core.prompting import student_messages
 from core.store import BatchWriter
 from core.upstream import Completion, StudentBackend, TeacherClient, UpstreamFailure
+from gateway import deadline
 from gateway.chat import shapes
 from gateway.chat.protocol import ChatCompletionRequest
 from gateway.chat.record import RequestRecord, estimate_tokens
-from gateway.errors import UpstreamError, UpstreamTimeout, gateway_error_body
-from gateway.redact import redact_request
+from gateway.errors import (
+    GatewayError,
+    RateLimited,
+    Unavailable,
+    UpstreamError,
+    UpstreamTimeout,
+    gateway_error_body,
+)
+from gateway.redact import Redactor
 from gateway.route_table import RouteState, RouteTable
 from gateway.upstream.breaker import StudentBreaker
 from router.decision import Decision, Router
@@ -48,16 +61,41 @@ def sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-def teacher_error(failure: UpstreamFailure) -> UpstreamError:
+def teacher_error(failure: UpstreamFailure) -> GatewayError:
+    """The client's error for a teacher failure. A provider's 429 is passed on as a 429 with
+    its retry-after (the client should slow down, not treat the gateway as broken)."""
     if failure.timeout:
         return UpstreamTimeout("The teacher model timed out.")
+    wait = {"retry-after": str(max(1, math.ceil(failure.retry_after_s or 1)))}
+    if failure.status_code == 429:
+        return RateLimited("The teacher model is rate limited; retry after the time in the retry-after header.",
+                           headers=wait)
+    if failure.status_code == 503 and failure.retry_after_s is not None:
+        return Unavailable(f"The teacher model is at capacity: {failure}", headers=wait)
     return UpstreamError(f"The teacher model failed: {failure}")
+
+
+def deadline_error(timeout_s: float) -> UpstreamTimeout:
+    return UpstreamTimeout(f"The request did not finish within the gateway's deadline of {timeout_s:g} s.")
 
 
 def _confident(logprobs: Any, threshold: float | None) -> bool:
     from router.uncertainty import confident
 
     return confident(logprobs, threshold)
+
+
+def _past(when: float) -> bool:
+    return asyncio.get_running_loop().time() >= when
+
+
+def _close_soon(upstream: AsyncIterator[dict[str, Any]]) -> None:
+    """Close an upstream stream (and free its teacher slot) from any context: a cancelled
+    task cannot await, so the close runs as its own task."""
+    aclose = getattr(upstream, "aclose", None)
+    if aclose is not None:
+        task = asyncio.ensure_future(aclose())
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 class ChatService:
@@ -71,6 +109,8 @@ class ChatService:
         shadow: Any | None = None,
         observers: list[Observer] | None = None,
         breaker: StudentBreaker | None = None,
+        trusted_for_training: Callable[[str | None], bool] | None = None,
+        request_timeout_s: float = 300.0,
     ) -> None:
         self.routes = routes
         self.router = router
@@ -80,6 +120,17 @@ class ChatService:
         self.shadow = shadow
         self.observers = observers or []
         self.breaker = breaker
+        # Without a key policy only an open gateway's (anonymous) rows are trained on.
+        self.trusted_for_training = trusted_for_training or (lambda client_key_id: client_key_id is None)
+        self._redactors: dict[str, Redactor] = {}
+        self.request_timeout_s = request_timeout_s
+
+    def redactor(self, state: RouteState) -> Redactor:
+        """The route's redaction, compiled once per route."""
+        name = state.config.name
+        if name not in self._redactors:
+            self._redactors[name] = Redactor(state.config.redact)
+        return self._redactors[name]
 
     # -- shared steps ------------------------------------------------------------------------
     async def _begin(self, request: ChatCompletionRequest, client_key_id: str | None) -> tuple[
@@ -87,9 +138,10 @@ class ChatService:
     ]:
         state = self.routes.get(request.model)
         body = request.upstream_body()
-        # The log gets a redacted copy when the route asks for it; upstreams get ``body``.
-        record = RequestRecord(route=state.config.name, request=redact_request(body, state.config.redact),
-                               stream=request.stream, client_key_id=client_key_id)
+        # The log gets redacted copies (``record.redact`` at ``to_row``); upstreams get ``body``.
+        record = RequestRecord(route=state.config.name, request=body, stream=request.stream,
+                               client_key_id=client_key_id, redact=self.redactor(state).value,
+                               train_trusted=self.trusted_for_training(client_key_id))
         decision = await self._decide(state, body["messages"])
         record.router_score = decision.score
         record.decision_reasons = list(decision.reasons)
@@ -165,22 +217,31 @@ class ChatService:
         record.fallback = True
         record.decision_reasons.append(reason)
         logger.warning("student failed; serving from the teacher",
-                       extra={"route": record.route, "request_id": record.id, "reason": reason})
+                       extra={"route": record.route, "request_id": record.id, "reason": record.redact(reason)})
 
     # -- non-streaming -----------------------------------------------------------------------
     async def complete(self, request: ChatCompletionRequest, client_key_id: str | None = None) -> Served:
+        when = deadline.start(self.request_timeout_s)
         state, record, decision, body = await self._begin(request, client_key_id)
         try:
-            completion = None
-            if decision.target == "student" and state.student is not None:
-                completion = await self._try_student(state, record, decision, body)
-            if completion is None:
-                completion = await self._call_teacher(state, record, body)
+            async with asyncio.timeout_at(when):
+                completion = None
+                if decision.target == "student" and state.student is not None:
+                    completion = await self._try_student(state, record, decision, body)
+                if completion is None:
+                    completion = await self._call_teacher(state, record, body)
             record.response = shapes.completion_body(
                 completion.body, record.route, completion.prompt_tokens, completion.completion_tokens
             )
             self._maybe_shadow(state, record, decision, body, completion)
             return Served(record.response, self._headers(record))
+        except (TimeoutError, UpstreamError) as failure:
+            # A provider library may turn the deadline's cancellation into its own error.
+            if not isinstance(failure, TimeoutError) and not _past(when):
+                raise
+            error = deadline_error(self.request_timeout_s)
+            record.fail(error.status_code, error.message)
+            raise error from None
         finally:
             await self._finish(record)
 
@@ -233,17 +294,24 @@ class ChatService:
     async def start_stream(self, request: ChatCompletionRequest, client_key_id: str | None = None) -> StreamStart:
         """Resolve who serves (including a student failure before its first chunk), so the
         headers are known before the first byte goes out."""
+        when = deadline.start(self.request_timeout_s)
         state, record, decision, body = await self._begin(request, client_key_id)
         try:
-            upstream, first = None, None
-            if decision.target == "student" and state.student is not None:
-                upstream, first = await self._open_student_stream(state, record, decision, body)
-            if upstream is None:
-                upstream, first = await self._open_teacher_stream(state, record, body)
+            async with asyncio.timeout_at(when):
+                upstream, first = None, None
+                if decision.target == "student" and state.student is not None:
+                    upstream, first = await self._open_student_stream(state, record, decision, body)
+                if upstream is None:
+                    upstream, first = await self._open_teacher_stream(state, record, body)
+        except TimeoutError:
+            error = deadline_error(self.request_timeout_s)
+            record.fail(error.status_code, error.message)
+            await self._finish(record)
+            raise error from None
         except Exception:
             await self._finish(record)
             raise
-        events = self._relay(state, record, upstream, first, request.include_usage)
+        events = self._relay(state, record, upstream, first, request.include_usage, when)
         return StreamStart(self._headers(record), events)
 
     async def _open_student_stream(self, state: RouteState, record: RequestRecord, decision: Decision,
@@ -287,7 +355,7 @@ class ChatService:
         return upstream, first
 
     async def _relay(self, state: RouteState, record: RequestRecord, upstream: AsyncIterator[dict[str, Any]],
-                     first: Any, include_usage: bool) -> AsyncIterator[bytes]:
+                     first: Any, include_usage: bool, when: float) -> AsyncIterator[bytes]:
         chunk_id, created = shapes.completion_id(), int(time.time())
         started = time.perf_counter()
         text: list[str] = []
@@ -303,7 +371,8 @@ class ChatService:
                 if outgoing is not None:
                     finish_reason = outgoing["choices"][0]["finish_reason"] or finish_reason
                     yield sse(outgoing)
-                chunk = await anext(upstream, None)
+                async with asyncio.timeout_at(when):
+                    chunk = await anext(upstream, None)
             prompt_tokens, completion_tokens = usage or (estimate_tokens(record.request["messages"]), len(text))
             completion = Completion({}, prompt_tokens, completion_tokens, 0.0, (time.perf_counter() - started) * 1000,
                                     record.teacher_model or "")
@@ -316,17 +385,22 @@ class ChatService:
                 yield sse(shapes.usage_chunk(record.route, chunk_id, created,
                                              shapes.usage_of(prompt_tokens, completion_tokens)))
             yield sse("[DONE]")
-        except UpstreamFailure as failure:
-            if record.target == "student" and self.breaker is not None:
-                self.breaker.record_failure(f"student stream broke: {failure}", server_fault=failure.server_fault)
-            record.fail(502, f"stream interrupted: {failure}")
+        except (UpstreamFailure, TimeoutError) as failure:
+            # Past the deadline a provider library may turn its cancellation into its own error.
+            error: GatewayError = deadline_error(self.request_timeout_s)
+            if isinstance(failure, UpstreamFailure) and not _past(when):
+                if record.target == "student" and self.breaker is not None:
+                    self.breaker.record_failure(f"student stream broke: {failure}", server_fault=failure.server_fault)
+                error = UpstreamError("The upstream stream was interrupted mid-answer.")
+            record.fail(error.status_code, f"stream interrupted: {failure}" if error.status_code == 502 else error.message)
             self._log_stream(record, text, finish_reason)
             logged = True
-            yield sse(gateway_error_body(UpstreamError("The upstream stream was interrupted mid-answer.")))
+            yield sse(gateway_error_body(error))
         finally:
             if not logged:
                 record.fail(499, "client disconnected mid-stream")
                 self._log_stream(record, text, finish_reason)
+            _close_soon(upstream)
 
     def _log_stream(self, record: RequestRecord, text: list[str], finish_reason: str | None) -> None:
         """Log a streamed request from any context, a cancelled stream's cleanup included."""

@@ -1,7 +1,9 @@
 """``/dashboard``: server-rendered pages for operators (admin token).
 
-A browser signs in once — ``/dashboard?token=...`` or the login form — and gets the admin
-session cookie (see ``gateway.auth``); the page's buttons then call the admin API with it.
+A browser signs in with the login form only (``POST /dashboard/login``: a token in a URL
+ends up in history, proxies' logs and Referer headers), rate-limited per address, and gets
+a server-side session cookie (gateway/dashboard/sessions.py); the page's buttons then call
+the admin API with it. Sign-out ends the session on the server.
 Charts are drawn by uPlot, vendored under ``static/`` (machines here are offline: no CDN).
 """
 
@@ -11,6 +13,7 @@ import asyncio
 import datetime as dt
 import functools
 import logging
+import math
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -20,7 +23,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
 from core.store.reporting import parse_since
-from gateway.auth import ADMIN_COOKIE, admin_session_value, constant_time_in, key_id, require_admin
+from gateway.auth import ADMIN_COOKIE, constant_time_in, key_id, require_admin
 from gateway.dashboard import views
 from gateway.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
 
@@ -33,8 +36,6 @@ STATIC_TYPES = {
     "dashboard.js": "text/javascript",
     "dashboard.css": "text/css",
 }
-SESSION_MAX_AGE_S = 12 * 3600
-
 endpoints = APIRouter(prefix="/dashboard", include_in_schema=False)
 
 
@@ -87,24 +88,35 @@ def _signed_in(request: Request) -> bool:
     return True
 
 
-def _login_page(request: Request, message: str | None = None) -> HTMLResponse:
-    target = request.url.path if request.url.path.startswith("/dashboard") else "/dashboard"
-    return _page("login.html", status_code=401, message=message, next=target)
+def _login_page(request: Request, message: str | None = None, status_code: int = 401,
+                next_path: str | None = None) -> HTMLResponse:
+    target = next_path or (request.url.path if request.url.path.startswith("/dashboard") else "/dashboard")
+    return _page("login.html", status_code=status_code, message=message, next=target)
 
 
 def _sign_in(request: Request, token: str, next_path: str) -> Response:
-    admin_token: str | None = request.app.state.admin_token
+    state = request.app.state
+    admin_token: str | None = state.admin_token
     if admin_token is None:
         raise PermissionDenied("The dashboard is disabled: set the admin token environment variable.")
+    client = request.client.host if request.client else "unknown"
+    wait_s = state.sign_in_limiter.wait_s(client)
+    if wait_s > 0:
+        logger.warning("dashboard sign-in rate limited", extra={"client": client, "retry_after_s": wait_s})
+        page = _login_page(request, "Too many sign-in attempts; wait a minute.", 429, next_path)
+        page.headers["retry-after"] = str(math.ceil(wait_s))
+        return page
     if not constant_time_in(token, [admin_token]):
-        logger.warning("dashboard sign-in refused", extra={"client": request.client.host if request.client else None})
-        return _login_page(request, "That is not the admin token.")
+        logger.warning("dashboard sign-in refused", extra={"client": client})
+        return _login_page(request, "That is not the admin token.", next_path=next_path)
     # Only paths under /dashboard: a sign-in link must not redirect anywhere else.
     safe_next = next_path if next_path.startswith("/dashboard") and "//" not in next_path else "/dashboard"
     response = RedirectResponse(safe_next, status_code=303)
-    response.set_cookie(ADMIN_COOKIE, admin_session_value(admin_token), max_age=SESSION_MAX_AGE_S, path="/",
-                        httponly=True, samesite="strict", secure=request.url.scheme == "https")
-    logger.info("dashboard signed in", extra={"admin": key_id(admin_token)})
+    actor = f"dashboard:{key_id(admin_token)}"
+    # No max-age: a browser-session cookie; the server decides when the session ends.
+    response.set_cookie(ADMIN_COOKIE, state.sessions.create(actor), path="/", httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https")
+    logger.info("dashboard signed in", extra={"admin": key_id(admin_token), "client": client})
     return response
 
 
@@ -120,9 +132,6 @@ def _since(request: Request) -> str:
 # -- pages -----------------------------------------------------------------------------------
 @endpoints.get("")
 async def index(request: Request) -> Response:
-    token = request.query_params.get("token")
-    if token:
-        return _sign_in(request, token, "/dashboard")
     if not _signed_in(request):
         return _login_page(request)
     state = request.app.state
@@ -137,7 +146,10 @@ async def login(request: Request) -> Response:
 
 
 @endpoints.post("/logout")
-async def logout() -> Response:
+async def logout(request: Request) -> Response:
+    cookie = request.cookies.get(ADMIN_COOKIE)
+    if cookie and request.app.state.sessions.revoke(cookie):
+        logger.info("dashboard signed out")
     response = RedirectResponse("/dashboard", status_code=303)
     response.delete_cookie(ADMIN_COOKIE, path="/")
     return response
@@ -145,9 +157,6 @@ async def logout() -> Response:
 
 @endpoints.get("/routes/{route}")
 async def route_page(route: str, request: Request) -> Response:
-    token = request.query_params.get("token")
-    if token:
-        return _sign_in(request, token, f"/dashboard/routes/{route}")
     if not _signed_in(request):
         return _login_page(request)
     state = request.app.state

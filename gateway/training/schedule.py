@@ -97,6 +97,7 @@ class TrainingScheduler:
             swap = await self.swapper.promote(config.name, candidate["version"])
         except SwapError as error:
             return {"action": "promotion_failed", "version": candidate["version"], "error": str(error)}
+        self.store.record_route_event(config.name, "scheduler", "promote", swap.previous, {"version": swap.version})
         return {"action": "promoted", "version": swap.version, "previous": swap.previous}
 
     def command(self, route: str) -> list[str]:
