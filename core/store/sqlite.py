@@ -17,6 +17,7 @@ import sqlite_utils
 
 from core.store.migrations import migrate
 
+IN_MEMORY = ":memory:"  # SQLite's name for a database that is never a file
 VERSION_STATUSES = ("candidate", "live", "retired", "rejected", "failed")
 # A reservation older than this is free whoever holds it (a host that never came back).
 RESERVATION_MAX_AGE_S = 86_400.0
@@ -27,9 +28,10 @@ class SQLiteStore:
 
     def __init__(self, path: str | Path, *, busy_timeout_ms: int = 5_000, durable_commits: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not self.path.exists():  # prompts and answers: this user's only (SQLite gives -wal/-shm the same mode)
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        if str(path) != IN_MEMORY:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not self.path.exists():  # prompts and answers: this user's only (SQLite gives -wal/-shm the same mode)
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         # Autocommit mode with explicit transactions (sqlite-utils' atomic(), savepoints when
         # nested): a half-applied promotion must roll back whole.
         connection = sqlite3.connect(str(self.path), check_same_thread=False, timeout=busy_timeout_ms / 1000,
