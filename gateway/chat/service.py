@@ -7,11 +7,10 @@ client's own retries, become 502/504 in OpenAI's error format.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from core.prompting import student_messages
@@ -20,7 +19,8 @@ from core.upstream import Completion, StudentBackend, TeacherClient, UpstreamFai
 from gateway.chat import shapes
 from gateway.chat.protocol import ChatCompletionRequest
 from gateway.chat.record import RequestRecord, estimate_tokens
-from gateway.errors import UpstreamError, UpstreamTimeout, gateway_error_body
+from gateway.chat.stream_format import ChatStreamFormat, StreamFormat, ToolCallAccumulator
+from gateway.errors import UpstreamError, UpstreamTimeout
 from gateway.redact import redact_request
 from gateway.route_table import RouteState, RouteTable
 from gateway.upstream.breaker import StudentBreaker
@@ -41,11 +41,6 @@ class Served:
 class StreamStart:
     headers: dict[str, str]
     events: AsyncIterator[bytes]
-
-
-def sse(data: dict[str, Any] | str) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-    return f"data: {payload}\n\n".encode()
 
 
 def teacher_error(failure: UpstreamFailure) -> UpstreamError:
@@ -170,6 +165,14 @@ class ChatService:
 
     async def _try_student(self, state: RouteState, record: RequestRecord, decision: Decision,
                            body: dict[str, Any]) -> Completion | None:
+        completion = await self._student_answer(state, record, decision, body)
+        if completion is not None:
+            self._account(state, record, completion, "student")
+        return completion
+
+    async def _student_answer(self, state: RouteState, record: RequestRecord, decision: Decision,
+                              body: dict[str, Any]) -> Completion | None:
+        """The student's whole answer, or None when it failed or (cascade) was not confident."""
         pointer = state.student
         assert pointer is not None
         record.student_version = pointer.version
@@ -194,7 +197,6 @@ class ChatService:
         if decision.cascade and not body.get("logprobs"):
             for choice in completion.body["choices"]:
                 choice["logprobs"] = None  # asked for by the cascade, not by the client
-        self._account(state, record, completion, "student")
         return completion
 
     async def _call_teacher(self, state: RouteState, record: RequestRecord, body: dict[str, Any]) -> Completion:
@@ -215,31 +217,48 @@ class ChatService:
         self.shadow.submit(state, record, body, completion)
 
     # -- streaming ---------------------------------------------------------------------------
-    async def start_stream(self, request: ChatCompletionRequest, client_key_id: str | None = None) -> StreamStart:
-        """Resolve who serves (including a student failure before its first chunk), so the
-        headers are known before the first byte goes out."""
+    async def start_stream(self, request: ChatCompletionRequest, client_key_id: str | None = None,
+                           stream_format: StreamFormat | None = None) -> StreamStart:
+        """Resolve who serves (including a student failure before its first chunk, and on a
+        cascade route the student's whole answer and its confidence), so the headers are
+        known before the first byte goes out. ``stream_format`` writes the wire events
+        (default: OpenAI chat chunks)."""
         state, record, decision, body = await self._begin(request, client_key_id)
         try:
             upstream, first = None, None
             if decision.target == "student" and state.student is not None:
-                upstream, first = await self._open_student_stream(state, record, decision, body)
+                if decision.cascade:
+                    upstream, first = await self._open_cascade_stream(state, record, decision, body)
+                else:
+                    upstream, first = await self._open_student_stream(state, record, body)
             if upstream is None:
                 upstream, first = await self._open_teacher_stream(state, record, body)
         except Exception:
             await self._finish(record)
             raise
-        events = self._relay(state, record, upstream, first, request.include_usage)
-        return StreamStart(self._headers(record), events)
+        chunk_id, created = shapes.completion_id(), int(time.time())
+        wire = stream_format or ChatStreamFormat(record.route, request.include_usage, chunk_id, created)
+        relay = StreamRelay(state, record, decision, body, chunk_id, created)
+        return StreamStart(self._headers(record), self._relay(relay, upstream, first, wire))
 
-    async def _open_student_stream(self, state: RouteState, record: RequestRecord, decision: Decision,
+    async def _open_cascade_stream(self, state: RouteState, record: RequestRecord, decision: Decision,
+                                   body: dict[str, Any]) -> tuple[AsyncIterator[dict[str, Any]] | None, Any]:
+        """The cascade judges a whole answer: the student answers in full first, and only a
+        confident answer is streamed (replayed as chunks); otherwise the teacher streams."""
+        completion = await self._student_answer(state, record, decision, body)
+        if completion is None:
+            return None, None
+        record.target = "student"
+        upstream = shapes.completion_chunks(completion)
+        return upstream, await anext(upstream)
+
+    async def _open_student_stream(self, state: RouteState, record: RequestRecord,
                                    body: dict[str, Any]) -> tuple[AsyncIterator[dict[str, Any]] | None, Any]:
         pointer = state.student
         assert pointer is not None
         record.student_version = pointer.version
         if self._student_open(record):
             return None, None
-        # The cascade judges a whole answer, so it applies to non-streamed requests only; a
-        # streamed one is served on the router's decision alone.
         student_body = self._student_body(state, body, cascade=False)
         student_body["stream_options"] = {"include_usage": True}
         upstream = self.student.stream(pointer.adapter_name, student_body, state.config.student.timeout_s)
@@ -268,53 +287,98 @@ class ChatService:
             raise error from failure
         return upstream, first
 
-    async def _relay(self, state: RouteState, record: RequestRecord, upstream: AsyncIterator[dict[str, Any]],
-                     first: Any, include_usage: bool) -> AsyncIterator[bytes]:
-        chunk_id, created = shapes.completion_id(), int(time.time())
+    async def _relay(self, relay: StreamRelay, upstream: AsyncIterator[dict[str, Any]], first: Any,
+                     wire: StreamFormat) -> AsyncIterator[bytes]:
+        record = relay.record
         started = time.perf_counter()
-        text: list[str] = []
-        usage: tuple[int, int] | None = None
-        finish_reason = None
         logged = False  # the row is spooled before the last event goes out, and only once
         try:
             chunk = first
             while chunk is not None:
-                usage = shapes.chunk_usage(chunk) or usage
-                text.append(shapes.chunk_text(chunk))
-                outgoing = shapes.chunk_body(chunk, record.route, chunk_id, created)
+                outgoing = relay.take(chunk)
                 if outgoing is not None:
-                    finish_reason = outgoing["choices"][0]["finish_reason"] or finish_reason
-                    yield sse(outgoing)
+                    for event in wire.chunk(outgoing):
+                        yield event
                 chunk = await anext(upstream, None)
-            prompt_tokens, completion_tokens = usage or (estimate_tokens(record.request["messages"]), len(text))
-            completion = Completion({}, prompt_tokens, completion_tokens, 0.0, (time.perf_counter() - started) * 1000,
-                                    record.teacher_model or "")
-            if record.target == "teacher":
-                completion.cost_usd = self.teachers[record.route].cost(prompt_tokens, completion_tokens)
-            self._account(state, record, completion, record.target or "teacher")
-            self._log_stream(record, text, finish_reason)
+            completion = self._stream_completion(relay, started)
+            self._log_stream(relay)
             logged = True
-            if include_usage:
-                yield sse(shapes.usage_chunk(record.route, chunk_id, created,
-                                             shapes.usage_of(prompt_tokens, completion_tokens)))
-            yield sse("[DONE]")
+            self._maybe_shadow(relay.state, record, relay.decision, _unstreamed(relay.body), completion)
+            for event in wire.finish(shapes.usage_of(completion.prompt_tokens, completion.completion_tokens)):
+                yield event
         except UpstreamFailure as failure:
             if record.target == "student" and self.breaker is not None:
                 self.breaker.record_failure(f"student stream broke: {failure}")
             record.fail(502, f"stream interrupted: {failure}")
-            self._log_stream(record, text, finish_reason)
+            self._log_stream(relay)
             logged = True
-            yield sse(gateway_error_body(UpstreamError("The upstream stream was interrupted mid-answer.")))
+            for event in wire.error(UpstreamError("The upstream stream was interrupted mid-answer.")):
+                yield event
         finally:
             if not logged:
                 record.fail(499, "client disconnected mid-stream")
-                self._log_stream(record, text, finish_reason)
+                self._log_stream(relay)
 
-    def _log_stream(self, record: RequestRecord, text: list[str], finish_reason: str | None) -> None:
+    def _stream_completion(self, relay: StreamRelay, started: float) -> Completion:
+        """Account a finished stream; returns it as a Completion (what shadowing compares)."""
+        record = relay.record
+        prompt_tokens, completion_tokens = relay.usage or (estimate_tokens(record.request["messages"]),
+                                                           len(relay.text))
+        completion = Completion({}, prompt_tokens, completion_tokens, 0.0, (time.perf_counter() - started) * 1000,
+                                record.teacher_model or "")
+        if record.target == "teacher":
+            completion.cost_usd = self.teachers[record.route].cost(prompt_tokens, completion_tokens)
+        self._account(relay.state, record, completion, record.target or "teacher")
+        completion.body = relay.response()
+        return completion
+
+    def _log_stream(self, relay: StreamRelay) -> None:
         """Log a streamed request from any context, a cancelled stream's cleanup included."""
-        record.response = {"object": "chat.completion", "model": record.route, "streamed": True,
-                           "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                                        "finish_reason": finish_reason}]}
+        relay.record.response = relay.response()
         for observer in self.observers:
-            observer(record)
-        self.writer.submit(record.to_row())
+            observer(relay.record)
+        self.writer.submit(relay.record.to_row())
+
+
+def _unstreamed(body: dict[str, Any]) -> dict[str, Any]:
+    """A streamed request's body as a plain call (what the shadow model is asked)."""
+    return {key: value for key, value in body.items() if key not in ("stream", "stream_options")}
+
+
+@dataclass
+class StreamRelay:
+    """What a relayed stream has carried so far: text, tool calls, usage, finish reason."""
+
+    state: RouteState
+    record: RequestRecord
+    decision: Decision
+    body: dict[str, Any]
+    chunk_id: str
+    created: int
+    text: list[str] = field(default_factory=list)
+    usage: tuple[int, int] | None = None
+    finish_reason: str | None = None
+    tool_calls: ToolCallAccumulator = field(default_factory=ToolCallAccumulator)
+
+    def take(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
+        """Fold one upstream chunk in; returns the chunk to send, or None."""
+        self.usage = shapes.chunk_usage(chunk) or self.usage
+        self.text.append(shapes.chunk_text(chunk))
+        outgoing = shapes.chunk_body(chunk, self.record.route, self.chunk_id, self.created)
+        if outgoing is not None:
+            choice = outgoing["choices"][0]
+            self.finish_reason = choice["finish_reason"] or self.finish_reason
+            self.tool_calls.add(choice["delta"].get("tool_calls") or [])
+        return outgoing
+
+    def response(self) -> dict[str, Any]:
+        """The streamed answer in ``chat.completion`` shape: the log row's response."""
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.text)}
+        if self.tool_calls.calls:
+            message["tool_calls"] = [
+                {"id": call["id"], "type": "function",
+                 "function": {"name": call["name"], "arguments": call["arguments"]}}
+                for _, call in sorted(self.tool_calls.calls.items())
+            ]
+        return {"object": "chat.completion", "model": self.record.route, "streamed": True,
+                "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason}]}
