@@ -32,6 +32,7 @@ from gateway.keys import KeyPolicies
 from gateway.metrics import GatewayMetrics, scrape_token_from_env
 from gateway.metrics import endpoints as metrics_endpoints
 from gateway.models_api import endpoints as models_endpoints
+from gateway.responses.endpoints import endpoints as responses_endpoints
 from gateway.route_table import RouteTable
 from gateway.shadow import ShadowRunner
 from gateway.training import TrainingLoop
@@ -150,6 +151,7 @@ def create_app(settings: Settings, components: Components | None = None) -> Fast
     app.state.started_at = int(time.time())
     app.state.metrics = GatewayMetrics(scrape_token=scrape_token_from_env())
     install_error_handlers(app)
-    for endpoints in (chat_endpoints, models_endpoints, health_endpoints, admin_endpoints, metrics_endpoints, dashboard_endpoints):
+    for endpoints in (chat_endpoints, responses_endpoints, models_endpoints, health_endpoints, admin_endpoints,
+                      metrics_endpoints, dashboard_endpoints):
         app.include_router(endpoints)
     return app
