@@ -142,8 +142,10 @@ def chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
     raise InvalidRequest("tool_choice must be none, auto, required or a function.", param="tool_choice")
 
 
-def chat_response_format(text_format: dict[str, Any] | None) -> dict[str, Any] | None:
+def chat_response_format(text_format: Any) -> dict[str, Any] | None:
     """``text.format`` as chat's ``response_format``; None for plain text."""
+    if text_format is not None and not isinstance(text_format, dict):
+        raise InvalidRequest("text.format must be an object.", param="text.format")
     if not text_format or text_format.get("type") == "text":
         return None
     if text_format.get("type") == "json_object":
