@@ -29,6 +29,8 @@ from gateway.dashboard.endpoints import endpoints as dashboard_endpoints
 from gateway.error_handlers import install_error_handlers
 from gateway.health import endpoints as health_endpoints
 from gateway.keys import KeyPolicies
+from gateway.messages.endpoints import endpoints as messages_endpoints
+from gateway.messages.errors import anthropic_error_response
 from gateway.metrics import GatewayMetrics, scrape_token_from_env
 from gateway.metrics import endpoints as metrics_endpoints
 from gateway.models_api import endpoints as models_endpoints
@@ -150,8 +152,9 @@ def create_app(settings: Settings, components: Components | None = None) -> Fast
     app.state.admin_token = settings.auth.admin_token()
     app.state.started_at = int(time.time())
     app.state.metrics = GatewayMetrics(scrape_token=scrape_token_from_env())
+    app.state.error_envelopes = {"/v1/messages": anthropic_error_response}
     install_error_handlers(app)
-    for endpoints in (chat_endpoints, responses_endpoints, models_endpoints, health_endpoints, admin_endpoints,
-                      metrics_endpoints, dashboard_endpoints):
+    for endpoints in (chat_endpoints, responses_endpoints, messages_endpoints, models_endpoints, health_endpoints,
+                      admin_endpoints, metrics_endpoints, dashboard_endpoints):
         app.include_router(endpoints)
     return app

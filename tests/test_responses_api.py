@@ -170,3 +170,16 @@ def test_student_tool_calls_come_back_as_function_call_items(make_settings: Call
     rows = log_rows(settings, 2)
     logged = json.loads(rows[1]["response_json"])["choices"][0]["message"]["tool_calls"]
     assert logged[0]["function"] == TOOL_CALL["function"]
+
+
+def test_a_stream_broken_mid_answer_ends_with_error_and_failed(make_settings: Callable[..., Settings],
+                                                               replay_teacher: str) -> None:
+    from tests.test_messages_api import breaking_student
+
+    settings = make_settings(replay_teacher, route={"mode": "student_only", "student": {"serve_base_model": True}})
+    student = VLLMStudent("http://student.invalid", transport=httpx.MockTransport(breaking_student))
+    with UvicornThread(create_app(settings, Components(student=student))) as server:
+        events = list(sdk(server.url).responses.create(model=ROUTE, input=UTTERANCE, stream=True))
+    assert [event.type for event in events[-2:]] == ["error", "response.failed"]
+    assert events[-1].response.status == "failed" and events[-1].response.error.message
+    assert [row["status_code"] for row in log_rows(settings, 1)] == [502]
