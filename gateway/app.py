@@ -34,6 +34,8 @@ from gateway.messages.errors import anthropic_error_response
 from gateway.metrics import GatewayMetrics, scrape_token_from_env
 from gateway.metrics import endpoints as metrics_endpoints
 from gateway.models_api import endpoints as models_endpoints
+from gateway.passthrough.endpoints import endpoints as passthrough_endpoints
+from gateway.passthrough.service import PassthroughService
 from gateway.responses.endpoints import endpoints as responses_endpoints
 from gateway.route_table import RouteTable
 from gateway.shadow import ShadowRunner
@@ -116,6 +118,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics.bind(store=store, routes=routes, writers=[writer, shadow_writer], shadow=shadow, breaker=breaker)
     app.state.chat_service = ChatService(routes, router, student, teachers, writer, shadow,
                                          [*components.observers, metrics.observe], breaker=breaker)
+    app.state.passthrough_service = PassthroughService(routes, writer, [*components.observers, metrics.observe])
     training = TrainingLoop(settings, store, student, routes, router, components.config_path)
     app.state.training, app.state.swapper = training, training.swapper
     writer.start()
@@ -154,7 +157,7 @@ def create_app(settings: Settings, components: Components | None = None) -> Fast
     app.state.metrics = GatewayMetrics(scrape_token=scrape_token_from_env())
     app.state.error_envelopes = {"/v1/messages": anthropic_error_response}
     install_error_handlers(app)
-    for endpoints in (chat_endpoints, responses_endpoints, messages_endpoints, models_endpoints, health_endpoints,
-                      admin_endpoints, metrics_endpoints, dashboard_endpoints):
+    for endpoints in (chat_endpoints, responses_endpoints, messages_endpoints, passthrough_endpoints, models_endpoints,
+                      health_endpoints, admin_endpoints, metrics_endpoints, dashboard_endpoints):
         app.include_router(endpoints)
     return app

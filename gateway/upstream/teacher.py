@@ -12,7 +12,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -73,8 +73,13 @@ class LiteLLMTeacher:
         self._litellm = import_litellm()
 
     def _call_kwargs(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
-        kwargs = {**self.config.params, **split_params(body)}
-        kwargs.update(model=model, messages=body["messages"], timeout=self.config.timeout_s, num_retries=0)
+        kwargs = {**self.config.params, **split_params(body), **self._endpoint_kwargs(model)}
+        kwargs["messages"] = body["messages"]
+        return kwargs
+
+    def _endpoint_kwargs(self, model: str) -> dict[str, Any]:
+        """Model, endpoint, key and timeout for one litellm call to ``model``."""
+        kwargs: dict[str, Any] = {"model": model, "timeout": self.config.timeout_s, "num_retries": 0}
         api_base, api_key = self.config.endpoint(model)
         if api_base:
             kwargs["api_base"] = api_base
@@ -94,12 +99,17 @@ class LiteLLMTeacher:
         await asyncio.sleep(delay * (0.5 + random.random()))
 
     async def _with_retries(self, body: dict[str, Any], stream: bool) -> tuple[Any, str]:
+        return await self._retrying(
+            lambda model: self._litellm.acompletion(**self._call_kwargs(model, body), stream=stream))
+
+    async def _retrying(self, call: Callable[[str], Awaitable[Any]],
+                        models: list[str] | None = None) -> tuple[Any, str]:
+        """``call(model)`` with retries and backoff, then the fallback model; (result, model)."""
         last: UpstreamFailure | None = None
-        for model in self._models():
+        for model in models or self._models():
             for attempt in range(self.config.max_retries + 1):
                 try:
-                    response = await self._litellm.acompletion(**self._call_kwargs(model, body), stream=stream)
-                    return response, model
+                    return await call(model), model
                 except UPSTREAM_ERRORS as error:  # litellm's tree subclasses openai's APIError
                     last = _failure_from(error, model)
                     logger.warning("teacher call failed", extra={"model": model, "attempt": attempt,
