@@ -17,7 +17,7 @@ from gateway.app import Components, create_app
 from gateway.upstream.student import VLLMStudent
 from tests.servers import UvicornThread, free_port
 from tests.test_gateway_api import UTTERANCE, log_rows
-from tests.test_responses_api import TOOL_CALL, tool_calling_student
+from tests.test_responses_api import tool_calling_student
 
 ROUTE = "clinc-intents"
 ANTHROPIC_ERROR_TYPES = {"invalid_request_error", "authentication_error", "permission_error", "not_found_error",
@@ -174,8 +174,8 @@ def test_student_tool_calls_come_back_as_tool_use_blocks(make_settings: Callable
     for message in (plain, streamed):
         assert message.stop_reason == "tool_use"
         [block] = message.content
-        assert (block.type, block.id, block.name, block.input) == ("tool_use", TOOL_CALL["id"], "transfer",
-                                                                   {"amount": 20000})
+        assert (block.type, block.name, block.input) == ("tool_use", "transfer", {"amount": 20000})
+        assert block.id.startswith("call_")
 
 
 def test_other_methods_and_paths_answer_in_anthropic_shape(gateway: tuple[str, Settings]) -> None:

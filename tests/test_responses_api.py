@@ -128,26 +128,15 @@ def test_sdk_raises_typed_errors(gateway: tuple[str, Settings]) -> None:
         sdk(url).responses.create(model=ROUTE, input=UTTERANCE, previous_response_id="resp_1")
 
 
-TOOL_CALL = {"id": "call_7", "type": "function", "function": {"name": "transfer", "arguments": "{\"amount\": 20000}"}}
-
-
 def tool_calling_student(request: httpx.Request) -> httpx.Response:
+    """A student that learned to call: it answers with the call written as JSON text."""
     body = json.loads(request.content)
-    assert body["tools"][0]["function"]["name"] == "transfer"  # chat-shaped tools reach the student
-    if body.get("stream"):
-        chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [
-                      {"index": 0, "id": "call_7", "type": "function",
-                       "function": {"name": "transfer", "arguments": ""}}]}}]},
-                  {"choices": [{"index": 0, "delta": {"tool_calls": [
-                      {"index": 0, "function": {"arguments": "{\"amount\": 20000}"}}]}}]},
-                  {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
-                  {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}}]
-        text = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
-        return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
+    assert "tools" not in body and body["stream"] is False  # tools are in its prompt; whole answers only
+    assert body["messages"][0]["role"] == "system" and '"name":"transfer"' in body["messages"][0]["content"]
     return httpx.Response(200, json={
         "id": "x", "object": "chat.completion", "created": 1, "model": body["model"],
-        "choices": [{"index": 0, "finish_reason": "tool_calls",
-                     "message": {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}}],
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": '{"name": "transfer", "arguments": {"amount": 20000}}'}}],
         "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}})
 
 
@@ -161,15 +150,16 @@ def test_student_tool_calls_come_back_as_function_call_items(make_settings: Call
         plain = sdk(server.url).responses.create(model=ROUTE, input=UTTERANCE, tools=tools)
         events = list(sdk(server.url).responses.create(model=ROUTE, input=UTTERANCE, tools=tools, stream=True))
     [call] = plain.output
-    assert (call.type, call.call_id, call.name, json.loads(call.arguments)) == (
-        "function_call", "call_7", "transfer", {"amount": 20000})
+    assert (call.type, call.name, json.loads(call.arguments)) == ("function_call", "transfer", {"amount": 20000})
+    assert call.call_id.startswith("call_")
     streamed = events[-1].response.output
-    assert [(item.type, item.name, item.arguments) for item in streamed] == [
-        ("function_call", "transfer", "{\"amount\": 20000}")]
+    assert [(item.type, item.name, json.loads(item.arguments)) for item in streamed] == [
+        ("function_call", "transfer", {"amount": 20000})]
     assert "response.function_call_arguments.done" in [event.type for event in events]
     rows = log_rows(settings, 2)
     logged = json.loads(rows[1]["response_json"])["choices"][0]["message"]["tool_calls"]
-    assert logged[0]["function"] == TOOL_CALL["function"]
+    assert logged[0]["function"]["name"] == "transfer" and json.loads(logged[0]["function"]["arguments"]) == {
+        "amount": 20000}
 
 
 def test_a_stream_broken_mid_answer_ends_with_error_and_failed(make_settings: Callable[..., Settings],

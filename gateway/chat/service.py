@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.prompting import student_messages
+from core.prompting import student_request
 from core.store import BatchWriter
+from core.tool_calls import tool_names
 from core.upstream import Completion, StudentBackend, TeacherClient, UpstreamFailure
 from gateway.chat import shapes
 from gateway.chat.protocol import ChatCompletionRequest
@@ -91,7 +92,7 @@ class ChatService:
         return state, record, decision, body
 
     def _student_body(self, state: RouteState, body: dict[str, Any], cascade: bool) -> dict[str, Any]:
-        student_body = {**body, "messages": student_messages(state.config.student.system_prompt, body["messages"])}
+        student_body = student_request(state.config.student.system_prompt, body)
         if cascade and not student_body.get("logprobs"):
             student_body.update(logprobs=True, top_logprobs=1)
         return student_body
@@ -197,6 +198,8 @@ class ChatService:
         if decision.cascade and not body.get("logprobs"):
             for choice in completion.body["choices"]:
                 choice["logprobs"] = None  # asked for by the cascade, not by the client
+        if body.get("tools"):
+            shapes.answer_as_tool_calls(completion.body, tool_names(body["tools"]))
         return completion
 
     async def _call_teacher(self, state: RouteState, record: RequestRecord, body: dict[str, Any]) -> Completion:
@@ -227,8 +230,8 @@ class ChatService:
         try:
             upstream, first = None, None
             if decision.target == "student" and state.student is not None:
-                if decision.cascade:
-                    upstream, first = await self._open_cascade_stream(state, record, decision, body)
+                if decision.cascade or body.get("tools"):
+                    upstream, first = await self._open_whole_answer_stream(state, record, decision, body)
                 else:
                     upstream, first = await self._open_student_stream(state, record, body)
             if upstream is None:
@@ -241,10 +244,11 @@ class ChatService:
         relay = StreamRelay(state, record, decision, body, chunk_id, created)
         return StreamStart(self._headers(record), self._relay(relay, upstream, first, wire))
 
-    async def _open_cascade_stream(self, state: RouteState, record: RequestRecord, decision: Decision,
-                                   body: dict[str, Any]) -> tuple[AsyncIterator[dict[str, Any]] | None, Any]:
-        """The cascade judges a whole answer: the student answers in full first, and only a
-        confident answer is streamed (replayed as chunks); otherwise the teacher streams."""
+    async def _open_whole_answer_stream(self, state: RouteState, record: RequestRecord, decision: Decision,
+                                       body: dict[str, Any]) -> tuple[AsyncIterator[dict[str, Any]] | None, Any]:
+        """The cascade judges a whole answer, and tool calls are parsed from one: the student
+        answers in full first, then the answer is streamed (replayed as chunks) when it is
+        confident; otherwise the teacher streams."""
         completion = await self._student_answer(state, record, decision, body)
         if completion is None:
             return None, None

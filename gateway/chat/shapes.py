@@ -11,6 +11,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from core.tool_calls import parse_tool_calls
+
 MESSAGE_KEYS = ("role", "content", "tool_calls", "refusal", "function_call")
 
 
@@ -129,3 +131,14 @@ async def completion_chunks(completion: Any) -> AsyncIterator[dict[str, Any]]:
         yield chunk({"tool_calls": [{"index": index, **call} for index, call in enumerate(message["tool_calls"])]})
     yield chunk({}, finish_reason=choice.get("finish_reason") or "stop")
     yield {"choices": [], "usage": usage_of(completion.prompt_tokens, completion.completion_tokens)}
+
+
+def answer_as_tool_calls(body: dict[str, Any], offered: set[str]) -> None:
+    """A student's text answer that calls offered tools (core/tool_calls.py), rewritten in
+    place as OpenAI's ``tool_calls`` with ``finish_reason: tool_calls``; other text stays."""
+    for choice in body.get("choices") or []:
+        message = choice.get("message") or {}
+        calls = parse_tool_calls(message.get("content") or "", offered)
+        if calls:
+            choice["message"] = {**message, "content": None, "tool_calls": calls}
+            choice["finish_reason"] = "tool_calls"
