@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from core.tool_calls import tool_call_key
+
 # Whitespace, sentence punctuation, quotes and brackets a model may wrap a label in.
 SURROUNDING_PUNCTUATION = " \t\n\r.,!?;:'\"`()[]{}"
 _THINK = re.compile(r"<think>.*?</think>\s*", re.DOTALL | re.IGNORECASE)
@@ -24,8 +26,10 @@ def strip_reasoning(text: str) -> str:
 
 
 def answer_key(text: str) -> str:
-    """The final answer's comparison key: reasoning removed, then normalised."""
-    return normalize_answer(strip_reasoning(text))
+    """The final answer's comparison key: reasoning removed, then normalised; a tool-call
+    answer is compared by function names and JSON-parsed arguments."""
+    final = strip_reasoning(text)
+    return tool_call_key(final) or normalize_answer(final)
 
 
 def answers_agree(student_answer: str, teacher_answer: str) -> bool:

@@ -214,6 +214,10 @@ class TeacherConfig(StrictModel):
     queue_timeout_s: float = Field(10.0, ge=0)
     params: dict[str, Any] = {}
     prices: Prices | None = None
+    # /v1/embeddings on this route (forwarded, not distilled): a litellm embedding model id on
+    # the same provider (api_base, key); unset = the route serves no embeddings.
+    embedding_model: str | None = None
+    embedding_input_per_mtok: float | None = Field(None, ge=0, description="unset: litellm's price map")
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None

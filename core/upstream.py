@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from core.tool_calls import tool_calls_text
+
 
 class UpstreamFailure(Exception):
     """An upstream could not answer. ``retryable`` marks 429/5xx/connection/timeout;
@@ -41,8 +43,12 @@ class Completion:
 
     @property
     def text(self) -> str:
+        """The answer as compared: its content, or its tool calls as the student writes them."""
         choices = self.body.get("choices") or [{}]
-        return (choices[0].get("message") or {}).get("content") or ""
+        message = choices[0].get("message") or {}
+        if message.get("tool_calls"):
+            return tool_calls_text(message["tool_calls"])
+        return message.get("content") or ""
 
 
 class StudentBackend(Protocol):

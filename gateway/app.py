@@ -33,9 +33,14 @@ from gateway.error_handlers import install_error_handlers
 from gateway.health import endpoints as health_endpoints
 from gateway.keys import KeyPolicies
 from gateway.limits import BodyLimits
+from gateway.messages.endpoints import endpoints as messages_endpoints
+from gateway.messages.errors import anthropic_error_response
 from gateway.metrics import GatewayMetrics, scrape_token_from_env
 from gateway.metrics import endpoints as metrics_endpoints
 from gateway.models_api import endpoints as models_endpoints
+from gateway.passthrough.endpoints import endpoints as passthrough_endpoints
+from gateway.passthrough.service import PassthroughService
+from gateway.responses.endpoints import endpoints as responses_endpoints
 from gateway.retention import RetentionTask
 from gateway.route_table import RouteTable
 from gateway.shadow import ShadowRunner
@@ -147,6 +152,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                                              [*components.observers, metrics.observe], breaker=breaker,
                                              trusted_for_training=app.state.key_policies.trusted_for_training,
                                              request_timeout_s=settings.server.request_timeout_s)
+        app.state.passthrough_service = PassthroughService(routes, writer, [*components.observers, metrics.observe])
         training = TrainingLoop(settings, store, student, routes, router, components.config_path)
         app.state.training, app.state.swapper = training, training.swapper
         supervisor = _build_supervisor(settings, components, training)
@@ -191,10 +197,12 @@ def create_app(settings: Settings, components: Components | None = None) -> Fast
     app.state.sessions, app.state.sign_in_limiter = dashboard_sessions.build(settings.auth)
     app.state.started_at = int(time.time())
     app.state.metrics = GatewayMetrics(scrape_token=scrape_token_from_env())
+    app.state.error_envelopes = {"/v1/messages": anthropic_error_response}
     install_error_handlers(app)
     # Every route's body is bounded in size and arrival time, the dashboard's sign-in included.
     app.add_middleware(BodyLimits, max_body_bytes=settings.server.max_body_bytes,
                        body_timeout_s=settings.server.body_timeout_s)
-    for endpoints in (chat_endpoints, models_endpoints, health_endpoints, admin_endpoints, metrics_endpoints, dashboard_endpoints):
+    for endpoints in (chat_endpoints, responses_endpoints, messages_endpoints, passthrough_endpoints, models_endpoints,
+                      health_endpoints, admin_endpoints, metrics_endpoints, dashboard_endpoints):
         app.include_router(endpoints)
     return app

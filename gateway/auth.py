@@ -33,6 +33,11 @@ def bearer_token(request: Request) -> str | None:
     return token.strip()
 
 
+def client_token(request: Request) -> str | None:
+    """A client's key: ``Authorization: Bearer`` or, as Anthropic's clients send it, ``x-api-key``."""
+    return bearer_token(request) or (request.headers.get("x-api-key") or "").strip() or None
+
+
 def _matches(token: str, candidates: list[str]) -> bool:
     # Compare against every key, whatever the first result, so timing reveals nothing.
     found = False
@@ -67,9 +72,9 @@ def require_client(request: Request) -> str | None:
     keys: list[str] = request.app.state.client_keys
     if not keys and not getattr(request.app.state, "auth_required", False):
         return None
-    token = bearer_token(request)
+    token = client_token(request)
     if token is None:
-        raise AuthenticationFailed("Missing API key: send 'Authorization: Bearer <key>'.")
+        raise AuthenticationFailed("Missing API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>').")
     if not _matches(token, keys):
         raise AuthenticationFailed("Incorrect API key provided.")
     client_key_id = key_id(token)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.answers import answers_agree
-from core.prompting import student_messages
+from core.prompting import student_request
 from core.store import BatchWriter
 from core.upstream import Completion, StudentBackend, TeacherClient, UpstreamFailure
 from gateway.chat.record import RequestRecord
@@ -91,7 +91,7 @@ class ShadowRunner:
             pointer = job.state.student
             if pointer is None:
                 return
-            student_body = {**job.body, "messages": student_messages(config.student.system_prompt, job.body["messages"])}
+            student_body = student_request(config.student.system_prompt, job.body)
             student_completion = await self._student.chat(pointer.adapter_name, student_body, config.student.timeout_s)
             student_answer, teacher_answer = student_completion.text, job.served.text
             teacher_body, cost = job.served.body, 0.0

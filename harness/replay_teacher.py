@@ -1,7 +1,8 @@
 """The replay teacher: a STAND-IN for a frontier API, for offline tests, demos and benchmarks.
 
 No frontier API can be reached from this project's machines, so this small OpenAI-compatible
-server answers chat completions from a labelled dataset (CLINC150 format: an object of
+server answers chat completions (and legacy completions and embeddings, see
+``harness/replay_passthrough.py``) from a labelled dataset (CLINC150 format: an object of
 splits, each a list of ``[utterance, intent]``). The answer is the intent name for the last
 user message's text; an utterance it has never seen is answered ``oos`` (out of scope).
 
@@ -286,6 +287,9 @@ def create_replay_app(options: ReplayOptions) -> FastAPI:
         include_usage = bool((request.stream_options or {}).get("include_usage"))
         return StreamingResponse(stream_events(result, include_usage), media_type="text/event-stream")
 
+    from harness.replay_passthrough import add_passthrough_routes
+
+    add_passthrough_routes(app, teacher)  # legacy completions and embeddings
     return app
 
 

@@ -1,7 +1,8 @@
 """A route's training data, curated from the teacher answers the gateway logged.
 
 Sources: requests the teacher answered (``target == "teacher"``, status 200) and shadow
-results (teacher answers to student-served requests). Dropped, with a count per reason:
+results (teacher answers to student-served requests); a tool-calling answer's target is its
+calls written as JSON (core/tool_calls.py). Dropped, with a count per reason:
 rows from keys not trusted for training (``untrusted_key``: any other key could plant
 answers the student then serves to everyone), rows carrying a client system prompt unless
 the route's ``training.client_system_prompts`` is ``replace`` (``client_system_prompt``: it
@@ -31,6 +32,7 @@ from core.answers import normalize_answer, strip_reasoning
 from core.config import RouteConfig
 from core.prompting import student_messages, user_text
 from core.store import Store
+from core.tool_calls import tool_calls_text
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +162,9 @@ def _candidate(request: Any, response: Any, *, source: str, request_id: str, cre
     choice = _first_choice(response)
     message = choice.get("message") or {}
     answer = message.get("content") if isinstance(message.get("content"), str) else ""
+    calls = message.get("tool_calls") if isinstance(message.get("tool_calls"), list) else None
+    if calls:
+        answer = tool_calls_text(calls)  # the student learns to write the teacher's calls
     if message.get("refusal"):
         return "refusal"
     reason = rejection_reason(request, answer, choice.get("finish_reason"), labels)
@@ -170,7 +175,7 @@ def _candidate(request: Any, response: Any, *, source: str, request_id: str, cre
         target = normalize_answer(target)
     logprobs = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), dict) else None
     return Example(
-        messages=student_messages(system_prompt, request["messages"]),
+        messages=student_messages(system_prompt, request["messages"], request.get("tools")),
         answer=target,
         prompt_text=user_text(request["messages"]),
         source=source,
@@ -178,7 +183,7 @@ def _candidate(request: Any, response: Any, *, source: str, request_id: str, cre
         request_id=request_id,
         created_at=created_at,
         # Logprobs describe the raw answer's tokens; only usable when the target is that answer.
-        teacher_logprobs=logprobs if target == answer else None,
+        teacher_logprobs=logprobs if target == answer and not calls else None,
     )
 
 

@@ -16,16 +16,18 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from core.prompting import student_messages
+from core.prompting import student_request
 from core.store import BatchWriter
+from core.tool_calls import tool_names
 from core.upstream import Completion, StudentBackend, TeacherClient, UpstreamFailure
 from gateway import deadline
 from gateway.chat import shapes
 from gateway.chat.protocol import ChatCompletionRequest
 from gateway.chat.record import RequestRecord, estimate_tokens
+from gateway.chat.stream_format import ChatStreamFormat, StreamFormat, ToolCallAccumulator
 from gateway.errors import (
     GatewayError,
     RateLimited,
@@ -156,7 +158,7 @@ class ChatService:
             return Decision("teacher", reasons=[f"router_error: {type(error).__name__}"])
 
     def _student_body(self, state: RouteState, body: dict[str, Any], cascade: bool) -> dict[str, Any]:
-        student_body = {**body, "messages": student_messages(state.config.student.system_prompt, body["messages"])}
+        student_body = student_request(state.config.student.system_prompt, body)
         if cascade and not student_body.get("logprobs"):
             student_body.update(logprobs=True, top_logprobs=1)
         return student_body
@@ -247,6 +249,14 @@ class ChatService:
 
     async def _try_student(self, state: RouteState, record: RequestRecord, decision: Decision,
                            body: dict[str, Any]) -> Completion | None:
+        completion = await self._student_answer(state, record, decision, body)
+        if completion is not None:
+            self._account(state, record, completion, "student")
+        return completion
+
+    async def _student_answer(self, state: RouteState, record: RequestRecord, decision: Decision,
+                              body: dict[str, Any]) -> Completion | None:
+        """The student's whole answer, or None when it failed or (cascade) was not confident."""
         pointer = state.student
         assert pointer is not None
         record.student_version = pointer.version
@@ -270,7 +280,8 @@ class ChatService:
         if decision.cascade and not body.get("logprobs"):
             for choice in completion.body["choices"]:
                 choice["logprobs"] = None  # asked for by the cascade, not by the client
-        self._account(state, record, completion, "student")
+        if body.get("tools"):
+            shapes.answer_as_tool_calls(completion.body, tool_names(body["tools"]))
         return completion
 
     async def _call_teacher(self, state: RouteState, record: RequestRecord, body: dict[str, Any]) -> Completion:
@@ -291,16 +302,22 @@ class ChatService:
         self.shadow.submit(state, record, body, completion)
 
     # -- streaming ---------------------------------------------------------------------------
-    async def start_stream(self, request: ChatCompletionRequest, client_key_id: str | None = None) -> StreamStart:
-        """Resolve who serves (including a student failure before its first chunk), so the
-        headers are known before the first byte goes out."""
+    async def start_stream(self, request: ChatCompletionRequest, client_key_id: str | None = None,
+                           stream_format: StreamFormat | None = None) -> StreamStart:
+        """Resolve who serves (including a student failure before its first chunk, and on a
+        cascade route the student's whole answer and its confidence), so the headers are
+        known before the first byte goes out. ``stream_format`` writes the wire events
+        (default: OpenAI chat chunks)."""
         when = deadline.start(self.request_timeout_s)
         state, record, decision, body = await self._begin(request, client_key_id)
         try:
             async with asyncio.timeout_at(when):
                 upstream, first = None, None
                 if decision.target == "student" and state.student is not None:
-                    upstream, first = await self._open_student_stream(state, record, decision, body)
+                    if decision.cascade or body.get("tools"):
+                        upstream, first = await self._open_whole_answer_stream(state, record, decision, body)
+                    else:
+                        upstream, first = await self._open_student_stream(state, record, body)
                 if upstream is None:
                     upstream, first = await self._open_teacher_stream(state, record, body)
         except TimeoutError:
@@ -311,16 +328,30 @@ class ChatService:
         except Exception:
             await self._finish(record)
             raise
-        events = self._relay(state, record, upstream, first, request.include_usage, when)
-        return StreamStart(self._headers(record), events)
+        chunk_id, created = shapes.completion_id(), int(time.time())
+        wire = stream_format or ChatStreamFormat(record.route, request.include_usage, chunk_id, created)
+        relay = StreamRelay(state, record, decision, body, chunk_id, created)
+        return StreamStart(self._headers(record), self._relay(relay, upstream, first, wire, when))
 
-    async def _open_student_stream(self, state: RouteState, record: RequestRecord, decision: Decision,
+    async def _open_whole_answer_stream(self, state: RouteState, record: RequestRecord, decision: Decision,
+                                       body: dict[str, Any]) -> tuple[AsyncIterator[dict[str, Any]] | None, Any]:
+        """The cascade judges a whole answer, and tool calls are parsed from one: the student
+        answers in full first, then the answer is streamed (replayed as chunks) when it is
+        confident; otherwise the teacher streams."""
+        completion = await self._student_answer(state, record, decision, body)
+        if completion is None:
+            return None, None
+        record.target = "student"
+        upstream = shapes.completion_chunks(completion)
+        return upstream, await anext(upstream)
+
+    async def _open_student_stream(self, state: RouteState, record: RequestRecord,
                                    body: dict[str, Any]) -> tuple[AsyncIterator[dict[str, Any]] | None, Any]:
         pointer = state.student
         assert pointer is not None
         record.student_version = pointer.version
-        # The cascade judges a whole answer, so it applies to non-streamed requests only; a
-        # streamed one is served on the router's decision alone.
+        if self._student_open(record):
+            return None, None
         student_body = self._student_body(state, body, cascade=False)
         student_body["stream_options"] = {"include_usage": True}
         if not await self._fits_student(record, pointer.adapter_name, student_body) or self._student_open(record):
@@ -354,37 +385,26 @@ class ChatService:
             raise error from failure
         return upstream, first
 
-    async def _relay(self, state: RouteState, record: RequestRecord, upstream: AsyncIterator[dict[str, Any]],
-                     first: Any, include_usage: bool, when: float) -> AsyncIterator[bytes]:
-        chunk_id, created = shapes.completion_id(), int(time.time())
+    async def _relay(self, relay: StreamRelay, upstream: AsyncIterator[dict[str, Any]], first: Any,
+                     wire: StreamFormat, when: float) -> AsyncIterator[bytes]:
+        record = relay.record
         started = time.perf_counter()
-        text: list[str] = []
-        usage: tuple[int, int] | None = None
-        finish_reason = None
         logged = False  # the row is spooled before the last event goes out, and only once
         try:
             chunk = first
             while chunk is not None:
-                usage = shapes.chunk_usage(chunk) or usage
-                text.append(shapes.chunk_text(chunk))
-                outgoing = shapes.chunk_body(chunk, record.route, chunk_id, created)
+                outgoing = relay.take(chunk)
                 if outgoing is not None:
-                    finish_reason = outgoing["choices"][0]["finish_reason"] or finish_reason
-                    yield sse(outgoing)
+                    for event in wire.chunk(outgoing):
+                        yield event
                 async with asyncio.timeout_at(when):
                     chunk = await anext(upstream, None)
-            prompt_tokens, completion_tokens = usage or (estimate_tokens(record.request["messages"]), len(text))
-            completion = Completion({}, prompt_tokens, completion_tokens, 0.0, (time.perf_counter() - started) * 1000,
-                                    record.teacher_model or "")
-            if record.target == "teacher":
-                completion.cost_usd = self.teachers[record.route].cost(prompt_tokens, completion_tokens)
-            self._account(state, record, completion, record.target or "teacher")
-            self._log_stream(record, text, finish_reason)
+            completion = self._stream_completion(relay, started)
+            self._log_stream(relay)
             logged = True
-            if include_usage:
-                yield sse(shapes.usage_chunk(record.route, chunk_id, created,
-                                             shapes.usage_of(prompt_tokens, completion_tokens)))
-            yield sse("[DONE]")
+            self._maybe_shadow(relay.state, record, relay.decision, _unstreamed(relay.body), completion)
+            for event in wire.finish(shapes.usage_of(completion.prompt_tokens, completion.completion_tokens)):
+                yield event
         except (UpstreamFailure, TimeoutError) as failure:
             # Past the deadline a provider library may turn its cancellation into its own error.
             error: GatewayError = deadline_error(self.request_timeout_s)
@@ -393,20 +413,76 @@ class ChatService:
                     self.breaker.record_failure(f"student stream broke: {failure}", server_fault=failure.server_fault)
                 error = UpstreamError("The upstream stream was interrupted mid-answer.")
             record.fail(error.status_code, f"stream interrupted: {failure}" if error.status_code == 502 else error.message)
-            self._log_stream(record, text, finish_reason)
+            self._log_stream(relay)
             logged = True
-            yield sse(gateway_error_body(error))
+            for event in wire.error(error):
+                yield event
         finally:
             if not logged:
                 record.fail(499, "client disconnected mid-stream")
-                self._log_stream(record, text, finish_reason)
+                self._log_stream(relay)
             _close_soon(upstream)
 
-    def _log_stream(self, record: RequestRecord, text: list[str], finish_reason: str | None) -> None:
+    def _stream_completion(self, relay: StreamRelay, started: float) -> Completion:
+        """Account a finished stream; returns it as a Completion (what shadowing compares)."""
+        record = relay.record
+        prompt_tokens, completion_tokens = relay.usage or (estimate_tokens(record.request["messages"]),
+                                                           len(relay.text))
+        completion = Completion({}, prompt_tokens, completion_tokens, 0.0, (time.perf_counter() - started) * 1000,
+                                record.teacher_model or "")
+        if record.target == "teacher":
+            completion.cost_usd = self.teachers[record.route].cost(prompt_tokens, completion_tokens)
+        self._account(relay.state, record, completion, record.target or "teacher")
+        completion.body = relay.response()
+        return completion
+
+    def _log_stream(self, relay: StreamRelay) -> None:
         """Log a streamed request from any context, a cancelled stream's cleanup included."""
-        record.response = {"object": "chat.completion", "model": record.route, "streamed": True,
-                           "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                                        "finish_reason": finish_reason}]}
+        relay.record.response = relay.response()
         for observer in self.observers:
-            observer(record)
-        self.writer.submit(record.to_row())
+            observer(relay.record)
+        self.writer.submit(relay.record.to_row())
+
+
+def _unstreamed(body: dict[str, Any]) -> dict[str, Any]:
+    """A streamed request's body as a plain call (what the shadow model is asked)."""
+    return {key: value for key, value in body.items() if key not in ("stream", "stream_options")}
+
+
+@dataclass
+class StreamRelay:
+    """What a relayed stream has carried so far: text, tool calls, usage, finish reason."""
+
+    state: RouteState
+    record: RequestRecord
+    decision: Decision
+    body: dict[str, Any]
+    chunk_id: str
+    created: int
+    text: list[str] = field(default_factory=list)
+    usage: tuple[int, int] | None = None
+    finish_reason: str | None = None
+    tool_calls: ToolCallAccumulator = field(default_factory=ToolCallAccumulator)
+
+    def take(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
+        """Fold one upstream chunk in; returns the chunk to send, or None."""
+        self.usage = shapes.chunk_usage(chunk) or self.usage
+        self.text.append(shapes.chunk_text(chunk))
+        outgoing = shapes.chunk_body(chunk, self.record.route, self.chunk_id, self.created)
+        if outgoing is not None:
+            choice = outgoing["choices"][0]
+            self.finish_reason = choice["finish_reason"] or self.finish_reason
+            self.tool_calls.add(choice["delta"].get("tool_calls") or [])
+        return outgoing
+
+    def response(self) -> dict[str, Any]:
+        """The streamed answer in ``chat.completion`` shape: the log row's response."""
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.text)}
+        if self.tool_calls.calls:
+            message["tool_calls"] = [
+                {"id": call["id"], "type": "function",
+                 "function": {"name": call["name"], "arguments": call["arguments"]}}
+                for _, call in sorted(self.tool_calls.calls.items())
+            ]
+        return {"object": "chat.completion", "model": self.record.route, "streamed": True,
+                "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason}]}

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
+
+from core.tool_calls import parse_tool_calls
 
 MESSAGE_KEYS = ("role", "content", "tool_calls", "refusal", "function_call")
 
@@ -109,3 +112,33 @@ def chunk_usage(upstream: dict[str, Any]) -> tuple[int, int] | None:
     if not usage:
         return None
     return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+
+async def completion_chunks(completion: Any) -> AsyncIterator[dict[str, Any]]:
+    """A whole answer (``Completion``) replayed as upstream chunks: role, content (with the
+    logprobs it still carries), tool calls, finish reason, usage. How a cascade-checked
+    student answer is streamed."""
+    choice = (completion.body.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+
+    def chunk(delta: dict[str, Any], logprobs: Any = None, finish_reason: str | None = None) -> dict[str, Any]:
+        return {"choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+    yield chunk({"role": "assistant", "content": ""})
+    if message.get("content"):
+        yield chunk({"content": message["content"]}, choice.get("logprobs"))
+    if message.get("tool_calls"):
+        yield chunk({"tool_calls": [{"index": index, **call} for index, call in enumerate(message["tool_calls"])]})
+    yield chunk({}, finish_reason=choice.get("finish_reason") or "stop")
+    yield {"choices": [], "usage": usage_of(completion.prompt_tokens, completion.completion_tokens)}
+
+
+def answer_as_tool_calls(body: dict[str, Any], offered: set[str]) -> None:
+    """A student's text answer that calls offered tools (core/tool_calls.py), rewritten in
+    place as OpenAI's ``tool_calls`` with ``finish_reason: tool_calls``; other text stays."""
+    for choice in body.get("choices") or []:
+        message = choice.get("message") or {}
+        calls = parse_tool_calls(message.get("content") or "", offered)
+        if calls:
+            choice["message"] = {**message, "content": None, "tool_calls": calls}
+            choice["finish_reason"] = "tool_calls"

@@ -24,7 +24,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import httpx
@@ -133,12 +133,18 @@ class LiteLLMTeacher:
             raise capacity_failure(wait_s) from None
 
     def _call_kwargs(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
-        kwargs = {**self.config.params, **split_params(body)}
+        kwargs = {**self.config.params, **split_params(body), **self._endpoint_kwargs(model)}
+        kwargs["messages"] = body["messages"]
+        return kwargs
+
+    def _endpoint_kwargs(self, model: str) -> dict[str, Any]:
+        """Model, endpoint, key and timeout for one litellm call to ``model``; one try never
+        outlives the request's deadline."""
         timeout_s = self.config.timeout_s
         left = deadline.remaining_s()
-        if left is not None:  # one try never outlives the request
+        if left is not None:
             timeout_s = max(0.001, min(timeout_s, left))
-        kwargs.update(model=model, messages=body["messages"], timeout=timeout_s, num_retries=0)
+        kwargs: dict[str, Any] = {"model": model, "timeout": timeout_s, "num_retries": 0}
         api_base, api_key = self.config.endpoint(model)
         if api_base:
             kwargs["api_base"] = api_base
@@ -163,11 +169,11 @@ class LiteLLMTeacher:
         left = deadline.remaining_s()
         return None if left is not None and wait >= left else wait
 
-    async def _try_model(self, model: str, body: dict[str, Any], stream: bool) -> Any:
+    async def _try_model(self, call: Callable[[str], Awaitable[Any]], model: str) -> Any:
         """One model's tries; raises its last failure."""
         for attempt in range(self.config.max_retries + 1):
             try:
-                return await self._litellm.acompletion(**self._call_kwargs(model, body), stream=stream)
+                return await call(model)
             except UPSTREAM_ERRORS as error:  # litellm's tree subclasses openai's APIError
                 failure = _failure_from(error, model)
                 logger.warning("teacher call failed", extra={
@@ -182,10 +188,17 @@ class LiteLLMTeacher:
         raise AssertionError("unreachable")
 
     async def _with_retries(self, body: dict[str, Any], stream: bool) -> tuple[Any, str]:
+        return await self._retrying(
+            lambda model: self._litellm.acompletion(**self._call_kwargs(model, body), stream=stream))
+
+    async def _retrying(self, call: Callable[[str], Awaitable[Any]],
+                        models: list[str] | None = None) -> tuple[Any, str]:
+        """``call(model)`` with retries (backoff, the provider's retry-after, the request's
+        deadline), then the fallback model; (result, model)."""
         last: UpstreamFailure | None = None
-        for model in self._models():
+        for model in models or self._models():
             try:
-                return await self._try_model(model, body, stream), model
+                return await self._try_model(call, model), model
             except UpstreamFailure as failure:
                 if not failure.retryable:
                     raise
