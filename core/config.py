@@ -10,7 +10,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -193,6 +193,22 @@ class GateConfig(StrictModel):
     min_served_share: float = Field(0.05, ge=0, le=1)
 
 
+class RouterConfig(StrictModel):
+    """The router's embedder (router/encoders.py), built locally from the packaged MiniLM.
+
+    ``static``: a model2vec static model distilled from MiniLM (no torch at request time,
+    ~0.05 ms a prompt); ``onnx``: MiniLM exported to ONNX, int8, run by onnxruntime;
+    ``minilm``: the transformer itself under sentence-transformers (torch). A detector
+    remembers the embedder it was fitted with; the gateway refuses one fitted with another.
+    """
+
+    embedder: Literal["minilm", "static", "onnx"] = "static"
+    # Where `distillgate init-router` (and serve's first start) writes the built embedders.
+    artifacts_dir: Path = Path("var/models/router")
+    # Embedding cache: keyed by a hash of what the embedder reads, capped in bytes.
+    cache_mb: float = Field(8.0, ge=0)
+
+
 class RedactConfig(StrictModel):
     """Personal data removed from logged prompts (gateway/redact.py); upstream calls are unchanged."""
 
@@ -234,6 +250,7 @@ class Settings(StrictModel):
     store: StoreConfig = StoreConfig()
     vllm: VLLMConfig = VLLMConfig()
     replay_teacher: ReplayTeacherConfig | None = None
+    router: RouterConfig = RouterConfig()
     routes: list[RouteConfig]
 
     @model_validator(mode="after")
