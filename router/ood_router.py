@@ -24,10 +24,11 @@ import numpy as np
 
 from core.modes import Mode
 from core.prompting import user_text
+from router.artifacts import create_embedder
 from router.decision import Decision, RoutePolicy, decide_without_score
 from router.embeddings import Embedder, MicroBatcher
 from router.learned import LearnedRouter
-from router.ood import OODDetector, load_detector
+from router.ood import EmbedderMismatch, OODDetector, check_embedder, load_detector
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class OODRouter:
     ) -> None:
         self.embedder = embedder or Embedder()
         self._detectors: dict[tuple[str, str], OODDetector] = {}
+        # Detectors refused for an embedder mismatch: their routes' auto traffic goes to the teacher.
+        self._refused: dict[tuple[str, str], str] = {}
         self._learned: dict[str, LearnedRouter] = {}
         self._random = random.Random(seed)
         self._blas = _limit_blas_threads()
@@ -70,8 +73,17 @@ class OODRouter:
 
     # -- detectors (called at startup and by the hot swap) -----------------------------------
     def set_detector(self, route: str, version: str, detector: OODDetector) -> None:
+        """Register ``detector``; raises EmbedderMismatch when another embedder fitted it."""
+        try:
+            check_embedder(detector, self.embedder, where=f"of {route} {version}")
+        except EmbedderMismatch as error:
+            self._refused[(route, version)] = str(error)
+            logger.error("ood detector refused", extra={"route": route, "version": version, "error": str(error)})
+            raise
+        self._refused.pop((route, version), None)
         self._detectors[(route, version)] = detector
-        logger.info("ood detector set", extra={"route": route, "version": version, "kind": detector.name})
+        logger.info("ood detector set", extra={"route": route, "version": version, "kind": detector.name,
+                                               "embedder": self.embedder.id})
 
     def load_detector(self, route: str, version: str, path: str | Path) -> OODDetector:
         """Load a saved detector from disk and register it (blocking file read)."""
@@ -85,6 +97,7 @@ class OODRouter:
 
     def drop_detector(self, route: str, version: str) -> None:
         self._detectors.pop((route, version), None)
+        self._refused.pop((route, version), None)
 
     def detector(self, route: str, version: str | None) -> OODDetector | None:
         return self._detectors.get((route, version)) if version is not None else None
@@ -102,6 +115,9 @@ class OODRouter:
     # -- the decision ------------------------------------------------------------------------
     async def decide(self, policy: RoutePolicy, messages: list[dict[str, Any]]) -> Decision:
         detector = self.detector(policy.route, policy.student_version)
+        refused = self._refused.get((policy.route, policy.student_version or ""))
+        if refused is not None and policy.mode is Mode.auto and detector is None:
+            return Decision("teacher", reasons=[f"ood detector refused: {refused}"])
         text = user_text(messages)
         if policy.mode is Mode.teacher_only or detector is None or not text.strip():
             decision = decide_without_score(policy)
@@ -165,17 +181,19 @@ def build_ood_router(settings: Any, store: Any, *, embedder: Embedder | None = N
 
     Reads ``student_versions.detector_path`` of each route's live version; a route whose live
     version has none routes by mode rules only until the hot swap registers one. A learned
-    router is used for a route when ``<learned_dir>/<route>.npz`` exists. The embedding model
-    warms up in a background thread so neither startup nor the first request waits for it.
+    router is used for a route when ``<learned_dir>/<route>.npz`` exists. The embedder is the
+    one ``settings.router`` names (built here if ``init-router`` has not built it yet); a
+    detector fitted with another is refused. The embedder warms up in a background thread.
     """
-    router = OODRouter(embedder)
+    router = OODRouter(embedder or create_embedder(settings.router, build=True, lazy=True))
     loaded = 0
     for route in settings.routes:
         live = store.live_version(route.name)
         path = (live or {}).get("detector_path")
         if path and (Path(path).exists() or Path(f"{path}.npz").exists()):
-            router.load_detector(route.name, live["version"], path)
-            loaded += 1
+            with contextlib.suppress(EmbedderMismatch):  # logged; auto traffic goes to the teacher
+                router.load_detector(route.name, live["version"], path)
+                loaded += 1
         elif live is not None:
             logger.warning("live student has no ood detector", extra={"route": route.name, "version": live["version"]})
         learned_path = Path(learned_dir) / f"{route.name}.npz" if learned_dir else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -49,6 +50,34 @@ def test_eval_ood_json(tiny_clinc: Path) -> None:
     assert 0.8 <= figures["auroc"] <= 1.0
     assert 0 <= figures["fpr_at_95_tpr"] <= 1 and 0 <= figures["oos_recall_at_95_inscope"] <= 1
     assert figures["latency_ms"]["p50"] > 0
+
+
+def test_near_ood_protocol_is_deterministic_for_a_seed(tiny_clinc: Path) -> None:
+    from router.artifacts import create_embedder
+    from router.eval_ood import evaluate, held_out_intents
+
+    config = argparse.Namespace(embedder="static", artifacts_dir=ROOT / "var" / "models" / "router", cache_mb=8.0)
+    embedder = create_embedder(config, build=True)
+    first = evaluate(tiny_clinc, embedder=embedder, protocol="near", seeds=[0, 1], holdout_fraction=0.34)
+    again = evaluate(tiny_clinc, embedder=create_embedder(config), protocol="near", seeds=[0, 1],
+                     holdout_fraction=0.34)
+    assert first["near"] == again["near"] and "auroc" not in first  # near only
+    held = [row["held_out_intents"] for row in first["near"]["seeds"]]
+    assert len(held[0]) == 2 and held[0] != held[1]  # 34 % of 6 intents, a different draw per seed
+    intents = sorted({intent for _, intent in json.loads(tiny_clinc.read_text())["train"]})
+    assert held[0] == held_out_intents(intents, 0.34, 0) == held_out_intents(list(reversed(intents)), 0.34, 0)
+    for row in first["near"]["seeds"]:
+        assert row["unknown"] == 10 and row["known"] == 20 and 0.0 <= row["auroc"] <= 1.0
+
+
+def test_eval_ood_near_protocol_from_the_command_line(tiny_clinc: Path) -> None:
+    result = run_cli("eval-ood", "--data", str(tiny_clinc), "--protocol", "both", "--seeds", "3,4", "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["embedder"].startswith("static") and figures["dim"] == 256
+    assert [row["seed"] for row in figures["near"]["seeds"]] == [3, 4]
+    assert set(figures["near"]["mean"]) == {"auroc", "fpr_at_95_tpr", "oos_recall_at_95_inscope"}
+    assert 0.8 <= figures["auroc"] <= 1.0
 
 
 def test_eval_ood_rejects_a_file_in_another_format(tmp_path: Path) -> None:

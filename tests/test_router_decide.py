@@ -60,7 +60,7 @@ def user(text: str) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def router() -> OODRouter:
-    router = OODRouter(Embedder(model=LengthModel(), cache_size=0), seed=0)
+    router = OODRouter(Embedder(model=LengthModel(), cache_bytes=0), seed=0)
     router.set_detector("r", "v1", LengthDetector())
     yield router
     router.close()

@@ -85,7 +85,7 @@ def test_encode_is_normalized_float32_and_cached(embedder: Embedder) -> None:
     vectors = embedder.encode(["check my balance", "book a flight to Paris"])
     assert vectors.dtype == np.float32 and vectors.shape == (2, 384)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
-    assert embedder.cache.get("check my balance") is not None
+    assert embedder.cache.get(embedder.cache.key("check my balance")) is not None
 
 
 class CountingModel:

@@ -133,7 +133,7 @@ class Trainer:
         except ImportError:
             logger.warning("router.ood is unavailable; this version has no OOD detector", extra={"route": config.name})
             return None
-        embedder = self.embedder_factory() if self.embedder_factory else _default_embedder()
+        embedder = self.embedder_factory() if self.embedder_factory else _default_embedder(self.settings)
         texts = [example.prompt_text for example in dataset.train]
         labels = [example.answer for example in dataset.train] if config.labels_dataset is not None else None
         return Path(fit_detector_for_texts(texts, labels, config.ood_detector, path, embedder))
@@ -165,7 +165,8 @@ class Trainer:
                                         "detail_json": json.dumps(detail, default=str)})
 
 
-def _default_embedder() -> Any:
-    from router.embeddings import Embedder
+def _default_embedder(settings: Settings) -> Any:
+    """The embedder the gateway serves with (``router.embedder``), built on first use."""
+    from router.artifacts import create_embedder
 
-    return Embedder()
+    return create_embedder(settings.router, build=True)
