@@ -6,11 +6,15 @@ several concurrencies, this measures:
   gateway_student — distillgate serving a route from that upstream as its student
                     (httpx hot path: the path most traffic takes);
   gateway_teacher — distillgate serving a route from that upstream as its teacher (litellm);
+  gateway_auto    — distillgate in auto mode with a live OOD detector (fitted on CLINC150
+                    train with the configured router embedder, cache off so every request
+                    is embedded and scored), then served by the student: the student path
+                    plus the routing decision;
   litellm_proxy   — the LiteLLM proxy in front of the same upstream.
 Each process runs alone on the machine in turn (the upstream excepted), so the numbers
 compare configurations, not absolute capacity. Prints JSON.
 
-    python bench/overhead.py [--requests 400] [--concurrency 1 8 32] [--quick]
+    python bench/overhead.py [--requests 400] [--concurrency 1 8 32] [--quick] [--embedder static]
 """
 
 from __future__ import annotations
@@ -27,18 +31,24 @@ import yaml
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import CLINC, Child, LoadResult, closed_loop, free_port, python_module
+from bench.common import CLINC, ROOT, Child, LoadResult, closed_loop, free_port, python_module
+
+ROUTER_ARTIFACTS = ROOT / "var" / "models" / "router"
 
 BENCH_KEY = "sk-distillgate-bench-key"
 AUTH = {"authorization": f"Bearer {BENCH_KEY}"}
 PAYLOAD_MESSAGES = [{"role": "user", "content": "transfer $20000 from my savings account to checking account"}]
 
 
-def gateway_config(upstream: str, store_path: Path) -> dict[str, Any]:
+AUTO_ROUTE = "bench-auto"
+
+
+def gateway_config(upstream: str, store_path: Path, embedder: str = "static") -> dict[str, Any]:
     def route(name: str, mode: str) -> dict[str, Any]:
         return {
             "name": name,
             "mode": mode,
+            "ood_threshold": 100.0,  # every scored request is in distribution: served by the student
             "teacher": {"model": "openai/replay-teacher", "api_base": f"{upstream}/v1", "max_retries": 0,
                         "prices": {"input_per_mtok": 2.5, "output_per_mtok": 10.0}},
             "student": {"serve_base_model": True, "timeout_s": 30},
@@ -47,8 +57,38 @@ def gateway_config(upstream: str, store_path: Path) -> dict[str, Any]:
     return {
         "store": {"path": str(store_path)},
         "vllm": {"url": upstream, "launch": False},
-        "routes": [route("bench-student", "student_only"), route("bench-teacher", "teacher_only")],
+        "router": {"embedder": embedder, "artifacts_dir": str(ROUTER_ARTIFACTS), "cache_mb": 0},
+        "routes": [route("bench-student", "student_only"), route("bench-teacher", "teacher_only"),
+                   route(AUTO_ROUTE, "auto")],
     }
+
+
+def fit_auto_detector(embedder: str, out: Path) -> Path:
+    """The auto route's detector: the default kind on 3,000 CLINC150 training prompts."""
+    from router.artifacts import create_embedder
+    from router.eval_ood import _subsample, load_clinc_format
+    from router.ood import DEFAULT_DETECTOR, fit_detector_for_texts
+
+    config = argparse.Namespace(embedder=embedder, artifacts_dir=ROUTER_ARTIFACTS, cache_mb=0.0)
+    train = _subsample(load_clinc_format(CLINC)["train"], 3000, 0)
+    return fit_detector_for_texts([t for t, _ in train], [i for _, i in train], DEFAULT_DETECTOR, out,
+                                  create_embedder(config, build=True))
+
+
+def serve_auto(config_path: Path, port: int, detector: Path) -> int:
+    """A gateway (the real app) whose auto route has a live detector for its base-model student."""
+    import uvicorn
+
+    from core.config import load_settings
+    from gateway.app import Components, create_app
+    from gateway.route_table import BASE_MODEL_VERSION
+
+    async def register(app: Any) -> None:
+        await app.state.decider.aload_detector(AUTO_ROUTE, BASE_MODEL_VERSION, detector)
+
+    app = create_app(load_settings(config_path), Components(config_path=None, extra_startup=[register]))
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    return 0
 
 
 def litellm_config(upstream: str) -> dict[str, Any]:
@@ -66,17 +106,20 @@ def measure(url: str, model: str, concurrency: int, requests: int) -> LoadResult
     return asyncio.run(closed_loop(url, payload, concurrency, requests, AUTH))
 
 
-def run(requests: int, concurrencies: list[int], workdir: Path, console: Console) -> dict[str, Any]:
+def run(requests: int, concurrencies: list[int], workdir: Path, console: Console,
+        embedder: str = "static") -> dict[str, Any]:
     upstream_port, gateway_port, proxy_port = free_port(), free_port(), free_port()
     upstream = f"http://127.0.0.1:{upstream_port}"
     config_path = workdir / "gateway.yaml"
-    config_path.write_text(yaml.safe_dump(gateway_config(upstream, workdir / "bench.db")))
+    config_path.write_text(yaml.safe_dump(gateway_config(upstream, workdir / "bench.db", embedder)))
+    detector = fit_auto_detector(embedder, workdir / "auto-detector")
     proxy_path = workdir / "litellm.yaml"
     proxy_path.write_text(yaml.safe_dump(litellm_config(upstream)))
     targets = {
         "direct": (None, f"{upstream}/v1/chat/completions", "replay-teacher"),
         "gateway_student": ("gateway", f"http://127.0.0.1:{gateway_port}/v1/chat/completions", "bench-student"),
         "gateway_teacher": ("gateway", f"http://127.0.0.1:{gateway_port}/v1/chat/completions", "bench-teacher"),
+        "gateway_auto": ("auto", f"http://127.0.0.1:{gateway_port}/v1/chat/completions", AUTO_ROUTE),
         "litellm_proxy": ("proxy", f"http://127.0.0.1:{proxy_port}/v1/chat/completions", "bench"),
     }
     servers = {
@@ -84,6 +127,10 @@ def run(requests: int, concurrencies: list[int], workdir: Path, console: Console
                                                str(config_path), "--port", str(gateway_port)),
                                  f"http://127.0.0.1:{gateway_port}/healthz", workdir / "gateway.log",
                                  env={"DISTILLGATE_API_KEYS": BENCH_KEY}),
+        "auto": lambda: Child([sys.executable, str(Path(__file__).resolve()), "--serve-auto", str(config_path),
+                               str(gateway_port), str(detector)],
+                              f"http://127.0.0.1:{gateway_port}/healthz", workdir / "gateway-auto.log",
+                              env={"DISTILLGATE_API_KEYS": BENCH_KEY}),
         "proxy": lambda: Child([str(Path(sys.executable).with_name("litellm")), "--config", str(proxy_path),
                                 "--port", str(proxy_port), "--num_workers", "1"],
                                f"http://127.0.0.1:{proxy_port}/health/liveliness", workdir / "litellm.log"),
@@ -97,6 +144,8 @@ def run(requests: int, concurrencies: list[int], workdir: Path, console: Console
             child = servers[server]() if server else None
             if child:
                 child.start(timeout_s=180)
+            if name == "gateway_auto":
+                results["auto_probe"] = probe_decision(url, model)
             try:
                 for concurrency in concurrencies:
                     console.log(f"{name}: concurrency {concurrency}, {requests} requests")
@@ -104,7 +153,17 @@ def run(requests: int, concurrencies: list[int], workdir: Path, console: Console
             finally:
                 if child:
                     child.stop()
-    return {"results": results, "comparison": compare(results, concurrencies)}
+    return {"embedder": embedder, "results": results, "comparison": compare(results, concurrencies)}
+
+
+def probe_decision(url: str, model: str) -> dict[str, Any]:
+    """One auto request: proof that the detector scored it (the OOD score header) and who served."""
+    import httpx
+
+    response = httpx.post(url, json={"model": model, "messages": PAYLOAD_MESSAGES, "max_tokens": 8},
+                          headers=AUTH, timeout=30)
+    return {"status": response.status_code, "target": response.headers.get("x-distillgate-target"),
+            "ood_score": response.headers.get("x-distillgate-ood-score")}
 
 
 def compare(results: dict[str, dict[str, Any]], concurrencies: list[int]) -> dict[str, Any]:
@@ -112,14 +171,14 @@ def compare(results: dict[str, dict[str, Any]], concurrencies: list[int]) -> dic
     for concurrency in map(str, concurrencies):
         direct = results["direct"][concurrency]
         row: dict[str, Any] = {}
-        for name in ("gateway_student", "gateway_teacher", "litellm_proxy"):
+        for name in ("gateway_student", "gateway_teacher", "gateway_auto", "litellm_proxy"):
             measured = results[name][concurrency]
             if measured["p50_ms"] is None or direct["p50_ms"] is None:
                 continue
             row[f"{name}_added_p50_ms"] = round(measured["p50_ms"] - direct["p50_ms"], 3)
             row[f"{name}_added_p99_ms"] = round(measured["p99_ms"] - direct["p99_ms"], 3)
         proxy_rps = results["litellm_proxy"][concurrency]["requests_per_s"]
-        for name in ("gateway_student", "gateway_teacher"):
+        for name in ("gateway_student", "gateway_teacher", "gateway_auto"):
             rps = results[name][concurrency]["requests_per_s"]
             if rps and proxy_rps:
                 row[f"{name}_throughput_vs_litellm_proxy"] = round(rps / proxy_rps, 2)
@@ -133,12 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--quick", action="store_true", help="a smoke run: few requests, two concurrencies")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument("--embedder", default="static", choices=["static", "onnx", "minilm"],
+                        help="the auto route's router embedder")
+    parser.add_argument("--serve-auto", nargs=3, metavar=("CONFIG", "PORT", "DETECTOR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve_auto:
+        return serve_auto(Path(args.serve_auto[0]), int(args.serve_auto[1]), Path(args.serve_auto[2]))
     if args.quick:
         args.requests, args.concurrency = 40, [1, 4]
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="distillgate-bench-") as workdir:
-        report = run(args.requests, args.concurrency, Path(workdir), console)
+        report = run(args.requests, args.concurrency, Path(workdir), console, args.embedder)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -1,12 +1,14 @@
-"""The router's benchmark: OOD quality per detector and decision latency/throughput.
+"""The router's benchmark: OOD quality and decision cost per embedder, side by side.
 
-On a CLINC150-format file (default data/clinc150/data_full.json): each detector's AUROC,
-FPR at 95% TPR and out-of-scope recall at 95% in-scope kept (fit on ``train``, scored on
-``test`` vs. ``oos_test``); then, through ``OODRouter.decide`` with the default detector
-and the embedding cache off (every prompt is new): latency p50/p99 of one request at a time,
-and decisions/s with 64 concurrent requests. Prints JSON.
+On a CLINC150-format file (default data/clinc150/data_full.json), for each embedder
+(``static``, ``onnx``, ``minilm``; built from the packaged MiniLM on first use):
+- far-OOD figures per detector (fit on ``train``, ``test`` vs ``oos_test``);
+- near-OOD figures of the default detector (whole intents held out, 3 seeds; eval_ood);
+- through ``OODRouter.decide`` with the default detector and the cache off (every prompt is
+  new): p50/p99 of one request at a time, and decisions/s with 64 concurrent requests;
+then each figure against the goals of issue 12. Prints JSON.
 
-    python bench/router.py [--data FILE] [--quick] [--concurrency 64] [--requests 2000]
+    python bench/router.py [--embedders static onnx minilm] [--quick] [--concurrency 64]
 """
 
 from __future__ import annotations
@@ -26,17 +28,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from core.modes import Mode
+from router.artifacts import create_embedder
 from router.decision import RoutePolicy
 from router.embeddings import Embedder
-from router.eval_ood import _subsample, load_clinc_format, ood_metrics
+from router.eval_ood import _subsample, load_clinc_format, near_ood, ood_metrics
 from router.ood import DEFAULT_DETECTOR, DETECTORS, create_detector
 from router.ood_router import OODRouter
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data" / "clinc150" / "data_full.json"
 
 
+GOALS = {"decision_p50_ms": 1.0, "decisions_per_s": 3000.0, "far_auroc": 0.97, "near_auroc": 0.93}
+
+
 def quality(splits: dict[str, list[tuple[str, str]]], embedder: Embedder, sizes: dict[str, int | None]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Embed once, fit every detector; returns (figures per detector, fitted detectors)."""
+    """Embed once, fit every detector (far) and the default one (near); returns (figures, fitted)."""
     train = _subsample(splits["train"], sizes["train"], 0)
     test = _subsample(splits["test"], sizes["eval"], 0)
     oos = _subsample(splits["oos_test"], sizes["eval"], 0)
@@ -52,9 +58,11 @@ def quality(splits: dict[str, list[tuple[str, str]]], embedder: Embedder, sizes:
         fit_s = time.perf_counter() - started
         figures[kind] = {**ood_metrics(detector.score(test_x), detector.score(oos_x)), "fit_s": round(fit_s, 2)}
         fitted[kind] = detector
+    near = near_ood(train, train_x, test, test_x, DEFAULT_DETECTOR, [0, 1, 2], 0.2)
     sizes_used = {"train": len(train), "test": len(test), "oos_test": len(oos),
                   "batch_embed_per_s": round(embed_rate, 1)}
-    return {"sizes": sizes_used, "detectors": figures}, fitted
+    return {"sizes": sizes_used, "detectors": figures, "near_default": near["mean"],
+            "near_seeds": [{k: row[k] for k in ("seed", "auroc", "fpr_at_95_tpr")} for row in near["seeds"]]}, fitted
 
 
 async def latency_and_throughput(router: OODRouter, texts: list[str], single: int, total: int,
@@ -92,27 +100,52 @@ async def latency_and_throughput(router: OODRouter, texts: list[str], single: in
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--quick", action="store_true", help="small subsets: a smoke run")
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--requests", type=int, default=2000)
-    args = parser.parse_args(argv)
-    splits = load_clinc_format(args.data)
-    sizes = {"train": 450, "eval": 100} if args.quick else {"train": None, "eval": None}
+def bench_embedder(kind: str, splits: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    config = argparse.Namespace(embedder=kind, artifacts_dir=args.artifacts_dir, cache_mb=64.0)
+    sizes = {"train": 450, "eval": 100} if args.quick else {"train": args.max_train, "eval": args.max_eval}
     single, total = (10, 128) if args.quick else (200, args.requests)
-    embedder = Embedder()
-    report, fitted = quality(splits, embedder, sizes)
+    report, fitted = quality(splits, create_embedder(config, build=True), sizes)
     # The latency figures must not be flattered by the cache: every prompt is new to the model.
-    router = OODRouter(Embedder(cache_size=0), seed=0)
+    router = OODRouter(create_embedder(config, cache_bytes=0), seed=0)
     router.set_detector("bench", "v1", fitted[DEFAULT_DETECTOR])
     texts = [text for text, _ in splits["test"] + splits["oos_test"]]
     np.random.default_rng(1).shuffle(texts)
     report["decide"] = asyncio.run(latency_and_throughput(router, texts, single, total, args.concurrency))
-    report.update({"default_detector": DEFAULT_DETECTOR, "data": str(args.data), "quick": args.quick,
-                   "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)})
+    report["embedder_id"], report["dim"] = router.embedder.id, router.embedder.dim
     router.close()
+    return report
+
+
+def against_goals(report: dict[str, Any]) -> dict[str, Any]:
+    measured = {"decision_p50_ms": report["decide"]["single"]["p50_ms"],
+                "decisions_per_s": report["decide"]["concurrent"]["decisions_per_s"],
+                "far_auroc": report["detectors"][DEFAULT_DETECTOR]["auroc"],
+                "near_auroc": report["near_default"]["auroc"]}
+    lower_is_better = {"decision_p50_ms"}
+    return {name: {"measured": round(value, 4), "goal": GOALS[name],
+                   "met": value <= GOALS[name] if name in lower_is_better else value >= GOALS[name]}
+            for name, value in measured.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--embedders", nargs="+", default=["static", "onnx"], choices=["static", "onnx", "minilm"])
+    parser.add_argument("--artifacts-dir", type=Path, default=Path("var/models/router"))
+    parser.add_argument("--quick", action="store_true", help="small subsets: a smoke run")
+    parser.add_argument("--max-train", type=int, default=None, help="subsample train (the transformers are slow)")
+    parser.add_argument("--max-eval", type=int, default=None, help="subsample test and oos_test")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=2000)
+    args = parser.parse_args(argv)
+    splits = load_clinc_format(args.data)
+    report: dict[str, Any] = {"default_detector": DEFAULT_DETECTOR, "data": str(args.data), "quick": args.quick,
+                              "embedders": {}}
+    for kind in args.embedders:
+        measured = bench_embedder(kind, splits, args)
+        measured["goals"] = against_goals(measured)
+        report["embedders"][kind] = measured
+    report.update({"cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)})
     print(json.dumps(report, indent=2))
     return 0
 

@@ -20,7 +20,11 @@ def test_overhead_benchmark_prints_side_by_side_json() -> None:
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads(completed.stdout)
-    for name in ("direct", "gateway_student", "gateway_teacher", "litellm_proxy"):
+    for name in ("direct", "gateway_student", "gateway_teacher", "gateway_auto", "litellm_proxy"):
         measured = report["results"][name]["2"]
         assert measured["errors"] == 0 and measured["requests"] == 10 and measured["p50_ms"] > 0
     assert report["comparison"]["2"]["gateway_student_throughput_vs_litellm_proxy"] > 0
+    assert report["comparison"]["2"]["gateway_auto_throughput_vs_litellm_proxy"] > 0
+    assert report["embedder"] == "static"
+    probe = report["results"]["auto_probe"]
+    assert probe["status"] == 200 and probe["target"] == "student" and float(probe["ood_score"]) >= 0

@@ -169,11 +169,15 @@ def test_calibrate_apply_patches_the_running_gateway(config_with_shadow: Path, t
 
 def test_bench_router_quick() -> None:
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "bench/router.py", "--quick"], capture_output=True, text=True,
-                            cwd=ROOT, env=environment, timeout=600)
+    result = subprocess.run([sys.executable, "bench/router.py", "--quick", "--embedders", "static", "onnx"],
+                            capture_output=True, text=True, cwd=ROOT, env=environment, timeout=600)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert set(report["detectors"]) == {"knn", "mahalanobis"}
-    assert report["detectors"]["knn"]["auroc"] > 0.8
-    assert report["decide"]["single"]["p50_ms"] > 0 and report["decide"]["concurrent"]["decisions_per_s"] > 0
-    assert report["decide"]["concurrent"]["concurrency"] == 64
+    assert set(report["embedders"]) == {"static", "onnx"}
+    for measured in report["embedders"].values():
+        assert set(measured["detectors"]) == {"knn", "mahalanobis"}
+        assert measured["detectors"]["knn"]["auroc"] > 0.8 and 0.5 < measured["near_default"]["auroc"] <= 1.0
+        assert measured["decide"]["single"]["p50_ms"] > 0 and measured["decide"]["concurrent"]["decisions_per_s"] > 0
+        assert measured["decide"]["concurrent"]["concurrency"] == 64
+        assert set(measured["goals"]) == {"decision_p50_ms", "decisions_per_s", "far_auroc", "near_auroc"}
+    assert report["embedders"]["static"]["dim"] == 256 and report["embedders"]["onnx"]["dim"] == 384
