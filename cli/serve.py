@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -138,7 +139,9 @@ def serve(args: argparse.Namespace) -> int:
             return 2
         if vllm is not None:
             children.append(vllm)
-        app = create_app(settings, Components(config_path=Path(args.config), vllm_process=vllm))
+        # The app was built before any child started (secrets leave the environment first);
+        # its lifespan, run by uvicorn below, supervises the vLLM server started since.
+        app.state.components.vllm_process = vllm
         # uvicorn drains on SIGTERM, then re-raises the signal; exit through the finally
         # below instead, so the children are stopped too and the exit status is 0.
         signal.signal(signal.SIGTERM, _exit_cleanly)

@@ -17,8 +17,8 @@ from core.store import SQLiteStore
 from gateway.app import Components, create_app
 from gateway.auth import key_id
 from gateway.upstream.student import VLLMStudent
-from tests.operators import ScoringRouter, _student_reply
 from tests.helpers import UvicornThread
+from tests.operators import ScoringRouter, _student_reply
 
 ROUTE = "clinc-intents"
 

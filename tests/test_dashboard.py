@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path

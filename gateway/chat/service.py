@@ -34,7 +34,6 @@ from gateway.errors import (
     Unavailable,
     UpstreamError,
     UpstreamTimeout,
-    gateway_error_body,
 )
 from gateway.redact import Redactor
 from gateway.route_table import RouteState, RouteTable
