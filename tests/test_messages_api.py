@@ -15,8 +15,7 @@ import pytest
 from core.config import Settings
 from gateway.app import Components, create_app
 from gateway.upstream.student import VLLMStudent
-from tests.servers import UvicornThread, free_port
-from tests.test_gateway_api import UTTERANCE, log_rows
+from tests.helpers import UTTERANCE, UvicornThread, free_port, log_rows
 from tests.test_responses_api import tool_calling_student
 
 ROUTE = "clinc-intents"

@@ -105,7 +105,7 @@ def test_errors_fallbacks_and_training_runs(make_settings: Callable[..., Setting
 def test_fallback_is_counted(make_settings: Callable[..., Settings], replay_teacher: str) -> None:
     from gateway.app import Components, create_app
     from gateway.upstream.student import VLLMStudent
-    from tests.test_gateway_api import failing_student
+    from tests.helpers import failing_student
 
     settings = make_settings(replay_teacher, route={"mode": "student_only", "student": {"serve_base_model": True}})
     student = VLLMStudent("http://student.invalid", transport=httpx.MockTransport(failing_student))

@@ -14,8 +14,7 @@ from core.config import Settings
 from core.store import SQLiteStore
 from gateway.app import create_app
 from harness.replay_passthrough import hashed_embedding
-from tests.servers import UvicornThread, free_port
-from tests.test_gateway_api import UTTERANCE, log_rows, sdk
+from tests.helpers import UTTERANCE, UvicornThread, free_port, log_rows, sdk
 from trainer.dataset import collect_examples, count_new_examples
 
 ROUTE = "clinc-intents"

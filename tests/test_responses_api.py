@@ -15,8 +15,7 @@ from core.config import Settings
 from core.store import SQLiteStore
 from gateway.app import Components, create_app
 from gateway.upstream.student import VLLMStudent
-from tests.servers import UvicornThread
-from tests.test_gateway_api import UTTERANCE, log_rows, sdk
+from tests.helpers import UTTERANCE, UvicornThread, log_rows, sdk
 from trainer.dataset import collect_examples
 
 ROUTE = "clinc-intents"
@@ -24,7 +23,8 @@ ROUTE = "clinc-intents"
 
 @pytest.fixture
 def gateway(make_settings: Callable[..., Settings], replay_teacher: str) -> Iterator[tuple[str, Settings]]:
-    settings = make_settings(replay_teacher)
+    # The app's instructions are a client system prompt: trained on only when the route says so.
+    settings = make_settings(replay_teacher, route={"training": {"client_system_prompts": "replace"}})
     with UvicornThread(create_app(settings)) as server:
         yield server.url, settings
 

@@ -20,8 +20,7 @@ from router.artifacts import create_embedder, ensure_embedder
 from router.embeddings import Embedder, EmbeddingCache
 from router.ood import EmbedderMismatch, fit_detector_for_texts, load_detector
 from router.ood_router import OODRouter, build_ood_router
-from tests.conftest import CLINC, ROOT
-from tests.servers import UvicornThread
+from tests.helpers import CLINC, ROOT, UvicornThread
 
 ARTIFACTS = ROOT / "var" / "models" / "router"
 IN_SCOPE = "transfer $20000 from my savings account to checking account"

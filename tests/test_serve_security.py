@@ -21,8 +21,7 @@ import yaml
 
 from core.store import SQLiteStore
 from harness.children import Child, python_module
-from tests.servers import free_port
-from tests.test_gateway_api import MESSAGES
+from tests.helpers import MESSAGES, free_port
 from trainer.seed import teacher_row
 
 pytestmark = pytest.mark.integration

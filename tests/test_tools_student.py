@@ -18,8 +18,7 @@ from core.store import SQLiteStore
 from core.tool_calls import parse_tool_calls, tool_calls_text
 from gateway.app import Components, create_app
 from gateway.upstream.student import VLLMStudent
-from tests.servers import UvicornThread
-from tests.test_gateway_api import UTTERANCE, sdk
+from tests.helpers import UTTERANCE, UvicornThread, sdk
 from tests.test_responses_api import tool_calling_student
 from trainer.dataset import collect_examples
 
@@ -68,7 +67,7 @@ def test_teacher_tool_calls_become_training_examples(make_settings: Callable[...
     store.insert_requests([{"id": "r1", "created_at": 1.0, "route": "clinc-intents", "target": "teacher",
                             "status_code": 200, "request_json": json.dumps(request),
                             "response_json": json.dumps(response), "stream": 0, "fallback": 0,
-                            "decision_reasons": "[]", "latency_ms": 1.0}])
+                            "decision_reasons": "[]", "latency_ms": 1.0, "train_trusted": 1}])
     [example], dropped = collect_examples(store, settings.routes[0])
     assert not dropped
     assert example.answer == tool_calls_text([CALL])

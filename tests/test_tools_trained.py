@@ -25,8 +25,7 @@ from core.store import SQLiteStore
 from gateway.app import Components, create_app
 from gateway.route_table import StudentPointer
 from gateway.upstream.student import VLLMStudent
-from tests.servers import UvicornThread
-from tests.test_gateway_api import sdk
+from tests.helpers import UvicornThread, sdk
 
 pytestmark = pytest.mark.integration
 

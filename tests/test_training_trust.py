@@ -12,9 +12,8 @@ import pytest
 from core.config import Settings
 from core.store import SQLiteStore
 from gateway.app import create_app
+from tests.helpers import UvicornThread, log_rows, sdk
 from tests.operators import STUDENT_SETTINGS, operator_app, wait_for
-from tests.servers import UvicornThread
-from tests.test_gateway_api import log_rows, sdk
 from trainer.dataset import build_dataset
 
 TRUSTED_KEY = "app-key-5c1d9e2a"

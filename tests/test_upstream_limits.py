@@ -22,9 +22,8 @@ from core.config import Settings
 from gateway.app import create_app
 from gateway.upstream.teacher import retry_after_s
 from harness.replay_teacher import ReplayOptions, create_replay_app
-from tests.servers import UvicornThread
+from tests.helpers import MESSAGES, UvicornThread, log_rows, sdk
 from tests.test_faults_teacher import CountingApp
-from tests.test_gateway_api import MESSAGES, log_rows, sdk
 
 ROUTE = "clinc-intents"
 CHAT = {"model": ROUTE, "messages": MESSAGES}
