@@ -18,6 +18,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +74,14 @@ def _build_onnx(out: Path, source: str) -> None:
     sample = torch.ones(1, 8, dtype=torch.long)
     names = ["input_ids", "attention_mask", "token_type_ids"]
     fp32 = out / "model.fp32.onnx"
-    torch.onnx.export(model, (sample, sample, torch.zeros_like(sample)), str(fp32), input_names=names,
-                      output_names=["last_hidden_state"], opset_version=17, dynamo=False,
-                      dynamic_axes={name: {0: "batch", 1: "tokens"} for name in [*names, "last_hidden_state"]})
+    # The TorchScript exporter on purpose (the torch.export one needs onnxscript, one dependency
+    # more for the same model); torch warns that it is deprecated at every call, and tracing
+    # warns about the Python branches it freezes (none depend on the input here).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (sample, sample, torch.zeros_like(sample)), str(fp32), input_names=names,
+                          output_names=["last_hidden_state"], opset_version=17, dynamo=False,
+                          dynamic_axes={name: {0: "batch", 1: "tokens"} for name in [*names, "last_hidden_state"]})
     quantize_dynamic(str(fp32), str(out / "model.onnx"), weight_type=QuantType.QInt8)
     fp32.unlink()
     shutil.copy(Path(source) / "tokenizer.json", out / "tokenizer.json")
