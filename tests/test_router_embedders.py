@@ -119,7 +119,7 @@ def test_static_encoder_matches_model2vec(built: Path) -> None:
     ours = create_embedder(router_config("static")).encode_uncached(texts)
     reference = StaticModel.from_pretrained(str(built / "static")).encode(texts[:3])
     reference = reference / np.linalg.norm(reference, axis=1, keepdims=True)
-    np.testing.assert_allclose(ours[:3], reference, atol=1e-4)
+    np.testing.assert_allclose(ours[:3], reference, atol=2e-3)  # model2vec answers in float16
     assert ours.shape == (4, 256) and not ours[3].any()  # empty text: a zero row, scored as far out
 
 
