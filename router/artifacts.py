@@ -161,6 +161,10 @@ class LazyEncoder:
     def model(self) -> Any:
         return self.get().model
 
+    @property
+    def inline(self) -> bool:
+        return bool(getattr(self.get(), "inline", False))
+
     def truncate(self, text: str) -> str:
         return str(self.get().truncate(text))
 

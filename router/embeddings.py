@@ -56,6 +56,11 @@ class MicroBatcher(Generic[Item, Result]):
         self.batches = 0
         self.items = 0
 
+    @property
+    def idle(self) -> bool:
+        """No batch waiting or running: a caller may do a small job itself instead."""
+        return not self._pending and (self._worker is None or self._worker.done())
+
     async def submit(self, item: Item) -> Result:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
@@ -187,6 +192,11 @@ class Embedder:
     @property
     def dim(self) -> int:
         return int(self.encoder.dim)
+
+    @property
+    def inline(self) -> bool:
+        """Cheap enough to run on the event loop for a lone request (the static encoder)."""
+        return bool(getattr(self.encoder, "inline", False))
 
     @property
     def model(self) -> Any:

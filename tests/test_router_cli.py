@@ -181,3 +181,25 @@ def test_bench_router_quick() -> None:
         assert measured["decide"]["concurrent"]["concurrency"] == 64
         assert set(measured["goals"]) == {"decision_p50_ms", "decisions_per_s", "far_auroc", "near_auroc"}
     assert report["embedders"]["static"]["dim"] == 256 and report["embedders"]["onnx"]["dim"] == 384
+
+
+def test_init_router_builds_the_configured_embedder_offline_once(tmp_path: Path) -> None:
+    artifacts = tmp_path / "router"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"router": {"embedder": "onnx", "artifacts_dir": str(artifacts)},
+                                      "routes": [{"name": "intents", "teacher": {"model": "openai/x"}}]}))
+    first = run_cli("init-router", "--config", str(config), env={"HF_HUB_OFFLINE": "1"})
+    assert first.returncode == 0, first.stderr
+    built = artifacts / "onnx"
+    assert {"model.onnx", "tokenizer.json", "built.ok"} <= {path.name for path in built.iterdir()}
+    assert not list(artifacts.glob("*.building-*"))  # staged, then renamed into place
+    stamp = (built / "model.onnx").stat().st_mtime_ns
+    again = run_cli("init-router", "--config", str(config))
+    assert again.returncode == 0 and (built / "model.onnx").stat().st_mtime_ns == stamp  # not rebuilt
+    from router.artifacts import create_encoder
+
+    encoder = create_encoder("onnx", artifacts)
+    vectors = encoder.encode(["check my balance", "what is my balance"])
+    assert vectors.shape == (2, 384) and float(vectors[0] @ vectors[1]) > 0.7
+    with pytest.raises(FileNotFoundError, match="init-router"):
+        create_encoder("static", artifacts)  # not built here: the error names the step

@@ -118,7 +118,7 @@ def test_static_encoder_matches_model2vec(built: Path) -> None:
     ours = create_embedder(router_config("static")).encode_uncached(texts)
     reference = StaticModel.from_pretrained(str(built / "static")).encode(texts[:3])
     reference = reference / np.linalg.norm(reference, axis=1, keepdims=True)
-    np.testing.assert_allclose(ours[:3], reference, atol=1e-4)
+    np.testing.assert_allclose(ours[:3], reference, atol=2e-3)  # model2vec answers in float16
     assert ours.shape == (4, 256) and not ours[3].any()  # empty text: a zero row, scored as far out
 
 
@@ -151,3 +151,25 @@ def test_cache_counts_bytes_not_entries() -> None:
     assert EmbeddingCache(0).max_bytes == 0
     empty = Embedder(model=None, cache_bytes=0)
     assert empty.cache.max_bytes == 0
+
+
+async def test_static_router_scores_a_lone_request_inline_and_batches_under_load(
+        built: Path, clinc_train: tuple[list[str], list[str]], tmp_path: Path) -> None:
+    import asyncio
+
+    from core.modes import Mode
+    from router.decision import RoutePolicy
+
+    embedder = create_embedder(router_config("static"), cache_bytes=0)
+    path = fit_detector_for_texts(*clinc_train, "knn", tmp_path / "det", embedder)
+    router = OODRouter(embedder)
+    router.load_detector("r", "v1", path)
+    policy = RoutePolicy("r", Mode.auto, load_detector(path).meta["threshold_keep_95"], None, 0.0, "v1")
+    lone = await router.decide(policy, [{"role": "user", "content": IN_SCOPE}])
+    assert lone.target == "student" and router._batcher.batches == 0  # no worker-thread hop
+    texts = [IN_SCOPE, OUT_OF_SCOPE] * 32
+    decisions = await asyncio.gather(*(router.decide(policy, [{"role": "user", "content": t}]) for t in texts))
+    assert router._batcher.batches >= 1  # concurrent requests still share batches
+    assert [d.target for d in decisions] == ["student", "teacher"] * 32
+    assert decisions[0].score == pytest.approx(lone.score, abs=1e-5)
+    router.close()
