@@ -193,6 +193,7 @@ class TrainingConfig(StrictModel):
     # replay_ratio times as many older ones (false: retrain from the base on everything).
     warm_start: bool = True
     replay_ratio: float = Field(1.0, ge=0)
+    warm_start_epochs: float = Field(4.0, gt=0)
     max_steps: int | None = None
 
 

@@ -116,7 +116,8 @@ class Trainer:
         warm = self._warm_start(config, dataset, params) if "init_adapter" not in self.train_overrides else None
         if warm is not None:
             warm_from, examples = warm
-            params = params.model_copy(update={"init_adapter": str(Path(warm_from.adapter_path))})
+            params = params.model_copy(update={"init_adapter": str(Path(warm_from.adapter_path)),
+                                               "epochs": config.training.warm_start_epochs})
         result = train_adapter(config.student.base_model, examples, adapter_dir, params,
                                progress=self.progress,
                                metadata={"route": config.name, "version": version, "newest_at": dataset.newest_at,
