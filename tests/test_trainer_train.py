@@ -66,7 +66,9 @@ def test_adapter_loads_in_peft_within_vllm_rank(trained: dict[str, Any], student
 
     adapter = Path(trained["candidate"].adapter_path)
     config = json.loads((adapter / "adapter_config.json").read_text())
-    assert config["r"] <= 8
+    from core.config import VLLMConfig
+
+    assert config["r"] <= VLLMConfig().max_lora_rank  # the default vLLM launch can load it
     assert (adapter / "adapter_model.safetensors").is_file()
     assert not list(adapter.parent.glob(".adapter.*")), "no temp dir left behind"
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(student_base_dir)), str(adapter))
@@ -189,3 +191,74 @@ def test_evaluation_reports_the_cascade_share(trained: dict[str, Any], student_b
     nothing = evaluate_adapter(student_base_dir, adapter, holdout, confidence_threshold=0.1)
     assert everything.served_share == 1.0 and everything.served_agreement == pytest.approx(everything.agreement)
     assert nothing.served_share == 0.0
+
+
+def test_full_finetune_exports_an_exact_lora_adapter(tmp_path: Path, student_base_dir: Path, clinc_path: Path) -> None:
+    """Full fine-tuning ships as a LoRA adapter: at full rank, base + adapter is the tuned model."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainer.lora_export import delta_state, export_adapter, freeze_unexportable
+
+    base = AutoModelForCausalLM.from_pretrained(str(student_base_dir))
+    base_weights = {name: value.detach().clone() for name, value in base.named_parameters()}
+    tuned = AutoModelForCausalLM.from_pretrained(str(student_base_dir))
+    trainable = freeze_unexportable(tuned)
+    assert not any("norm" in name for name, value in tuned.named_parameters() if value.requires_grad)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in trainable:
+            parameter.add_(torch.randn_like(parameter) * 0.02)  # a dense, full-rank change
+    full_rank = max(min(value.shape) for value in delta_state(tuned, base_weights).values())
+    inputs = torch.tensor([[5, 17, 42, 99, 7]])
+    expected = tuned(input_ids=inputs).logits
+
+    def served(rank: int) -> torch.Tensor:
+        out = tmp_path / f"r{rank}"
+        export_adapter(student_base_dir, delta_state(tuned, base_weights), out, rank)
+        assert json.loads((out / "adapter_config.json").read_text())["r"] == rank
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(student_base_dir)), str(out))
+        with torch.no_grad():
+            return model.merge_and_unload()(input_ids=inputs).logits
+
+    assert torch.allclose(served(full_rank), expected, atol=1e-4)
+    truncated_error = (served(4) - expected).abs().max()
+    assert 1e-4 < truncated_error < (base(input_ids=inputs).logits - expected).abs().max()
+
+
+def test_warm_start_continues_from_the_live_adapter(tmp_path: Path, student_base_dir: Path, clinc_path: Path) -> None:
+    """A warm-started cycle begins where the given adapter ended: its first loss is the adapter's."""
+    from trainer.train import TrainParams, train_adapter
+
+    examples = [Example([{"role": "user", "content": text}], label, text) for text, label in _pairs(clinc_path, 6)]
+    first = train_adapter(student_base_dir, examples, tmp_path / "v1", TrainParams(max_steps=40, batch_size=16,
+                          learning_rate=3e-3), progress=False)
+    cold = train_adapter(student_base_dir, examples, tmp_path / "cold", TrainParams(max_steps=1, batch_size=60),
+                         progress=False)
+    warm = train_adapter(student_base_dir, examples, tmp_path / "warm",
+                         TrainParams(max_steps=1, batch_size=60, init_adapter=str(tmp_path / "v1")), progress=False)
+    assert warm.final_loss < cold.final_loss / 2, (first.final_loss, warm.final_loss, cold.final_loss)
+
+
+def test_cycle_warm_starts_from_live_on_new_answers_plus_replay(trained: dict[str, Any], clinc_path: Path) -> None:
+    import time as time_module
+
+    registry = Registry(trained["store"])
+    registry.set_live(ROUTE, "v1")
+    rows = json.loads(clinc_path.read_text())["train"]
+    intents = sorted({intent for _, intent in rows})[:INTENTS]
+    fresh = [(text, intent) for text, intent in rows if intent in intents][200:260]  # not seeded before
+    seed_teacher_answers(trained["store"], ROUTE, fresh, start_at=time_module.time() + 10)
+    trainer = Trainer(trained["settings"], trained["store"], adapters_root=trained["tmp"] / "adapters",
+                      fit_detector=False, progress=False, train_overrides={"max_steps": 2})
+    warm = trainer.run(ROUTE)
+    train = warm.metrics["train"]
+    new = warm.train_examples - trained["candidate"].train_examples
+    assert train["warm_start_from"] == "v1" and 40 < new <= 60
+    assert train["examples"] == 2 * new  # the new answers and as many replayed old ones
+    cold_settings = trained["settings"].model_copy(deep=True)
+    cold_settings.routes[0].training.warm_start = False
+    cold = Trainer(cold_settings, trained["store"], adapters_root=trained["tmp"] / "adapters", fit_detector=False,
+                   progress=False, train_overrides={"max_steps": 2}).run(ROUTE)
+    assert cold.metrics["train"]["warm_start_from"] is None and cold.metrics["train"]["examples"] == cold.train_examples

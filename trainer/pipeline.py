@@ -9,7 +9,9 @@ the same version on the same data resumes from the run's checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
+import random
 import shutil
 import time
 from collections.abc import Callable
@@ -118,11 +120,48 @@ class Trainer:
         from trainer.train import TrainParams, train_adapter
 
         params = TrainParams.from_route(config, **self.train_overrides)
-        result = train_adapter(config.student.base_model, dataset.train, adapter_dir, params,
+        examples, warm_from = dataset.train, None
+        warm = self._warm_start(config, dataset, params) if "init_adapter" not in self.train_overrides else None
+        if warm is not None:
+            warm_from, examples = warm
+            params = params.model_copy(update={"init_adapter": str(Path(warm_from.adapter_path)),
+                                               "epochs": config.training.warm_start_epochs})
+        result = train_adapter(config.student.base_model, examples, adapter_dir, params,
                                progress=self.progress,
-                               metadata={"route": config.name, "version": version,
-                                         "system_prompt": config.student.system_prompt})
-        return result.to_dict()
+                               metadata={"route": config.name, "version": version, "newest_at": dataset.newest_at,
+                                         "system_prompt": config.student.system_prompt,
+                                         "warm_start_from": warm_from.version if warm_from else None})
+        return {**result.to_dict(), "warm_start_from": warm_from.version if warm_from else None}
+
+    def _warm_start(self, config: RouteConfig, dataset: Dataset, params: Any) -> tuple[Any, list[Any]] | None:
+        """Continual training: the live version to start from and this cycle's examples, or None.
+
+        The examples are those newer than the live version's data plus a seeded replay sample
+        of older ones (``replay_ratio`` times as many), so a cycle costs about the same however
+        much data the route has gathered. Any doubt (no live version, another base or method,
+        an adapter without its data's timestamp) means a cold full retrain.
+        """
+        live = self.registry.live(config.name)
+        if not config.training.warm_start or live is None:
+            return None
+        meta_path = Path(live.adapter_path) / "distillgate.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            return None
+        same_base = Path(str(meta.get("base_dir", ""))).resolve() == Path(config.student.base_model).resolve()
+        newest_at = meta.get("newest_at")
+        if not same_base or meta.get("params", {}).get("method") != params.method or newest_at is None:
+            return None
+        new = [example for example in dataset.train if example.created_at > float(newest_at)]
+        old = [example for example in dataset.train if example.created_at <= float(newest_at)]
+        if not new:
+            return None
+        replay = random.Random(f"{config.name}:{len(dataset.train)}").sample(
+            old, min(len(old), round(config.training.replay_ratio * len(new))))
+        logger.info("warm start", extra={"route": config.name, "from": live.version, "new": len(new),
+                                         "replay": len(replay)})
+        return live, new + replay
 
     def _fit_detector(self, config: RouteConfig, dataset: Dataset, path: Path) -> Path | None:
         """The router's OOD detector, fitted on this version's training prompts."""

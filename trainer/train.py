@@ -1,4 +1,9 @@
-"""LoRA supervised fine-tuning of a route's student on the teacher's answers.
+"""Supervised fine-tuning of a route's student on the teacher's answers, shipped as a LoRA adapter.
+
+Two methods (``TrainParams.method``): ``full`` fine-tunes every weight matrix and exports
+the change as a LoRA adapter by truncated SVD (``trainer.lora_export``); ``lora`` trains a
+LoRA adapter directly. Both write the same kind of adapter, which the hot swap loads into
+vLLM. A cycle may warm-start from the live version's adapter (``init_adapter``).
 
 The prompt is the tokenizer's chat template with ``add_generation_prompt`` (exactly what
 vLLM renders at serving); the loss covers the answer tokens and EOS only. Optional logit
@@ -25,7 +30,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,9 +57,14 @@ class TrainParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # Full fine-tuning (exported as a LoRA adapter) beat LoRA on the tiny local base; see
+    # bench/train.py and trainer/lora_export.py.
+    method: Literal["full", "lora"] = "full"
     epochs: float = Field(3.0, gt=0)
-    learning_rate: float = Field(2e-3, gt=0)
-    lora_rank: int = Field(8, ge=1, le=64)
+    learning_rate: float = Field(1e-3, gt=0)
+    # The adapter's rank: LoRA's rank, or the SVD rank a full fine-tune is exported at.
+    # vLLM must run with ``--max-lora-rank`` at least this (one of 8..512).
+    lora_rank: int = Field(128, ge=1, le=512)
     lora_alpha: float | None = None  # default: 2 * rank
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = DEFAULT_TARGET_MODULES
@@ -71,6 +81,8 @@ class TrainParams(BaseModel):
     # against each other (measured: 110 ms a step with 1 thread, 186 ms with 2).
     threads: int = Field(1, ge=1)
     device: str | None = None  # None: CUDA when available (a real base model), else CPU
+    # Warm start: the live version's adapter, applied to the base before training.
+    init_adapter: str | None = None
 
     @classmethod
     def from_route(cls, route: RouteConfig, **overrides: Any) -> TrainParams:
@@ -168,19 +180,42 @@ def epoch_batches(items: list[Encoded], batch_size: int, seed: int, epoch: int) 
 
 
 # -- model ------------------------------------------------------------------------------------
-def load_lora_model(base_dir: Path, params: TrainParams) -> tuple[Any, Any]:
-    from peft import LoraConfig, get_peft_model
+def load_student(base_dir: Path, params: TrainParams) -> tuple[Any, Any, dict[str, torch.Tensor] | None]:
+    """The model to train, its tokenizer, and (full fine-tuning) the base's weights to diff against.
+
+    With ``params.init_adapter`` (warm start) training starts from that adapter; a full
+    fine-tune's delta is still taken against the pristine base, so the exported adapter
+    is a complete version, not a patch on the previous one.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    if params.method == "full":
+        from trainer.lora_export import freeze_unexportable
+
+        base_weights = {name: value.detach().clone() for name, value in model.named_parameters()}
+        if params.init_adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, params.init_adapter).merge_and_unload()
+        freeze_unexportable(model)
+        return model, tokenizer, base_weights
+    return _lora_model(model, params), tokenizer, None
+
+
+def _lora_model(model: Any, params: TrainParams) -> Any:
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if params.init_adapter:
+        return PeftModel.from_pretrained(model, params.init_adapter, is_trainable=True)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     targets = [module for module in params.target_modules if module in present]
     config = LoraConfig(r=params.lora_rank, lora_alpha=params.alpha, lora_dropout=params.lora_dropout,
                         target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config), tokenizer
+    return get_peft_model(model, config)
 
 
 def compute_loss(model: Any, batch: dict[str, torch.Tensor], distill: list[DistillTargets | None],
@@ -190,7 +225,7 @@ def compute_loss(model: Any, batch: dict[str, torch.Tensor], distill: list[Disti
     The vocabulary projection runs only on the answer positions: prompts are most of every
     sequence, and on a tiny model the projection is a large share of the compute.
     """
-    causal_lm = model.get_base_model()
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = causal_lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     selected = targets != IGNORE_INDEX
@@ -230,13 +265,23 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
     return state
 
 
-def save_adapter_atomically(model: Any, adapter_dir: Path, metadata: dict[str, Any]) -> None:
-    """``save_pretrained`` into a sibling temp dir, then one rename: never a half-written adapter."""
+def save_adapter_atomically(model: Any, adapter_dir: Path, metadata: dict[str, Any], *, base_dir: Path,
+                            base_weights: dict[str, torch.Tensor] | None, rank: int) -> None:
+    """Write the adapter into a sibling temp dir, then one rename: never a half-written adapter.
+
+    A LoRA model saves its own weights; a fully fine-tuned one (``base_weights`` given) is
+    exported as a rank-``rank`` LoRA adapter of ``base_dir``.
+    """
     adapter_dir.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.", dir=adapter_dir.parent))
     try:
-        # The LoRA weights only: the full embedding and LM head stay in the base model.
-        model.save_pretrained(str(temporary), save_embedding_layers=False)
+        if base_weights is None:
+            # The LoRA weights only: the full embedding and LM head stay in the base model.
+            model.save_pretrained(str(temporary), save_embedding_layers=False)
+        else:
+            from trainer.lora_export import delta_state, export_adapter
+
+            export_adapter(base_dir, delta_state(model, base_weights), temporary, rank)
         (temporary / "distillgate.json").write_text(json.dumps(metadata, indent=2, default=str))
         os.rename(temporary, adapter_dir)
     except BaseException:
@@ -293,7 +338,7 @@ def train_adapter(base_dir: str | Path, examples: Sequence[Example], adapter_dir
     torch.manual_seed(params.seed)
     torch.set_num_threads(params.threads)
     device = params.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_lora_model(base_dir, params)
+    model, tokenizer, base_weights = load_student(base_dir, params)
     model.to(device)
     items, skipped = encode_all(tokenizer, examples, params)
     if not items:
@@ -328,28 +373,29 @@ def train_adapter(base_dir: str | Path, examples: Sequence[Example], adapter_dir
         final_loss=loss_value, wall_s=wall, examples_per_s=(total_steps - start_step) * params.batch_size / wall,
     )
     save_adapter_atomically(model, adapter_dir, {**(metadata or {}), "params": params.model_dump(),
-                                                 "result": result.to_dict(), "base_dir": str(base_dir)})
+                                                 "result": result.to_dict(), "base_dir": str(base_dir)},
+                            base_dir=base_dir, base_weights=base_weights, rank=params.lora_rank)
     shutil.rmtree(work, ignore_errors=True)
     logger.info("adapter trained", extra=result.to_dict())
     return result
 
 
+def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    """What a checkpoint must keep: the trained parameters (LoRA weights or the tuned matrices)."""
+    return {name: value.detach().cpu().clone() for name, value in model.named_parameters() if value.requires_grad}
+
+
 def _checkpoint(path: Path, fingerprint: str, step: int, loss: float, model: Any, optimizer: Any,
                 scheduler: Any) -> None:
-    from peft import get_peft_model_state_dict
-
-    adapter = get_peft_model_state_dict(model, save_embedding_layers=False)
-    save_checkpoint(path, {"fingerprint": fingerprint, "step": step, "loss": loss, "adapter": adapter,
+    save_checkpoint(path, {"fingerprint": fingerprint, "step": step, "loss": loss, "trained": _trainable_state(model),
                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
 
 
 def _resume(path: Path, fingerprint: str, model: Any, optimizer: Any, scheduler: Any) -> tuple[int, float]:
-    from peft import set_peft_model_state_dict
-
     state = load_checkpoint(path, fingerprint)
     if state is None:
         return 0, float("nan")
-    set_peft_model_state_dict(model, state["adapter"])
+    model.load_state_dict(state["trained"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     logger.info("resuming from checkpoint", extra={"checkpoint": str(path), "step": state["step"]})
