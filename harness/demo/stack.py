@@ -71,6 +71,8 @@ def demo_config(options: DemoOptions, gateway_port: int, teacher_port: int, vllm
     # Only the demo's own key: keys with policies from the base config name variables the
     # caller's shell may or may not hold.
     base.setdefault("auth", {})["keys"] = []
+    # The demo's key is its own app's: what it sends is what the student should learn.
+    base["auth"]["client_keys_trusted_for_training"] = True
     base.setdefault("server", {})["port"] = gateway_port
     base.setdefault("store", {})["path"] = str(options.out / "distillgate.db")
     vllm = base.setdefault("vllm", {})
