@@ -25,7 +25,8 @@ class SQLiteStore:
     def __init__(self, path: str | Path, *, busy_timeout_ms: int = 5_000) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not self.path.exists():  # prompts and answers: this user's only (SQLite gives -wal/-shm the same mode)
+        # Prompts and answers: this user's only (SQLite gives -wal/-shm the database's mode).
+        if str(path) != ":memory:" and not self.path.exists():
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         # Autocommit mode with explicit transactions (sqlite-utils' atomic(), savepoints when
         # nested): a half-applied promotion must roll back whole.
