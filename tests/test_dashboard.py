@@ -114,7 +114,7 @@ def test_empty_store_and_no_student(make_settings: Callable[..., Settings], repl
 
 def test_sessions_are_server_side_expire_and_can_be_revoked(
         make_settings: Callable[..., Settings], replay_teacher: str, admin_env: None) -> None:
-    settings = make_settings(replay_teacher, auth={"session_idle_s": 1.5})
+    settings = make_settings(replay_teacher, auth={"session_idle_s": 3.0})
     with UvicornThread(operator_app(settings)) as server:
         def sign_in() -> dict[str, str]:
             response = httpx.post(f"{server.url}/dashboard/login", data={"token": "admin-secret", "next": "/dashboard"})
@@ -132,7 +132,7 @@ def test_sessions_are_server_side_expire_and_can_be_revoked(
         revoked = httpx.post(f"{server.url}/admin/sessions/revoke", headers=ADMIN)
         assert revoked.json() == {"revoked": 1} and page(second) == 401
         idle = sign_in()
-        time.sleep(2.0)
+        time.sleep(3.5)
         assert page(idle) == 401, "an idle session expires"
 
 
