@@ -101,16 +101,22 @@ def test_new_examples_are_counted_by_a_query_not_by_loading_rows(tmp_path: Path)
     settings = parse_settings({"store": {"path": str(tmp_path / "db.sqlite")},
                                "routes": [{"name": ROUTE, "teacher": {"model": "openai/x"}}]})
     store = NoRowReads(settings.store.path)
-    base = {"route": ROUTE, "request_json": "x" * 10_000}
+    base = {"route": ROUTE, "request_json": "x" * 10_000, "train_trusted": 1}
     store.insert_requests(
         [{**base, "id": f"t{index}", "created_at": 100.0 + index, "target": "teacher", "status_code": 200}
          for index in range(40)]
+        + [{**base, "id": f"s{index}", "created_at": 119.0, "target": "student", "status_code": 200}
+           for index in range(4)]
         + [{**base, "id": "old", "created_at": 5.0, "target": "teacher", "status_code": 200},
            {**base, "id": "failed", "created_at": 150.0, "target": "teacher", "status_code": 502},
            {**base, "id": "student", "created_at": 150.0, "target": "student", "status_code": 200},
-           {**base, "id": "other", "created_at": 150.0, "target": "teacher", "status_code": 200, "route": "other"}])
+           {**base, "id": "other", "created_at": 150.0, "target": "teacher", "status_code": 200, "route": "other"},
+           # A key not trusted for training: its answers never become training data, nor a trigger.
+           {**base, "id": "untrusted", "created_at": 150.0, "target": "teacher", "status_code": 200,
+            "train_trusted": 0}])
     store.insert_shadow_results([{"request_id": f"s{index}", "created_at": 120.0, "route": ROUTE}
-                                 for index in range(3)])
+                                 for index in range(3)]
+                                + [{"request_id": "untrusted", "created_at": 120.0, "route": ROUTE}])
     store.record_training_run({"route": ROUTE, "started_at": 10.0, "finished_at": 11.0, "outcome": "candidate",
                                "version": "v1", "detail_json": "{}"})
     scheduler = TrainingScheduler(settings, store, FakeSwapper(), config_path="c.yaml")

@@ -66,14 +66,17 @@ class SQLiteStore:
             return self.db["requests"].count_where(where, args) if where else self.db["requests"].count
 
     def count_new_examples(self, route: str, after: float) -> int:
-        """Teacher answers (status 200) plus shadow results logged since ``after``: two count
-        queries on the (route, target, created_at) and (route, created_at) indexes, no row read."""
+        """Teacher answers (status 200) plus shadow results logged since ``after`` from keys
+        trusted for training (others never become training data, so they must not trigger a
+        cycle either): two count queries, no row read into the gateway."""
         with self._lock:
             teacher = self.db.execute(
                 "select count(*) from requests where route = ? and target = 'teacher' and created_at > ? "
-                "and status_code = 200", [route, after]).fetchone()[0]
-            shadow = self.db.execute("select count(*) from shadow_results where route = ? and created_at > ?",
-                                     [route, after]).fetchone()[0]
+                "and status_code = 200 and train_trusted = 1", [route, after]).fetchone()[0]
+            shadow = self.db.execute(
+                "select count(*) from shadow_results join requests on requests.id = shadow_results.request_id "
+                "where shadow_results.route = ? and shadow_results.created_at > ? and requests.train_trusted = 1",
+                [route, after]).fetchone()[0]
         return int(teacher) + int(shadow)
 
     def iter_requests(
