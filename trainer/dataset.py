@@ -4,7 +4,8 @@ Sources: requests the teacher answered (``target == "teacher"``, status 200) and
 results (teacher answers to student-served requests); a tool-calling answer's target is its
 calls written as JSON (core/tool_calls.py). Dropped, with a count per reason:
 errors, empty or truncated answers, refusals, answers failing the route's validity check
-(label routes: one of the known labels; ``response_format`` JSON requests: must parse)
+(label routes: one of the known labels; ``response_format`` JSON requests: must parse, and
+match the request's JSON schema when it gives one)
 and duplicate prompts (the newest answer wins: a teacher upgrade should win over stale data).
 
 The holdout is fixed and grows with the data: an example's split is a pure function of a
@@ -111,10 +112,29 @@ def rejection_reason(request: dict[str, Any], answer: str, finish_reason: str | 
         return "invalid_label"
     if wants_json(request):
         try:
-            json.loads(text)
+            parsed = json.loads(text)
         except ValueError:
             return "invalid_json"
+        if not matches_schema(request, parsed):
+            return "schema_invalid"
     return None
+
+
+def matches_schema(request: dict[str, Any], value: Any) -> bool:
+    """Whether ``value`` satisfies the request's ``response_format`` JSON schema (True when
+    it names none, or names one that is not a valid schema: the teacher was not held to it)."""
+    import jsonschema
+
+    schema = ((request.get("response_format") or {}).get("json_schema") or {}).get("schema")
+    if not isinstance(schema, dict):
+        return True
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError:
+        return False
+    except jsonschema.SchemaError:
+        return True
+    return True
 
 
 # -- reading the store ------------------------------------------------------------------------
