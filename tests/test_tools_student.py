@@ -93,3 +93,16 @@ def test_student_tool_calls_come_back_in_openai_shape(make_settings: Callable[..
     assert [(delta.function.name, json.loads(delta.function.arguments or "{}")) for delta in deltas] == [
         ("transfer", {"amount": 20000})]
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_teacher_answers_must_match_the_requested_json_schema() -> None:
+    from trainer.dataset import rejection_reason
+
+    schema = {"type": "object", "properties": {"intent": {"type": "string"}}, "required": ["intent"],
+              "additionalProperties": False}
+    request = {"messages": [], "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+    assert rejection_reason(request, '{"intent": "transfer"}', "stop", None) is None
+    assert rejection_reason(request, '{"label": "transfer"}', "stop", None) == "schema_invalid"
+    assert rejection_reason(request, "transfer", "stop", None) == "invalid_json"
+    assert rejection_reason({"messages": [], "response_format": {"type": "json_object"}}, '{"a": 1}', "stop",
+                            None) is None

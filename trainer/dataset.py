@@ -8,7 +8,8 @@ answers the student then serves to everyone), rows carrying a client system prom
 the route's ``training.client_system_prompts`` is ``replace`` (``client_system_prompt``: it
 steered the teacher, but the student never sees it), errors, empty or truncated answers,
 refusals, answers failing the route's validity check (label routes: one of the known labels;
-``response_format`` JSON requests: must parse) and duplicate prompts (the newest answer wins:
+``response_format`` JSON requests: must parse, and match the request's JSON schema when it
+gives one) and duplicate prompts (the newest answer wins:
 a teacher upgrade should win over stale data).
 
 The holdout is fixed and grows with the data: an example's split is a pure function of a
@@ -115,10 +116,29 @@ def rejection_reason(request: dict[str, Any], answer: str, finish_reason: str | 
         return "invalid_label"
     if wants_json(request):
         try:
-            json.loads(text)
+            parsed = json.loads(text)
         except ValueError:
             return "invalid_json"
+        if not matches_schema(request, parsed):
+            return "schema_invalid"
     return None
+
+
+def matches_schema(request: dict[str, Any], value: Any) -> bool:
+    """Whether ``value`` satisfies the request's ``response_format`` JSON schema (True when
+    it names none, or names one that is not a valid schema: the teacher was not held to it)."""
+    import jsonschema
+
+    schema = ((request.get("response_format") or {}).get("json_schema") or {}).get("schema")
+    if not isinstance(schema, dict):
+        return True
+    try:
+        jsonschema.validate(value, schema)
+    except jsonschema.ValidationError:
+        return False
+    except jsonschema.SchemaError:
+        return True
+    return True
 
 
 # -- reading the store ------------------------------------------------------------------------
