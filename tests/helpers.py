@@ -5,6 +5,7 @@ Test modules import from here, never from each other."""
 
 from __future__ import annotations
 
+import json
 import socket
 import sqlite3
 import threading
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import uvicorn
 
@@ -81,3 +83,34 @@ def log_rows(settings: Settings, expected: int, timeout_s: float = 5.0) -> list[
 
 def row(index: int) -> dict[str, Any]:
     return {"id": f"r{index}", "created_at": float(index), "route": "r", "target": "teacher", "status_code": 200}
+
+
+def tool_calling_student(request: httpx.Request) -> httpx.Response:
+    """A student that learned to call: it answers with the call written as JSON text."""
+    body = json.loads(request.content)
+    assert "tools" not in body and body["stream"] is False  # tools are in its prompt; whole answers only
+    assert body["messages"][0]["role"] == "system" and '"name":"transfer"' in body["messages"][0]["content"]
+    return httpx.Response(200, json={
+        "id": "x", "object": "chat.completion", "created": 1, "model": body["model"],
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": '{"name": "transfer", "arguments": {"amount": 20000}}'}}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}})
+
+
+def breaking_student(request: httpx.Request) -> httpx.Response:
+    first = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "trans"}}]}
+    return httpx.Response(200, text=f"data: {json.dumps(first)}\n\ndata: {{broken\n\n",
+                          headers={"content-type": "text/event-stream"})
+
+
+class CountingApp:
+    """ASGI wrapper counting the chat calls an upstream received."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.calls = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].endswith("/chat/completions"):
+            self.calls += 1
+        await self.app(scope, receive, send)

@@ -16,22 +16,9 @@ import pytest
 from core.config import Settings
 from gateway.app import create_app
 from harness.replay_teacher import ReplayOptions, create_replay_app
-from tests.helpers import MESSAGES, UvicornThread, log_rows, sdk
+from tests.helpers import MESSAGES, CountingApp, UvicornThread, log_rows, sdk
 
 ROUTE = "clinc-intents"
-
-
-class CountingApp:
-    """ASGI wrapper counting the chat calls an upstream received."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.calls = 0
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].endswith("/chat/completions"):
-            self.calls += 1
-        await self.app(scope, receive, send)
 
 
 @pytest.fixture

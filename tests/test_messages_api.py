@@ -15,8 +15,14 @@ import pytest
 from core.config import Settings
 from gateway.app import Components, create_app
 from gateway.upstream.student import VLLMStudent
-from tests.helpers import UTTERANCE, UvicornThread, free_port, log_rows
-from tests.test_responses_api import tool_calling_student
+from tests.helpers import (
+    UTTERANCE,
+    UvicornThread,
+    breaking_student,
+    free_port,
+    log_rows,
+    tool_calling_student,
+)
 
 ROUTE = "clinc-intents"
 ANTHROPIC_ERROR_TYPES = {"invalid_request_error", "authentication_error", "permission_error", "not_found_error",
@@ -181,12 +187,6 @@ def test_other_methods_and_paths_answer_in_anthropic_shape(gateway: tuple[str, S
     url, _ = gateway
     assert_anthropic_error(httpx.get(f"{url}/v1/messages"), 405, "invalid_request_error")
     assert_anthropic_error(httpx.post(f"{url}/v1/messages/batches", json={}), 404, "not_found_error")
-
-
-def breaking_student(request: httpx.Request) -> httpx.Response:
-    first = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "trans"}}]}
-    return httpx.Response(200, text=f"data: {json.dumps(first)}\n\ndata: {{broken\n\n",
-                          headers={"content-type": "text/event-stream"})
 
 
 def test_a_stream_broken_mid_answer_ends_with_an_anthropic_error_event(make_settings: Callable[..., Settings],

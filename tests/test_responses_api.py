@@ -15,7 +15,7 @@ from core.config import Settings
 from core.store import SQLiteStore
 from gateway.app import Components, create_app
 from gateway.upstream.student import VLLMStudent
-from tests.helpers import UTTERANCE, UvicornThread, log_rows, sdk
+from tests.helpers import UTTERANCE, UvicornThread, log_rows, sdk, tool_calling_student
 from trainer.dataset import collect_examples
 
 ROUTE = "clinc-intents"
@@ -128,18 +128,6 @@ def test_sdk_raises_typed_errors(gateway: tuple[str, Settings]) -> None:
         sdk(url).responses.create(model=ROUTE, input=UTTERANCE, previous_response_id="resp_1")
 
 
-def tool_calling_student(request: httpx.Request) -> httpx.Response:
-    """A student that learned to call: it answers with the call written as JSON text."""
-    body = json.loads(request.content)
-    assert "tools" not in body and body["stream"] is False  # tools are in its prompt; whole answers only
-    assert body["messages"][0]["role"] == "system" and '"name":"transfer"' in body["messages"][0]["content"]
-    return httpx.Response(200, json={
-        "id": "x", "object": "chat.completion", "created": 1, "model": body["model"],
-        "choices": [{"index": 0, "finish_reason": "stop",
-                     "message": {"role": "assistant", "content": '{"name": "transfer", "arguments": {"amount": 20000}}'}}],
-        "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}})
-
-
 def test_student_tool_calls_come_back_as_function_call_items(make_settings: Callable[..., Settings],
                                                              replay_teacher: str) -> None:
     settings = make_settings(replay_teacher, route={"mode": "student_only", "student": {"serve_base_model": True}})
@@ -164,7 +152,7 @@ def test_student_tool_calls_come_back_as_function_call_items(make_settings: Call
 
 def test_a_stream_broken_mid_answer_ends_with_error_and_failed(make_settings: Callable[..., Settings],
                                                                replay_teacher: str) -> None:
-    from tests.test_messages_api import breaking_student
+    from tests.helpers import breaking_student
 
     settings = make_settings(replay_teacher, route={"mode": "student_only", "student": {"serve_base_model": True}})
     student = VLLMStudent("http://student.invalid", transport=httpx.MockTransport(breaking_student))

@@ -13,8 +13,8 @@ import pytest
 
 from core.config import Settings
 from gateway.app import create_app
+from tests.helpers import MESSAGES, sdk
 from tests.servers import UvicornThread
-from tests.test_gateway_api import MESSAGES, sdk
 
 pytestmark = pytest.mark.integration
 

@@ -18,8 +18,7 @@ from core.store import SQLiteStore
 from core.tool_calls import parse_tool_calls, tool_calls_text
 from gateway.app import Components, create_app
 from gateway.upstream.student import VLLMStudent
-from tests.helpers import UTTERANCE, UvicornThread, sdk
-from tests.test_responses_api import tool_calling_student
+from tests.helpers import UTTERANCE, UvicornThread, sdk, tool_calling_student
 from trainer.dataset import collect_examples
 
 TOOLS: Any = [{"type": "function", "function": {"name": "transfer", "description": "Move money",

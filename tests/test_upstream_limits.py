@@ -22,8 +22,7 @@ from core.config import Settings
 from gateway.app import create_app
 from gateway.upstream.teacher import retry_after_s
 from harness.replay_teacher import ReplayOptions, create_replay_app
-from tests.helpers import MESSAGES, UvicornThread, log_rows, sdk
-from tests.test_faults_teacher import CountingApp
+from tests.helpers import MESSAGES, CountingApp, UvicornThread, log_rows, sdk
 
 ROUTE = "clinc-intents"
 CHAT = {"model": ROUTE, "messages": MESSAGES}
