@@ -22,7 +22,7 @@ endpoints = APIRouter()
 # The write check runs on its own connection with a short busy timeout; readiness answers
 # sooner than the store's busy timeout and never holds the store's lock meanwhile.
 STORE_CHECK_TIMEOUT_S = 2.0
-DETAIL_KEYS = ("error", "last_failure", "last_crash", "last_exit")
+DETAIL_KEYS = ("error", "last_failure", "last_crash", "last_exit", "reloaded")
 
 
 @endpoints.get("/healthz")

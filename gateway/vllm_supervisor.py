@@ -91,7 +91,7 @@ class VLLMSupervisor:
         self.state = "starting"
         try:
             self.process.start()  # on the event loop's thread: the guard's parent is this process
-        except VLLMStartError as error:
+        except (VLLMStartError, OSError) as error:  # a stray server on the port, no memory to fork...
             self.last_exit = f"restart refused: {error}"
             logger.error("vLLM could not be restarted", extra={"error": str(error)})
 
