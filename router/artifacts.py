@@ -2,7 +2,7 @@
 
 - ``static``: model2vec distils a static model from the local MiniLM directory (a forward
   pass per vocabulary token, PCA to 256 dimensions, SIF weighting); about 20 s on two idle
-  cores, two minutes on a busy machine.
+  cores, 8.5 minutes at load 9 here (peak RSS 1 GB).
 - ``onnx``: ``torch.onnx.export`` of MiniLM, then onnxruntime's dynamic int8 quantisation.
 
 torch is needed to *build* either, never to serve them. Each artefact is written to a

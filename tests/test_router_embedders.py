@@ -173,3 +173,23 @@ async def test_static_router_scores_a_lone_request_inline_and_batches_under_load
     assert [d.target for d in decisions] == ["student", "teacher"] * 32
     assert decisions[0].score == pytest.approx(lone.score, abs=1e-5)
     router.close()
+
+
+@pytest.mark.parametrize("kind", ["static", "onnx"])
+def test_the_trainer_fits_with_the_embedder_the_config_names(
+        kind: str, built: Path, clinc_train: tuple[list[str], list[str]], tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from trainer.pipeline import Trainer
+
+    settings = parse_settings({"store": {"path": str(tmp_path / "db.sqlite")},
+                               "router": {"embedder": kind, "artifacts_dir": str(built)},
+                               "routes": [{"name": "r", "teacher": {"model": "openai/x"}}]})
+    store = SQLiteStore(settings.store.path)
+    examples = [SimpleNamespace(prompt_text=text, answer=label) for text, label in zip(*clinc_train, strict=True)]
+    path = Trainer(settings, store, progress=False)._fit_detector(settings.routes[0], SimpleNamespace(train=examples),
+                                                                  tmp_path / "detector")
+    store.close()
+    served_with = create_embedder(settings.router)
+    assert load_detector(path).meta["embedder"] == {"id": served_with.id, "dim": served_with.dim}
+    OODRouter(served_with).load_detector("r", "v1", path)  # the gateway takes what the trainer fitted
