@@ -114,3 +114,34 @@ class CountingApp:
         if scope["type"] == "http" and scope["path"].endswith("/chat/completions"):
             self.calls += 1
         await self.app(scope, receive, send)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live pids whose process group is ``pgid`` (zombies excluded)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def make_adapter(base_dir: Path, out_dir: Path, seed: int, rank: int = 8) -> Path:
+    """An untrained adapter with random (non-zero) weights: enough to tell versions apart."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from trainer.train import DEFAULT_TARGET_MODULES
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=DEFAULT_TARGET_MODULES, init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(str(out_dir), save_embedding_layers=False)
+    return out_dir

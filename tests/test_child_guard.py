@@ -17,28 +17,13 @@ import pytest
 import yaml
 
 from gateway.vllm_process import VLLMProcess, VLLMStartError
+from tests.helpers import group_members
 from tests.operators import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SLEEPER = "import time; time.sleep(300)"
 # A server that forks a worker of its own, as vLLM forks its engine core.
 FORKING_SERVER = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {SLEEPER!r}]); time.sleep(300)"
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live pids whose process group is ``pgid`` (zombies excluded)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry.name))
-    return members
 
 
 @pytest.fixture

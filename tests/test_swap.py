@@ -17,25 +17,11 @@ from core.upstream import UpstreamFailure
 from gateway.route_table import RouteTable
 from gateway.training.swap import SwapError, Swapper, validate_adapter_dir
 from gateway.upstream.student import VLLMStudent
+from tests.helpers import make_adapter
 
 pytestmark = pytest.mark.integration
 
 ROUTE = "clinc-intents"
-
-
-def make_adapter(base_dir: Path, out_dir: Path, seed: int, rank: int = 8) -> Path:
-    """An untrained adapter with random (non-zero) weights: enough to tell versions apart."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from trainer.train import DEFAULT_TARGET_MODULES
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=DEFAULT_TARGET_MODULES, init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(str(out_dir), save_embedding_layers=False)
-    return out_dir
 
 
 class Detectors:

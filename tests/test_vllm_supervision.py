@@ -24,9 +24,8 @@ import yaml
 from core.registry import CandidateVersion, Registry
 from core.store import SQLiteStore
 from tests.fixtures_processes import VLLM_PYTHON
-from tests.helpers import free_port
+from tests.helpers import free_port, group_members
 from tests.operators import scrape, total, wait_for
-from tests.test_child_guard import group_members
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +56,7 @@ def _config(tmp_path: Path, base_dir: Path) -> Path:
 
 
 def _live_version(tmp_path: Path, base_dir: Path) -> None:
-    from tests.test_swap import make_adapter
+    from tests.helpers import make_adapter
 
     adapter = make_adapter(base_dir, tmp_path / "adapters" / "v1", seed=1)
     store = SQLiteStore(tmp_path / "db.sqlite")
