@@ -7,37 +7,22 @@ Secrets never live in the file: it names environment variables that hold them.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from core.modes import Mode
-
-# The replay teacher's model id: a route naming it with no api_base talks to the launched one.
-REPLAY_TEACHER_MODEL = "openai/replay-teacher"
-ROUTE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class ConfigError(Exception):
-    """The configuration file is missing, unreadable or invalid."""
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Prices(StrictModel):
-    """Dollars per million tokens. Unset teacher prices fall back to litellm's cost map."""
-
-    input_per_mtok: float = Field(ge=0)
-    output_per_mtok: float = Field(ge=0)
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+from core.config_base import REPLAY_TEACHER_MODEL, ConfigError, Prices, StrictModel
+from core.route_config import (
+    GateConfig,
+    RedactConfig,
+    RouteConfig,
+    StudentConfig,
+    TeacherConfig,
+    TrainingConfig,
+)
 
 
 class ServerConfig(StrictModel):
@@ -194,93 +179,6 @@ class ReplayTeacherConfig(StrictModel):
     seed: int = 0
 
 
-class TeacherConfig(StrictModel):
-    model: str = Field(description="litellm model id, e.g. openai/gpt-4.1-mini")
-    api_base: str | None = None
-    api_key_env: str | None = None
-    fallback_model: str | None = None
-    # Where the fallback model lives; unset means the same api_base / key as the main model.
-    fallback_api_base: str | None = None
-    fallback_api_key_env: str | None = None
-    timeout_s: float = Field(30.0, gt=0)
-    max_retries: int = Field(2, ge=0, le=10)
-    backoff_base_s: float = Field(0.2, ge=0)
-    # A provider's retry-after is honoured up to this wait; a longer one (or one that would
-    # pass the request's deadline) goes to the client as a 429 with that retry-after.
-    max_retry_after_s: float = Field(20.0, ge=0)
-    # Concurrent calls to this teacher (streams hold a slot until they end); beyond it a call
-    # waits up to queue_timeout_s for a slot, then the client gets 503 with retry-after.
-    max_concurrency: int = Field(64, ge=1)
-    queue_timeout_s: float = Field(10.0, ge=0)
-    params: dict[str, Any] = {}
-    prices: Prices | None = None
-    # /v1/embeddings on this route (forwarded, not distilled): a litellm embedding model id on
-    # the same provider (api_base, key); unset = the route serves no embeddings.
-    embedding_model: str | None = None
-    embedding_input_per_mtok: float | None = Field(None, ge=0, description="unset: litellm's price map")
-
-    def api_key(self) -> str | None:
-        return os.environ.get(self.api_key_env) if self.api_key_env else None
-
-    def endpoint(self, model: str) -> tuple[str | None, str | None]:
-        """(api_base, api_key) for ``model``: the fallback's own when it names them."""
-        if model == self.fallback_model and model != self.model:
-            api_base = self.fallback_api_base or self.api_base
-            key_env = self.fallback_api_key_env or self.api_key_env
-            return api_base, os.environ.get(key_env) if key_env else None
-        return self.api_base, self.api_key()
-
-
-class StudentConfig(StrictModel):
-    # Unset: the model vLLM serves (``vllm.model_dir``), the one place the base is named.
-    # Adapters are trained on this base and loaded onto the served one, so the two must agree.
-    base_model: str | None = None
-    system_prompt: str = ""
-    timeout_s: float = Field(10.0, gt=0)
-    # What a student token costs to serve (hardware amortised); used for the savings figure.
-    prices: Prices = Prices(input_per_mtok=0.0, output_per_mtok=0.0)
-    # Served without any adapter: for smoke tests of the student path before training.
-    serve_base_model: bool = False
-    # When distillgate builds the base itself (init-student): causal-LM steps on unlabelled
-    # prompts. It lifted the old 128-wide random base (0.49 -> 0.57 held-out agreement at 3,000
-    # examples); the 384-wide base starts from MiniLM's token embeddings instead, and every
-    # figure of its learning curve was measured without pretraining, which would cost many
-    # minutes of a 2-core machine's first start at this width. Opt in with a number of steps.
-    pretrain_steps: int = Field(0, ge=0)
-
-
-class TrainingConfig(StrictModel):
-    min_new_examples: int = Field(200, ge=1)
-    interval_minutes: float = Field(10.0, gt=0)
-    holdout_fraction: float = Field(0.1, gt=0, lt=1)
-    # Tuned for the locally built base (bench/train.py): full fine-tuning exported as a
-    # rank-128 LoRA adapter; vllm.max_lora_rank must be at least lora_rank.
-    method: str = Field("full", pattern="^(full|lora)$")
-    epochs: float = Field(10.0, gt=0)
-    learning_rate: float = Field(1e-3, gt=0)
-    lora_rank: int = Field(128, ge=1)
-    # Continual training: start from the live version, train on the new answers plus
-    # replay_ratio times as many older ones (false: retrain from the base on everything).
-    warm_start: bool = True
-    replay_ratio: float = Field(1.0, ge=0)
-    warm_start_epochs: float = Field(4.0, gt=0)
-    max_steps: int | None = None
-    # Rows whose request carries a client system/developer message: "skip" them (default),
-    # or "replace" that message by the route's student prompt as serving does. A client's
-    # system prompt steers the teacher, so with "replace" a key could plant answers; choose
-    # it only when every key trusted for training sends the app's own fixed prompt.
-    client_system_prompts: Literal["skip", "replace"] = "skip"
-
-
-class GateConfig(StrictModel):
-    # served_agreement: agreement of the answers a cascade route would let the student serve.
-    metric: str = Field("agreement", pattern="^(agreement|validity|served_agreement)$")
-    minimum: float = Field(0.5, ge=0, le=1)
-    tolerance: float = Field(0.01, ge=0, le=1)
-    # With served_agreement: a candidate that would serve almost nothing proves nothing.
-    min_served_share: float = Field(0.05, ge=0, le=1)
-
-
 class RouterConfig(StrictModel):
     """The router's embedder (router/encoders.py), built locally from the packaged MiniLM.
 
@@ -311,49 +209,6 @@ class CostsConfig(StrictModel):
         """Dollars for ``seconds`` of training on ``device`` ("cuda…" is a GPU, anything else a CPU)."""
         per_hour = self.training_per_gpu_hour if (device or "").startswith("cuda") else self.training_per_cpu_hour
         return max(0.0, seconds) / 3600 * per_hour
-
-
-class RedactConfig(StrictModel):
-    """Personal data and secrets removed from every logged string (gateway/redact.py): request,
-    answer, error text, shadow rows; so never trained on. Upstream calls are unchanged."""
-
-    # API keys (sk-..., AKIA..., ghp_..., AIza..., xox?-...): on by default, never worth keeping.
-    secrets: bool = True
-    ibans: bool = False
-    emails: bool = False
-    phones: bool = False
-    cards: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.secrets or self.ibans or self.emails or self.phones or self.cards
-
-
-class RouteConfig(StrictModel):
-    name: str
-    mode: Mode = Mode.auto
-    teacher: TeacherConfig
-    student: StudentConfig = StudentConfig()
-    labels_dataset: Path | None = Field(
-        None, description="label route: valid answers are the labels in this CLINC150-format file"
-    )
-    # The detector fixes the unit of ``ood_threshold`` (knn: cosine distance to the nearest
-    # training prompts; mahalanobis: squared distance), so both live on the route.
-    ood_detector: str = Field("knn", pattern="^(knn|mahalanobis)$")
-    ood_threshold: float = Field(0.5, ge=0, allow_inf_nan=False)
-    # A mean token logprob (<= 0); None turns the cascade off.
-    confidence_threshold: float | None = Field(None, le=0, allow_inf_nan=False)
-    shadow_rate: float = Field(0.0, ge=0, le=1)
-    training: TrainingConfig = TrainingConfig()
-    gate: GateConfig = GateConfig()
-    redact: RedactConfig = RedactConfig()
-
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, name: str) -> str:
-        if not ROUTE_NAME_PATTERN.match(name):
-            raise ValueError("route names are 1-64 characters of letters, digits, '.', '_', '-'")
-        return name
 
 
 class Settings(StrictModel):
@@ -454,3 +309,10 @@ def settings_for_command(path: str | Path, route: str | None = None) -> Settings
         print(f"no route named {route!r} in {path}", file=sys.stderr)
         return None
     return settings
+
+
+__all__ = [
+    "REPLAY_TEACHER_MODEL", "AuthConfig", "ConfigError", "CostsConfig", "GateConfig", "Prices", "RedactConfig",
+    "RouteConfig", "RouterConfig", "Settings", "StoreConfig", "StudentConfig", "TeacherConfig", "TrainingConfig",
+    "VLLMConfig", "load_settings", "parse_settings", "settings_for_command",
+]
