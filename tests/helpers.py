@@ -51,6 +51,9 @@ class UvicornThread:
     def stop(self) -> None:
         self.server.should_exit = True
         self._thread.join(timeout=30)
+        if self._thread.is_alive():  # a lifespan still draining on a loaded machine: cut it short
+            self.server.force_exit = True
+            self._thread.join(timeout=30)
 
     def __enter__(self) -> UvicornThread:
         return self.start()
