@@ -250,7 +250,8 @@ def test_cycle_warm_starts_from_live_on_new_answers_plus_replay(trained: dict[st
     registry.set_live(ROUTE, "v1")
     rows = json.loads(clinc_path.read_text())["train"]
     intents = sorted({intent for _, intent in rows})[:INTENTS]
-    fresh = [(text, intent) for text, intent in rows if intent in intents][200:260]  # not seeded before
+    # Six unseen prompts per intent (the fixture seeded each intent's first 40).
+    fresh = [pair for intent in intents for pair in [(t, i) for t, i in rows if i == intent][40:46]]
     seed_teacher_answers(trained["store"], ROUTE, fresh, start_at=time_module.time() + 10)
     trainer = Trainer(trained["settings"], trained["store"], adapters_root=trained["tmp"] / "adapters",
                       fit_detector=False, progress=False, train_overrides={"max_steps": 2})
