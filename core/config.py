@@ -159,7 +159,7 @@ class VLLMConfig(StrictModel):
     model_dir: Path = Path("var/models/base")
     served_model_name: str = "base"
     max_model_len: int = 512
-    max_lora_rank: int = 128  # at least training.lora_rank (vLLM accepts 8..512 in steps)
+    max_lora_rank: int = 128  # >= training.lora_rank; vLLM 0.32 accepts 1,8,16,32,64,128,256,320,512
     max_loras: int = 2
     extra_args: list[str] = []
     breaker: BreakerConfig = BreakerConfig()

@@ -132,3 +132,9 @@ def test_bench_train_quick(tmp_path: Path, student_base_dir: Path) -> None:
     result = json.loads(out.read_text())
     assert result["train_examples"] > 200 and result["steps"] == 20
     assert result["train_examples_per_s"] > 0 and 0 <= result["heldout_agreement"] <= 1
+    first, second = result["curve"]
+    assert first["cold"]["warm_start_from"] is None and "warm" not in first
+    assert second["warm"]["warm_start_from"] == first["cold"]["version"]  # continual training
+    assert second["warm"]["trained_on"] < second["warm"]["train_examples"]  # new answers + replay only
+    assert [row[0] for row in result["table"]] == [200, 300] and result["table"][1][6] > 0  # warm cycle time
+    assert 0 <= second["warm"]["test"]["served_share"] <= 1 and second["warm"]["test"]["examples"] == 60

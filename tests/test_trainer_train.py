@@ -208,8 +208,10 @@ def test_full_finetune_exports_an_exact_lora_adapter(tmp_path: Path, student_bas
     assert not any("norm" in name for name, value in tuned.named_parameters() if value.requires_grad)
     torch.manual_seed(0)
     with torch.no_grad():
-        for parameter in trainable:
-            parameter.add_(torch.randn_like(parameter) * 0.02)  # a dense, full-rank change
+        for parameter in trainable:  # a rank-2 change plus a little full-rank noise, as fine-tuning makes
+            rows, columns = parameter.shape
+            parameter.add_(torch.randn(rows, 2) @ torch.randn(2, columns) * 0.05)
+            parameter.add_(torch.randn_like(parameter) * 1e-3)
     full_rank = max(min(value.shape) for value in delta_state(tuned, base_weights).values())
     inputs = torch.tensor([[5, 17, 42, 99, 7]])
     expected = tuned(input_ids=inputs).logits
@@ -222,9 +224,9 @@ def test_full_finetune_exports_an_exact_lora_adapter(tmp_path: Path, student_bas
         with torch.no_grad():
             return model.merge_and_unload()(input_ids=inputs).logits
 
-    assert torch.allclose(served(full_rank), expected, atol=1e-4)
-    truncated_error = (served(4) - expected).abs().max()
-    assert 1e-4 < truncated_error < (base(input_ids=inputs).logits - expected).abs().max()
+    assert torch.allclose(served(full_rank), expected, atol=1e-4)  # exact at full rank
+    truncated_error = (served(4) - expected).abs().max()  # rank 4 keeps the rank-2 part, drops the noise
+    assert 1e-4 < truncated_error < (base(input_ids=inputs).logits - expected).abs().max() / 5
 
 
 def test_warm_start_continues_from_the_live_adapter(tmp_path: Path, student_base_dir: Path, clinc_path: Path) -> None:
@@ -248,7 +250,8 @@ def test_cycle_warm_starts_from_live_on_new_answers_plus_replay(trained: dict[st
     registry.set_live(ROUTE, "v1")
     rows = json.loads(clinc_path.read_text())["train"]
     intents = sorted({intent for _, intent in rows})[:INTENTS]
-    fresh = [(text, intent) for text, intent in rows if intent in intents][200:260]  # not seeded before
+    # Six unseen prompts per intent (the fixture seeded each intent's first 40).
+    fresh = [pair for intent in intents for pair in [(t, i) for t, i in rows if i == intent][40:46]]
     seed_teacher_answers(trained["store"], ROUTE, fresh, start_at=time_module.time() + 10)
     trainer = Trainer(trained["settings"], trained["store"], adapters_root=trained["tmp"] / "adapters",
                       fit_detector=False, progress=False, train_overrides={"max_steps": 2})
