@@ -252,6 +252,9 @@ class Settings(StrictModel):
             elif self.replay_teacher.launch and route.teacher.api_base.rstrip("/") != replay_base:
                 raise ValueError(f"route {route.name}: teacher.api_base {route.teacher.api_base!r} is not the "
                                  f"launched replay teacher ({replay_base}); leave it unset")
+        if route.training.lora_rank > self.vllm.max_lora_rank:
+            raise ValueError(f"route {route.name}: training.lora_rank {route.training.lora_rank} is above "
+                             f"vllm.max_lora_rank {self.vllm.max_lora_rank}; vLLM would refuse every adapter")
         if route.gate.metric == "served_agreement" and route.confidence_threshold is None:
             raise ValueError(f"route {route.name}: gate.metric served_agreement needs a confidence_threshold "
                              "(the cascade decides what the student would serve)")

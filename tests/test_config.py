@@ -119,6 +119,7 @@ def test_the_check_catches_an_unexplained_difference() -> None:
     [
         ({"student": {"base_model": "elsewhere"}}, "differs from vllm.model_dir"),
         ({"gate": {"metric": "served_agreement"}}, "needs a confidence_threshold"),
+        ({"training": {"lora_rank": 256}}, "above vllm.max_lora_rank 128"),
     ],
 )
 def test_cross_field_checks_name_both_fields(route: dict[str, Any], message: str) -> None:
