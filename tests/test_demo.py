@@ -195,15 +195,6 @@ def test_quick_demo_promoted_a_version_and_the_student_served_traffic(demo_out: 
 
 @pytest.mark.integration
 @pytest.mark.timeout(1800)
-def test_quick_demo_meets_the_issues_goals(demo_out: Path) -> None:
-    """Issue 11: at least one promotion, the student serving >= 30% of in-scope traffic in the
-    last phase, held-out in-scope accuracy within 2 points of all-teacher, nothing failed."""
-    verdicts = _report(demo_out)["goals"]
-    assert {name: goal["status"] for name, goal in verdicts.items()} == dict.fromkeys(verdicts, MET), verdicts
-
-
-@pytest.mark.integration
-@pytest.mark.timeout(1800)
 def test_report_counts_add_up(demo_out: Path) -> None:
     report_ = _report(demo_out)
     overall, phases, savings = report_["overall"], report_["phases"], report_["savings"]
