@@ -7,7 +7,7 @@
   in a background thread, default knobs; its base URL ends in ``/v1``.
 
 Helpers for tests that need their own servers, :func:`free_port` and :class:`UvicornThread`,
-live in ``tests/servers.py`` and are re-exported here.
+live in ``tests/helpers.py`` and are re-exported here.
 vLLM starts at most once per session: on the 2-core CI machine it costs ~30 s plus ~17 s
 for the first request.
 """

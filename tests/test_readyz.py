@@ -13,7 +13,7 @@ import pytest
 
 from core.config import Settings
 from gateway.app import create_app
-from tests.servers import UvicornThread
+from tests.helpers import UvicornThread
 
 ADMIN = {"authorization": "Bearer admin-secret"}
 

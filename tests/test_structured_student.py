@@ -13,8 +13,7 @@ import pytest
 
 from core.config import Settings
 from gateway.app import create_app
-from tests.helpers import MESSAGES, sdk
-from tests.servers import UvicornThread
+from tests.helpers import MESSAGES, UvicornThread, sdk
 
 pytestmark = pytest.mark.integration
 
