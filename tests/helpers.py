@@ -148,3 +148,7 @@ def make_adapter(base_dir: Path, out_dir: Path, seed: int, rank: int = 8) -> Pat
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=DEFAULT_TARGET_MODULES, init_lora_weights=False)
     get_peft_model(model, config).save_pretrained(str(out_dir), save_embedding_layers=False)
     return out_dir
+
+
+def failing_student(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(500, json={"error": {"message": "engine dead"}})

@@ -13,7 +13,7 @@ import pytest
 from core.config import Settings
 from gateway.app import Components, create_app
 from gateway.upstream.student import VLLMStudent
-from tests.helpers import MESSAGES, UvicornThread, free_port, log_rows, sdk
+from tests.helpers import MESSAGES, UvicornThread, failing_student, free_port, log_rows, sdk
 
 
 @pytest.fixture
@@ -141,10 +141,6 @@ def test_teacher_timeout_is_504(make_settings: Callable[..., Settings], clinc_pa
             with pytest.raises(openai.APIStatusError) as failure:
                 sdk(server.url).chat.completions.create(model="clinc-intents", messages=MESSAGES)
     assert failure.value.status_code == 504
-
-
-def failing_student(request: httpx.Request) -> httpx.Response:
-    return httpx.Response(500, json={"error": {"message": "engine dead"}})
 
 
 def test_student_failure_is_served_by_teacher(make_settings: Callable[..., Settings], replay_teacher: str) -> None:

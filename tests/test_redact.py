@@ -170,7 +170,9 @@ def test_every_logged_string_is_redacted_and_never_trained_on(make_settings: Cal
     assert json.loads(answer_message["tool_calls"][0]["function"]["arguments"]) == {"email": "[EMAIL]", "iban": "[IBAN]"}
     assert rows[2]["error"] and "[EMAIL]" in rows[2]["error"] and "[SECRET]" in rows[2]["error"]
     [shadow] = store.query("select * from shadow_results")
-    assert shadow["student_answer"] == f"student saw {REDACTED}" and shadow["teacher_answer"] == f"Noted: {REDACTED}"
+    # The teacher answered with a tool call too, so its comparable answer is the call (core/tool_calls.py).
+    assert shadow["student_answer"] == f"student saw {REDACTED}"
+    assert json.loads(shadow["teacher_answer"])["arguments"] == {"email": "[EMAIL]", "iban": "[IBAN]"}
     assert "[IBAN]" in shadow["teacher_response_json"]
     dataset = build_dataset(store, settings.routes[0])
     store.close()
