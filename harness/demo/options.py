@@ -40,9 +40,9 @@ class DemoOptions(BaseModel):
 
     @classmethod
     def quick_defaults(cls, **overrides: Any) -> DemoOptions:
-        # 2,000 requests paced at 4/s: a training cycle takes 1.5-2 minutes on a 2-core machine
-        # that also runs vLLM and the gateway, and at 8/s the stream was over before the second
-        # cycle finished (the first, at ~300 answers, is rejected by the gate).
-        quick = {"requests": 2000, "quick": True, "rate_per_s": 4.0, "phase_size": 500, "heldout_limit": 600,
+        # 2,000 requests paced at 3/s: a training cycle takes 1-1.5 minutes on a 2-core machine
+        # that also runs vLLM and the gateway, and the first cycles (~300, ~650 answers) are
+        # rejected by the gate; at 8/s the stream was over before the second one finished.
+        quick = {"requests": 2000, "quick": True, "rate_per_s": 3.0, "phase_size": 500, "heldout_limit": 400,
                  "teacher_latency_ms": 150.0}
         return cls(**{**quick, **overrides})
