@@ -54,7 +54,9 @@ def vllm_server(student_base_dir: Path, tmp_path_factory: pytest.TempPathFactory
     from gateway.vllm_process import VLLMProcess
 
     log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    process = VLLMProcess(python=VLLM_PYTHON, model_dir=student_base_dir, port=free_port(), log_path=log_path)
+    # The product's rank (vllm.max_lora_rank): trained versions ship as rank-128 adapters.
+    process = VLLMProcess(python=VLLM_PYTHON, model_dir=student_base_dir, port=free_port(), log_path=log_path,
+                          max_lora_rank=128)
     process.start()
     try:
         process.wait_ready_sync(timeout_s=400)

@@ -17,8 +17,9 @@ from tests.helpers import MESSAGES, UvicornThread, sdk
 
 pytestmark = pytest.mark.integration
 
-SCHEMA = {"type": "object", "properties": {"intent": {"type": "string", "enum": ["transfer", "balance"]}},
-          "required": ["intent"], "additionalProperties": False}
+# A bare enum: an object schema lets an untrained model fill its budget with the whitespace
+# JSON allows between tokens (the 8,192-token base wrote "{" and 39 newlines).
+SCHEMA = {"type": "string", "enum": ["transfer", "balance"]}
 
 
 def test_student_answer_matches_the_requested_schema(make_settings: Callable[..., Settings], replay_teacher: str,
