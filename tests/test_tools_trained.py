@@ -50,7 +50,7 @@ def _log_teacher_calls(store: SQLiteStore, pairs: list[tuple[str, str]]) -> None
                                  "message": {"role": "assistant", "content": None, "tool_calls": [call]}}]}
         rows.append({"id": f"r{index}", "created_at": float(index), "route": ROUTE, "target": "teacher",
                      "status_code": 200, "stream": 0, "fallback": 0, "decision_reasons": "[]", "latency_ms": 1.0,
-                     "request_json": json.dumps(request), "response_json": json.dumps(response)})
+                     "request_json": json.dumps(request), "response_json": json.dumps(response), "train_trusted": 1})
     store.insert_requests(rows)
 
 
