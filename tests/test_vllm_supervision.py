@@ -46,9 +46,9 @@ def _config(tmp_path: Path, base_dir: Path) -> Path:
                                     latency_ms=0, latency_jitter_ms=0)
     route = config["routes"][0]
     route.update(mode="student_only", labels_dataset=str(ROOT / "data/clinc150/data_full.json"))
-    route.pop("confidence_threshold")
-    route["teacher"]["api_base"] = f"http://127.0.0.1:{teacher_port}/v1"
-    route["student"].update(base_model=str(base_dir), timeout_s=60)
+    route.pop("confidence_threshold")  # no cascade: every student answer is served
+    route["gate"]["metric"] = "agreement"  # the cascade's metric needs a threshold
+    route["student"].update(timeout_s=60)  # the base is vllm.model_dir; the teacher, the replay's port
     route["training"]["min_new_examples"] = 1_000_000
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
