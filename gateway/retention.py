@@ -5,12 +5,12 @@ A failed purge is logged and tried again at the next interval; serving is never 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 import time
 
 from core.config import StoreConfig
+from core.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,4 @@ class RetentionTask:
             await asyncio.sleep(self._config.purge_interval_s)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)

@@ -17,7 +17,6 @@ Kubernetes restart policy, ``CrashLoopBackOff`` style).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +25,7 @@ from typing import Any
 import httpx
 
 from core.config import SuperviseConfig
+from core.tasks import cancel_and_wait
 from gateway.vllm_process import VLLMProcess, VLLMStartError
 
 logger = logging.getLogger(__name__)
@@ -58,11 +58,8 @@ class VLLMSupervisor:
         self._task = asyncio.create_task(self._run(), name="vllm-supervisor")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         if not self.process.running():

@@ -8,13 +8,13 @@ answers its health check. Until then (and if that fails) the route serves from t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from pathlib import Path
 from typing import Any
 
 from core.config import Settings
 from core.store import Store
+from core.tasks import cancel_and_wait
 from core.upstream import StudentBackend
 from gateway.route_table import RouteTable
 from gateway.training.schedule import TrainingScheduler
@@ -62,9 +62,6 @@ class TrainingLoop:
         logger.info("live students restored", extra={"outcomes": self.restored})
 
     async def stop(self) -> None:
-        if self._restore_task is not None:
-            self._restore_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._restore_task
+        await cancel_and_wait(self._restore_task)
         if self.scheduler is not None:
             await self.scheduler.shutdown()

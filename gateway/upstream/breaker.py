@@ -26,13 +26,13 @@ server is detected after N failures whichever routes they came from.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import time
 from typing import Any
 
 from core.config import BreakerConfig
+from core.tasks import cancel_and_wait
 from core.upstream import StudentBackend, UpstreamFailure
 
 logger = logging.getLogger(__name__)
@@ -117,11 +117,8 @@ class StudentBreaker:
             self._task = asyncio.create_task(self._probe_loop(), name="student-breaker-probe")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _probe_loop(self) -> None:
         while True:
