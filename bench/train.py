@@ -7,8 +7,8 @@ training cycles run through ``Trainer.run`` (curation, training, evaluation, the
 version and trains on the new answers plus a replay sample (the product's continual
 training). Both are scored on the same fixed CLINC150 test prompts (never trained on):
 agreement, validity, and the share and agreement of the answers the cascade would serve at
-the route's ``confidence_threshold``. Prints one JSON object: the last cycle's summary at
-the top level, the whole curve under ``curve``.
+the version's own calibrated ``confidence_threshold`` (with the neighbours' vote, as served).
+Prints one JSON object: the last cycle's summary at the top level, the whole curve under ``curve``.
 
     PYTHONPATH=. .venv/bin/python bench/train.py --examples 500,1000,3000 --out var/bench/train.json
     PYTHONPATH=. .venv/bin/python bench/train.py --quick          # smoke run (tests)
@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--base-dir", type=Path, default=None, help="student base (default: built in --work)")
     parser.add_argument("--pretrain-steps", type=int, default=0, help="when building the base")
     parser.add_argument("--work", type=Path, default=None, help="working directory (default: a temp dir)")
-    parser.add_argument("--detector", action="store_true", help="also fit the router's OOD detector")
+    parser.add_argument("--no-detector", dest="detector", action="store_false",
+                        help="skip the router's detector (and so the neighbours' vote in the cascade)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 200 (cold) then 300 (warm) examples, 20 steps")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -105,19 +106,26 @@ def make_settings(args: argparse.Namespace, work: Path, base: Path, *, warm: boo
         "routes": [{"name": ROUTE, "teacher": {"model": "openai/replay-teacher"}, "labels_dataset": str(CLINC),
                     "student": {"system_prompt": default.student.system_prompt},
                     "confidence_threshold": default.confidence_threshold, "training": training,
-                    "gate": default.gate.model_dump()}],
+                    "cascade": default.cascade.model_dump(), "gate": default.gate.model_dump()}],
     })
 
 
-def score_on_test(route: RouteConfig, adapter: str, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+def score_on_test(trainer: Any, route: RouteConfig, candidate: Any, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """The fixed test prompts, served as the gateway would serve this version: at its own
+    calibrated threshold, its detector's neighbours voting."""
+    from core.config import CascadeConfig
     from core.prompting import student_messages
     from trainer.dataset import Example, labels_for_route
     from trainer.evaluate import evaluate_adapter
 
     holdout = [Example(student_messages(route.student.system_prompt, [{"role": "user", "content": text}]), label,
                        text) for text, label in pairs]
-    result = evaluate_adapter(route.student.base_model, adapter, holdout, labels=labels_for_route(route),
-                              confidence_threshold=route.confidence_threshold)
+    threshold = candidate.metrics["candidate"].get("confidence_threshold")
+    fixed = CascadeConfig(**{**route.cascade.model_dump(), "target_agreement": None})
+    result = evaluate_adapter(route.student.base_model, candidate.adapter_path, holdout,
+                              labels=labels_for_route(route), cascade=fixed,
+                              confidence_threshold=threshold if threshold is not None else 0.0,
+                              neighbours=trainer.neighbours(route, holdout, candidate.detector_path))
     return {key: round(value, 4) if isinstance(value, float) else value
             for key, value in result.to_dict().items() if key != "wall_s"}
 
@@ -142,7 +150,7 @@ def cycle(settings: Settings, store: SQLiteStore, work: Path, args: argparse.Nam
         "train_examples_per_s": round(train["examples_per_s"], 1),
         "train_examples": candidate.train_examples, "holdout_examples": candidate.holdout_examples,
         "holdout": {key: round(value, 4) if isinstance(value, float) else value for key, value in evaluation.items()},
-        "test": score_on_test(settings.routes[0], candidate.adapter_path, tests),
+        "test": score_on_test(trainer, settings.routes[0], candidate, tests),
         "adapter_path": candidate.adapter_path,
     }
 
@@ -177,7 +185,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     route = cold_settings.routes[0]
     return {
         "benchmark": "train", "route": ROUTE, "machine": platform.machine(), "quick": args.quick,
-        "base_build_s": round(base_s, 2), "confidence_threshold": route.confidence_threshold,
+        "base_build_s": round(base_s, 2), "cascade": route.cascade.model_dump(),
         "method": route.training.method, "lora_rank": route.training.lora_rank,
         "seeded_examples": seeded, "train_examples": last["train_examples"],
         "holdout_examples": last["holdout_examples"], "cycle_wall_s": last["cycle_wall_s"],

@@ -6,6 +6,7 @@ and the replay teacher's lookup all call these, so "agreement" is one number eve
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from core.tool_calls import tool_call_key
@@ -35,3 +36,10 @@ def answer_key(text: str) -> str:
 def answers_agree(student_answer: str, teacher_answer: str) -> bool:
     """True when two answers say the same thing (the agreement every figure counts)."""
     return answer_key(student_answer) == answer_key(teacher_answer)
+
+
+def answer_hash(text: str) -> int:
+    """``answer_key`` as a signed 64-bit integer: how an OOD detector stores the teacher's
+    answers beside its training prompts (compact, and the same in every process)."""
+    digest = hashlib.blake2b(answer_key(text).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from core.config_base import REPLAY_TEACHER_MODEL, ConfigError, Prices, StrictModel
 from core.route_config import (
+    CascadeConfig,
     GateConfig,
     RedactConfig,
     RouteConfig,
@@ -255,9 +256,13 @@ class Settings(StrictModel):
         if route.training.lora_rank > self.vllm.max_lora_rank:
             raise ValueError(f"route {route.name}: training.lora_rank {route.training.lora_rank} is above "
                              f"vllm.max_lora_rank {self.vllm.max_lora_rank}; vLLM would refuse every adapter")
-        if route.gate.metric == "served_agreement" and route.confidence_threshold is None:
+        target = route.cascade.target_agreement
+        if route.gate.metric == "served_agreement" and route.confidence_threshold is None and target is None:
             raise ValueError(f"route {route.name}: gate.metric served_agreement needs a confidence_threshold "
-                             "(the cascade decides what the student would serve)")
+                             "or cascade.target_agreement (the cascade decides what the student would serve)")
+        if route.gate.metric == "served_agreement" and target is not None and target < route.gate.minimum:
+            raise ValueError(f"route {route.name}: cascade.target_agreement {target} is below gate.minimum "
+                             f"{route.gate.minimum}; the gate would reject the versions it calibrates")
 
     def admin_token_file(self) -> Path:
         return self.auth.admin_token_file or self.store.path.with_name("admin-token")
@@ -315,7 +320,7 @@ def settings_for_command(path: str | Path, route: str | None = None) -> Settings
 
 
 __all__ = [
-    "REPLAY_TEACHER_MODEL", "AuthConfig", "ConfigError", "CostsConfig", "GateConfig", "Prices", "RedactConfig",
+    "REPLAY_TEACHER_MODEL", "AuthConfig", "CascadeConfig", "ConfigError", "CostsConfig", "GateConfig", "Prices", "RedactConfig",
     "RouteConfig", "RouterConfig", "Settings", "StoreConfig", "StudentConfig", "TeacherConfig", "TrainingConfig",
     "VLLMConfig", "load_settings", "parse_settings", "settings_for_command",
 ]

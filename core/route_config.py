@@ -101,6 +101,24 @@ class GateConfig(StrictModel):
     min_served_share: float = Field(0.05, ge=0, le=1)
 
 
+class CascadeConfig(StrictModel):
+    """How a cascade route decides, per answer, whether the student's answer is served.
+
+    With ``target_agreement`` each trained version gets its own ``confidence_threshold``,
+    calibrated on the holdout: the lowest score at which the answers it would serve agree
+    with the teacher at least this often (the gate judges that threshold on held-out folds).
+    A fixed threshold fits no version for long: the same -0.01 served 0 % of one version's
+    answers and 15 % of the next's (CLINC150, 1,000 answers). Unset: the route's fixed
+    ``confidence_threshold`` for every version.
+    """
+
+    target_agreement: float | None = Field(None, gt=0, le=1)
+    # The teacher's answers to this many nearest training prompts vote on the student's
+    # answer (kNN detector only); each dissent costs disagreement_penalty / neighbours.
+    neighbours: int = Field(5, ge=1, le=50)
+    disagreement_penalty: float = Field(0.0, ge=0, le=10, allow_inf_nan=False)
+
+
 class RedactConfig(StrictModel):
     """Personal data and secrets removed from every logged string (gateway/redact.py): request,
     answer, error text, shadow rows; so never trained on. Upstream calls are unchanged."""
@@ -131,6 +149,7 @@ class RouteConfig(StrictModel):
     ood_threshold: float = Field(0.5, ge=0, allow_inf_nan=False)
     # A mean token logprob (<= 0); None turns the cascade off.
     confidence_threshold: float | None = Field(None, le=0, allow_inf_nan=False)
+    cascade: CascadeConfig = CascadeConfig()
     shadow_rate: float = Field(0.0, ge=0, le=1)
     training: TrainingConfig = TrainingConfig()
     gate: GateConfig = GateConfig()

@@ -80,6 +80,14 @@ def _usable_overrides(route: str, stored: dict[str, Any]) -> tuple[dict[str, Any
 class StudentPointer:
     version: str
     adapter_name: str  # the model name vLLM serves it under
+    # The version's own cascade threshold, calibrated on the holdout when it was trained.
+    confidence_threshold: float | None = None
+
+
+def calibrated_threshold(metrics: dict[str, Any]) -> float | None:
+    """The cascade threshold a version's evaluation calibrated (None: none recorded)."""
+    value = (metrics.get("candidate") or {}).get("confidence_threshold")
+    return float(value) if value is not None else None
 
 
 def adapter_name(route: str, version: str) -> str:
@@ -95,12 +103,22 @@ class RouteState:
     def setting(self, name: str) -> Any:
         return self.overrides[name] if name in self.overrides else getattr(self.config, name)
 
+    def confidence_threshold(self) -> float | None:
+        """An operator's override; else, on a calibrated route, the serving version's own
+        threshold; else the route's configured one."""
+        if "confidence_threshold" in self.overrides:
+            return float(self.overrides["confidence_threshold"])
+        calibrated = self.student.confidence_threshold if self.student else None
+        if self.config.cascade.target_agreement is not None and calibrated is not None:
+            return calibrated
+        return self.config.confidence_threshold
+
     def policy(self) -> RoutePolicy:
         return RoutePolicy(
             route=self.config.name,
             mode=Mode(self.setting("mode")),
             ood_threshold=float(self.setting("ood_threshold")),
-            confidence_threshold=self.setting("confidence_threshold"),
+            confidence_threshold=self.confidence_threshold(),
             shadow_rate=float(self.setting("shadow_rate")),
             student_version=self.student.version if self.student else None,
         )

@@ -33,6 +33,9 @@ class Decision:
     reasons: list[str] = field(default_factory=list)
     cascade: bool = False  # the student answers first; low confidence sends it to the teacher
     shadow: bool = False  # also send to the teacher off the hot path to measure agreement
+    # The teacher's answers (``core.answers.answer_hash``) to the nearest training prompts,
+    # when the detector keeps them: the cascade weighs the student's answer against them.
+    neighbour_answers: tuple[int, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -85,6 +85,10 @@ class KNNDetector:
         self.bank: np.ndarray | None = None
         self.centroids: np.ndarray | None = None
         self.centroid_weight = 0.0
+        # The teacher's answer to each bank row (``core.answers.answer_hash``), when attached:
+        # the cascade checks the student's answer against its nearest neighbours' answers.
+        self.answer_hashes: np.ndarray | None = None
+        self.vote_k = 0
 
     def _centre(self, embeddings: np.ndarray) -> np.ndarray:
         assert self.mean is not None, "detector is not fitted"
@@ -119,10 +123,36 @@ class KNNDetector:
                      "threshold_keep_95": float(np.quantile(train_scores, 0.95))}
         return self
 
+    def attach_answers(self, answer_hashes: Sequence[int], vote_k: int) -> None:
+        """Remember the teacher's answer to every training prompt (in fit order)."""
+        assert self.bank is not None and len(answer_hashes) == len(self.bank), "one answer per training prompt"
+        self.answer_hashes = np.asarray(answer_hashes, dtype=np.int64)
+        self.vote_k = max(1, min(int(vote_k), len(self.bank)))
+
+    def score_with_neighbours(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``score`` plus the answer hashes of each query's ``vote_k`` nearest training
+        prompts (None without attached answers), from the same matrix product."""
+        return self._score(embeddings, neighbours=True)
+
+    def _score(self, embeddings: np.ndarray, neighbours: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        assert self.bank is not None, "detector is not fitted"
+        centred = self._centre(embeddings)
+        sims = self._project(centred) @ self.bank.T
+        scores = self._knn_from(sims)
+        if self.centroids is not None:
+            scores = self._combine(scores, self._centroid(centred))
+        nearest_answers = None
+        if neighbours and self.answer_hashes is not None:
+            nearest = np.argpartition(-sims, self.vote_k - 1, axis=1)[:, :self.vote_k]
+            nearest_answers = self.answer_hashes[nearest]
+        return np.maximum(scores, 0.0), nearest_answers
+
     def _knn(self, projected: np.ndarray, exclude_self: bool = False) -> np.ndarray:
         assert self.bank is not None
-        k = min(self.k + int(exclude_self), len(self.bank))
-        sims = projected @ self.bank.T
+        return self._knn_from(projected @ self.bank.T, exclude_self)
+
+    def _knn_from(self, sims: np.ndarray, exclude_self: bool = False) -> np.ndarray:
+        k = min(self.k + int(exclude_self), sims.shape[1])
         if k == 1:  # the default: a max is a quarter of a partition's cost per request
             return 1.0 - sims.max(axis=1)
         top = -np.partition(-sims, k - 1, axis=1)[:, :k]
@@ -138,26 +168,26 @@ class KNNDetector:
         return (knn_part + self.centroid_weight * centroid_part) / (1 + self.centroid_weight)
 
     def score(self, embeddings: np.ndarray) -> np.ndarray:
-        centred = self._centre(embeddings)
-        scores = self._knn(self._project(centred))
-        if self.centroids is not None:
-            scores = self._combine(scores, self._centroid(centred))
-        return np.maximum(scores, 0.0)
+        return self._score(embeddings, neighbours=False)[0]
 
     def arrays(self) -> dict[str, np.ndarray]:
         arrays = {"mean": self.mean, "basis": self.basis, "bank": self.bank}
         if self.centroids is not None:
             arrays["centroids"] = self.centroids
+        if self.answer_hashes is not None:
+            arrays["answer_hashes"] = self.answer_hashes
         return arrays
 
     def params(self) -> dict[str, Any]:
         return {"k": self.k, "dims": self.dims, "use_centroids": self.use_centroids,
-                "centroid_weight": self.centroid_weight}
+                "centroid_weight": self.centroid_weight, "vote_k": self.vote_k}
 
     def restore(self, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> None:
         self.mean, self.basis, self.bank = arrays["mean"], arrays["basis"], arrays["bank"]
         self.centroids = arrays.get("centroids")
         self.centroid_weight = float(params.get("centroid_weight", 0.0))
+        self.answer_hashes = arrays.get("answer_hashes")
+        self.vote_k = int(params.get("vote_k", 0))
 
     def save(self, path: str | Path) -> Path:
         return save_detector(self, path)
@@ -297,6 +327,8 @@ def fit_detector_for_texts(
     kind: str,
     out_path: str | Path,
     embedder: Any,
+    answers: Sequence[str] | None = None,
+    vote_k: int = 5,
 ) -> Path:
     """Fit a detector on a student's training prompts and save it; returns the saved file.
 
@@ -307,6 +339,10 @@ def fit_detector_for_texts(
     """
     embeddings = embedder.encode(list(texts))
     detector = create_detector(kind).fit(embeddings, labels)
+    if answers is not None and hasattr(detector, "attach_answers"):
+        from core.answers import answer_hash
+
+        detector.attach_answers([answer_hash(answer) for answer in answers], vote_k)
     detector.meta["embedder"] = {"id": embedder.id, "dim": int(embeddings.shape[1])}
     saved = save_detector(detector, out_path)
     logger.info("ood detector fitted", extra={"kind": kind, "examples": len(texts), "path": str(saved)})

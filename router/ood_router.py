@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 ScoreJob = tuple[OODDetector, str]
 INLINE_GAP_S = 0.002  # a decision this soon after the previous one is batched, not inlined
-ScoreResult = tuple[float, np.ndarray]
+# The OOD score, the prompt's embedding, and the teacher's answers to its nearest training prompts.
+ScoreResult = tuple[float, np.ndarray, tuple[int, ...]]
 
 
 def _limit_blas_threads() -> Any:
@@ -133,11 +134,12 @@ class OODRouter:
         # closely go to the batcher, where one matrix product scores many at once.
         started = time.perf_counter()
         if self.embedder.inline and self._batcher.idle and started >= self._quiet_after:
-            score, embedding = self._score_batch([(detector, text)])[0]
+            score, embedding, neighbours = self._score_batch([(detector, text)])[0]
         else:
-            score, embedding = await self._batcher.submit((detector, text))
+            score, embedding, neighbours = await self._batcher.submit((detector, text))
         self._quiet_after = time.perf_counter() + INLINE_GAP_S
         decision = self._decide_scored(policy, score, embedding)
+        decision.neighbour_answers = neighbours
         return self._with_student_extras(policy, decision)
 
     def _decide_scored(self, policy: RoutePolicy, score: float, embedding: np.ndarray) -> Decision:
@@ -174,13 +176,21 @@ class OODRouter:
     def _score_batch(self, jobs: list[ScoreJob]) -> list[ScoreResult]:
         embeddings = self.embedder.encode([text for _, text in jobs])
         scores = np.empty(len(jobs), dtype=np.float64)
+        neighbours: list[tuple[int, ...]] = [()] * len(jobs)
         groups: dict[int, list[int]] = {}
         for index, (detector, _) in enumerate(jobs):
             groups.setdefault(id(detector), []).append(index)
         with self._blas.limit(limits=1, user_api="blas") if self._blas else contextlib.nullcontext():
             for indices in groups.values():
-                scores[indices] = jobs[indices[0]][0].score(embeddings[indices])
-        return [(float(scores[i]), embeddings[i]) for i in range(len(jobs))]
+                detector = jobs[indices[0]][0]
+                if hasattr(detector, "score_with_neighbours"):
+                    scores[indices], nearest = detector.score_with_neighbours(embeddings[indices])
+                    if nearest is not None:
+                        for row, index in enumerate(indices):
+                            neighbours[index] = tuple(int(value) for value in nearest[row])
+                else:
+                    scores[indices] = detector.score(embeddings[indices])
+        return [(float(scores[i]), embeddings[i], neighbours[i]) for i in range(len(jobs))]
 
     def close(self) -> None:
         self._batcher.close()

@@ -124,3 +124,32 @@ def shadow_rows(settings: Settings) -> list[dict[str, Any]]:
     with sqlite3.connect(settings.store.path) as connection:
         connection.row_factory = sqlite3.Row
         return [dict(row) for row in connection.execute("select * from shadow_results")]
+
+
+class NeighbourRouter:
+    """The kNN detector's view: the nearest training prompts' teacher answers ride on the decision."""
+
+    async def decide(self, policy: RoutePolicy, messages: list[dict[str, Any]]) -> Decision:
+        from core.answers import answer_hash
+
+        said = "student-answer" if "agreed" in messages[-1]["content"] else "something-else"
+        return Decision("student", score=0.1, reasons=["test"], cascade=True,
+                        neighbour_answers=(answer_hash(said),) * 5)
+
+
+def test_a_confident_answer_its_neighbours_dispute_goes_to_the_teacher(make_settings: Callable[..., Settings],
+                                                                       replay_teacher: str) -> None:
+    settings = make_settings(replay_teacher, route={"confidence_threshold": -0.5,
+                                                    "cascade": {"disagreement_penalty": 1.0},
+                                                    "student": {"serve_base_model": True}})
+    student = VLLMStudent("http://student.invalid", transport=httpx.MockTransport(student_answer))
+    with UvicornThread(create_app(settings, Components(student=student, router=NeighbourRouter()))) as server:
+        client = sdk(server.url)
+        agreed = client.chat.completions.with_raw_response.create(
+            model="clinc-intents", messages=[{"role": "user", "content": "agreed by the neighbours"}])
+        disputed = client.chat.completions.with_raw_response.create(
+            model="clinc-intents", messages=[{"role": "user", "content": f"disputed {UTTERANCE}"}])
+    assert agreed.headers["x-distillgate-target"] == "student"  # logprob -0.01, no dissent
+    assert disputed.headers["x-distillgate-target"] == "teacher"  # same logprob, five dissents: -1.01
+    reasons = [reason for row in log_rows(settings, 2) for reason in json.loads(row["decision_reasons"])]
+    assert "cascade: score -1.010 < confidence_threshold -0.5" in reasons

@@ -159,3 +159,22 @@ def test_build_ood_router_loads_the_live_versions_detector(tmp_path: Path) -> No
     assert router.detector("r", "v1") is not None and router.detector("r", "v2") is None
     router.close()
     store.close()
+
+
+async def test_decisions_carry_the_nearest_training_prompts_answers() -> None:
+    from core.answers import answer_hash
+    from router.ood import KNNDetector
+
+    model = LengthModel()
+    texts = ["aa", "aaa", "aaaa", "a" * 40, "a" * 41, "a" * 42]
+    detector = KNNDetector(dims=2, use_centroids=False).fit(model.encode(texts))
+    detector.attach_answers([answer_hash(answer) for answer in ["short"] * 3 + ["long"] * 3], vote_k=3)
+    router = OODRouter(Embedder(model=model, cache_bytes=0), seed=0)
+    router.set_detector("r", "v1", detector)
+    try:
+        short = await router.decide(policy(threshold=2.0), user("aaa"))
+        long = await router.decide(policy(threshold=2.0), user("a" * 41))
+    finally:
+        router.close()
+    assert short.neighbour_answers == (answer_hash("short"),) * 3
+    assert long.neighbour_answers == (answer_hash("long"),) * 3

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from core.answers import answers_agree, normalize_answer, strip_reasoning
-from core.config import GateConfig
+from core.config import CascadeConfig, GateConfig
 from trainer.dataset import Example
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,9 @@ class EvalResult:
     # confident of: their share, and their agreement with the teacher — what clients get.
     served_share: float | None = None
     served_agreement: float | None = None
+    # The threshold the cascade serves this version at: the route's fixed one, or (with
+    # cascade.target_agreement) this version's own, calibrated on the holdout.
+    confidence_threshold: float | None = None
 
     def metric(self, name: str) -> float:
         value = getattr(self, name)
@@ -139,22 +142,48 @@ def answer_budget(tokenizer: Any, examples: Sequence[Example], cap: int = 128) -
 
 def evaluate_adapter(base_dir: str | Path, adapter_dir: str | Path | None, holdout: Sequence[Example], *,
                      labels: Collection[str] | None = None, batch_size: int = 64,
-                     confidence_threshold: float | None = None) -> EvalResult:
-    """Evaluate one student version (``adapter_dir`` None: the bare base) on ``holdout``;
-    with ``confidence_threshold``, also the share and agreement of the answers it would serve."""
+                     confidence_threshold: float | None = None, cascade: CascadeConfig | None = None,
+                     neighbours: Sequence[Sequence[int]] | None = None, seed: str = "") -> EvalResult:
+    """Evaluate one student version (``adapter_dir`` None: the bare base) on ``holdout``.
+
+    With a cascade (a fixed ``confidence_threshold``, or ``cascade.target_agreement`` for a
+    threshold of the version's own), also the share and agreement of the answers it would
+    serve. ``neighbours``: the teacher's answer hashes for each holdout prompt's nearest
+    training prompts, from the version's detector, as the router would find them."""
     model, tokenizer = load_for_inference(base_dir, adapter_dir)
     started = time.perf_counter()
     answers, mean_logprobs = generate(model, tokenizer, [example.messages for example in holdout],
                                       max_new_tokens=answer_budget(tokenizer, holdout), batch_size=batch_size)
     result = score_answers(holdout, answers, labels, time.perf_counter() - started)
-    if confidence_threshold is not None and holdout:
-        served = [index for index, value in enumerate(mean_logprobs) if value >= confidence_threshold]
-        result.served_share = len(served) / len(holdout)
-        result.served_agreement = score_answers([holdout[index] for index in served],
-                                                [answers[index] for index in served], labels, 0.0).agreement \
-            if served else 0.0
+    if holdout and (confidence_threshold is not None or (cascade and cascade.target_agreement is not None)):
+        _add_served(result, holdout, answers, mean_logprobs, labels, confidence_threshold,
+                    cascade or CascadeConfig(), neighbours, seed)
     logger.info("student evaluated", extra={"adapter": str(adapter_dir), **result.to_dict()})
     return result
+
+
+def _add_served(result: EvalResult, holdout: Sequence[Example], answers: Sequence[str],
+                mean_logprobs: Sequence[float], labels: Collection[str] | None, fixed_threshold: float | None,
+                cascade: CascadeConfig, neighbours: Sequence[Sequence[int]] | None, seed: str) -> None:
+    """The served share and agreement at the fixed threshold, or cross-fitted at a calibrated one."""
+    from router.uncertainty import penalised
+    from trainer.cascade import cross_fitted
+
+    scores = [penalised(mean_logprob, answer, neighbours[index] if neighbours else (),
+                        cascade.disagreement_penalty)
+              for index, (answer, mean_logprob) in enumerate(zip(answers, mean_logprobs, strict=True))]
+    if cascade.target_agreement is not None:
+        agrees = [answers_agree(answer, example.answer) for example, answer in zip(holdout, answers, strict=True)]
+        calibration = cross_fitted(scores, agrees, cascade.target_agreement, seed)
+        served, result.confidence_threshold = calibration.served, calibration.threshold
+    else:
+        assert fixed_threshold is not None
+        served = [index for index, score in enumerate(scores) if score >= fixed_threshold]
+        result.confidence_threshold = fixed_threshold
+    result.served_share = len(served) / len(holdout)
+    result.served_agreement = score_answers([holdout[index] for index in served],
+                                            [answers[index] for index in served], labels, 0.0).agreement \
+        if served else 0.0
 
 
 def gate(candidate: EvalResult, live: EvalResult | None, config: GateConfig) -> GateDecision:

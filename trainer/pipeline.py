@@ -14,14 +14,14 @@ import logging
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from core.config import RouteConfig, Settings
 from core.registry import CandidateVersion, Registry
 from core.store import Store
-from trainer.dataset import Dataset, build_dataset, labels_for_route
+from trainer.dataset import Dataset, Example, build_dataset, labels_for_route
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class Trainer:
         self.fit_detector = fit_detector
         # Rationale distillation: train on the teacher's <think>…</think> + answer.
         self.keep_reasoning = keep_reasoning
+        self._embedder_instance: Any = None
 
     def _route(self, route: RouteConfig | str) -> RouteConfig:
         if isinstance(route, RouteConfig):
@@ -97,7 +98,7 @@ class Trainer:
         detail["train"] = trained
         detector_path = self._fit_detector(config, dataset, out_dir / "detector")
         make_private(out_dir)
-        metrics = self._evaluate(config, dataset, adapter_dir, labels)
+        metrics = self._evaluate(config, dataset, adapter_dir, labels, detector_path, version)
         detail["gate"] = metrics["gate"]
         live = self.registry.live(config.name)
         candidate = CandidateVersion(
@@ -174,8 +175,15 @@ class Trainer:
         return next((version for version in self.registry.list(route)
                      if version.status in ("candidate", "rejected") and Path(version.adapter_path).exists()), None)
 
+    def _embedder(self) -> Any:
+        if self._embedder_instance is None:
+            self._embedder_instance = (self.embedder_factory() if self.embedder_factory
+                                       else _default_embedder(self.settings))
+        return self._embedder_instance
+
     def _fit_detector(self, config: RouteConfig, dataset: Dataset, path: Path) -> Path | None:
-        """The router's OOD detector, fitted on this version's training prompts."""
+        """The router's OOD detector, fitted on this version's training prompts (with their
+        teacher answers when the cascade weighs neighbours' answers)."""
         if not self.fit_detector:
             return None
         try:
@@ -183,24 +191,43 @@ class Trainer:
         except ImportError:
             logger.warning("router.ood is unavailable; this version has no OOD detector", extra={"route": config.name})
             return None
-        embedder = self.embedder_factory() if self.embedder_factory else _default_embedder(self.settings)
         texts = [example.prompt_text for example in dataset.train]
-        labels = [example.answer for example in dataset.train] if config.labels_dataset is not None else None
-        return Path(fit_detector_for_texts(texts, labels, config.ood_detector, path, embedder))
+        answers = [example.answer for example in dataset.train]
+        labels = answers if config.labels_dataset is not None else None
+        voting = config.cascade.disagreement_penalty > 0
+        return Path(fit_detector_for_texts(texts, labels, config.ood_detector, path, self._embedder(),
+                                           answers=answers if voting else None, vote_k=config.cascade.neighbours))
 
-    def _evaluate(self, config: RouteConfig, dataset: Dataset, adapter_dir: Path,
-                  labels: set[str] | None) -> dict[str, Any]:
+    def neighbours(self, config: RouteConfig, examples: Sequence[Example],
+                   detector_path: str | Path | None) -> list[tuple[int, ...]] | None:
+        """The teacher's answers to each example prompt's nearest training prompts, as the
+        router finds them with this detector when serving; None when it keeps no answers."""
+        if detector_path is None or config.cascade.disagreement_penalty == 0 or not examples:
+            return None
+        from router.ood import load_detector
+
+        detector = load_detector(detector_path)
+        if getattr(detector, "answer_hashes", None) is None:
+            return None
+        embeddings = self._embedder().encode([example.prompt_text for example in examples])
+        _, nearest = detector.score_with_neighbours(embeddings)
+        return [tuple(int(value) for value in row) for row in nearest]
+
+    def _evaluate(self, config: RouteConfig, dataset: Dataset, adapter_dir: Path, labels: set[str] | None,
+                  detector_path: Path | None, version: str) -> dict[str, Any]:
         """Candidate and live student on the same holdout, and the gate's verdict."""
         from trainer.evaluate import evaluate_adapter, gate
 
         base = config.student.base_model
-        threshold = config.confidence_threshold
-        candidate = evaluate_adapter(base, adapter_dir, dataset.holdout, labels=labels, confidence_threshold=threshold)
+        options = {"labels": labels, "confidence_threshold": config.confidence_threshold,
+                   "cascade": config.cascade, "seed": f"{config.name}:{version}"}
+        candidate = evaluate_adapter(base, adapter_dir, dataset.holdout,
+                                     neighbours=self.neighbours(config, dataset.holdout, detector_path), **options)
         live_version = self.registry.live(config.name)
         live = None
         if live_version is not None and Path(live_version.adapter_path).exists():
-            live = evaluate_adapter(base, live_version.adapter_path, dataset.holdout, labels=labels,
-                                    confidence_threshold=threshold)
+            live = evaluate_adapter(base, live_version.adapter_path, dataset.holdout, **options,
+                                    neighbours=self.neighbours(config, dataset.holdout, live_version.detector_path))
         decision = gate(candidate, live, config.gate)
         return {"candidate": candidate.to_dict(), "live": live.to_dict() if live else None,
                 "live_version": live_version.version if live_version else None,

@@ -24,7 +24,7 @@ from gateway import deadline
 from gateway.chat import shapes
 from gateway.chat.protocol import ChatCompletionRequest
 from gateway.chat.record import RequestRecord, estimate_tokens
-from gateway.chat.streaming import StreamingMixin, _confident, _past, deadline_error, teacher_error
+from gateway.chat.streaming import StreamingMixin, _cascade_score, _past, deadline_error, teacher_error
 from gateway.errors import (
     UpstreamError,
 )
@@ -216,10 +216,8 @@ class ChatService(StreamingMixin):
             return None
         if self.breaker is not None:
             self.breaker.record_success()
-        if decision.cascade and not _confident(completion.body["choices"][0].get("logprobs"),
-                                              state.policy().confidence_threshold):
+        if decision.cascade and not self._cascade_passes(state, record, decision, completion):
             record.cost_usd += state.config.student.prices.cost(completion.prompt_tokens, completion.completion_tokens)
-            record.decision_reasons.append("cascade: low student confidence")
             return None
         if decision.cascade and not body.get("logprobs"):
             for choice in completion.body["choices"]:
@@ -227,6 +225,19 @@ class ChatService(StreamingMixin):
         if body.get("tools"):
             shapes.answer_as_tool_calls(completion.body, tool_names(body["tools"]))
         return completion
+
+    @staticmethod
+    def _cascade_passes(state: RouteState, record: RequestRecord, decision: Decision,
+                        completion: Completion) -> bool:
+        threshold = state.policy().confidence_threshold
+        score = _cascade_score(completion.body["choices"][0], decision.neighbour_answers,
+                               state.config.cascade.disagreement_penalty)
+        if score is None or threshold is None or score < threshold:
+            shown = "no logprobs" if score is None else f"score {score:.3f}"
+            record.decision_reasons += ["cascade: low student confidence",
+                                        f"cascade: {shown} < confidence_threshold {threshold}"]
+            return False
+        return True
 
     async def _call_teacher(self, state: RouteState, record: RequestRecord, body: dict[str, Any]) -> Completion:
         record.target = "teacher"

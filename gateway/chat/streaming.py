@@ -46,10 +46,14 @@ def deadline_error(timeout_s: float) -> UpstreamTimeout:
     return UpstreamTimeout(f"The request did not finish within the gateway's deadline of {timeout_s:g} s.")
 
 
-def _confident(logprobs: Any, threshold: float | None) -> bool:
-    from router.uncertainty import confident
+def _cascade_score(choice: dict[str, Any], neighbour_answers: tuple[int, ...],
+                   disagreement_penalty: float) -> float | None:
+    """The cascade's score for a student answer (None: no logprobs, cannot be vouched for)."""
+    from router.uncertainty import cascade_score
 
-    return confident(logprobs, threshold)
+    answer = (choice.get("message") or {}).get("content")
+    return cascade_score(choice.get("logprobs"), answer if isinstance(answer, str) else "",
+                         neighbour_answers, disagreement_penalty)
 
 
 def _past(when: float) -> bool:

@@ -27,7 +27,7 @@ from core.config import RouteConfig
 from core.prompting import student_messages
 from core.registry import ROLLED_BACK_NOTE, CandidateVersion, Registry, VersionStore
 from core.upstream import UpstreamFailure
-from gateway.route_table import BASE_MODEL_VERSION, StudentPointer, adapter_name
+from gateway.route_table import BASE_MODEL_VERSION, StudentPointer, adapter_name, calibrated_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class Swapper:
         smoked = time.perf_counter()
         await self._record_live(candidate, name)
         # The switch: from here on new requests choose the new adapter (and its detector).
-        self.routes.switch_student(route, StudentPointer(version, name))
+        self.routes.switch_student(route, StudentPointer(version, name, calibrated_threshold(candidate.metrics)))
         logger.info("student promoted", extra={"route": route, "version": version,
                                                "previous": previous.version if previous else None})
         drained, unloaded = await self._retire(route, previous)
@@ -283,5 +283,5 @@ class Swapper:
                          extra={"route": live.route, "version": live.version, "error": str(error)})
             self.routes.switch_student(live.route, None)
             return f"failed: {error}"
-        self.routes.switch_student(live.route, StudentPointer(live.version, name))
+        self.routes.switch_student(live.route, StudentPointer(live.version, name, calibrated_threshold(live.metrics)))
         return "loaded"
