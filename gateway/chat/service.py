@@ -24,7 +24,13 @@ from gateway import deadline
 from gateway.chat import shapes
 from gateway.chat.protocol import ChatCompletionRequest
 from gateway.chat.record import RequestRecord, estimate_tokens
-from gateway.chat.streaming import StreamingMixin, _cascade_score, _past, deadline_error, teacher_error
+from gateway.chat.streaming import (
+    StreamingMixin,
+    _cascade_score,
+    _past,
+    deadline_error,
+    teacher_error,
+)
 from gateway.errors import (
     UpstreamError,
 )

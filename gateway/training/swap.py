@@ -27,7 +27,12 @@ from core.config import RouteConfig
 from core.prompting import student_messages
 from core.registry import ROLLED_BACK_NOTE, CandidateVersion, Registry, VersionStore
 from core.upstream import UpstreamFailure
-from gateway.route_table import BASE_MODEL_VERSION, StudentPointer, adapter_name, calibrated_threshold
+from gateway.route_table import (
+    BASE_MODEL_VERSION,
+    StudentPointer,
+    adapter_name,
+    calibrated_threshold,
+)
 
 logger = logging.getLogger(__name__)
 
