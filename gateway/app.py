@@ -32,7 +32,7 @@ from gateway.dashboard import sessions as dashboard_sessions
 from gateway.dashboard.endpoints import endpoints as dashboard_endpoints
 from gateway.error_handlers import install_error_handlers
 from gateway.health import endpoints as health_endpoints
-from gateway.keys import KeyPolicies
+from gateway.keys import KeyPolicies, key_names
 from gateway.limits import BodyLimits
 from gateway.messages.endpoints import endpoints as messages_endpoints
 from gateway.messages.errors import anthropic_error_response
@@ -196,6 +196,7 @@ def create_app(settings: Settings, components: Components | None = None) -> Fast
     app.state.components = components or Components()
     app.state.key_policies = KeyPolicies(settings.auth)
     app.state.budgets = KeyBudgets(settings.auth)
+    app.state.key_names = key_names(settings.auth)  # key id -> key_env, for the dashboard
     app.state.client_keys = settings.auth.client_keys() + app.state.key_policies.keys
     # Keys configured under auth.keys close the surface even when none of them is set.
     app.state.auth_required = bool(app.state.client_keys or settings.auth.keys)
