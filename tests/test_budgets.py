@@ -23,7 +23,7 @@ from gateway.app import Components, create_app
 from gateway.auth import key_id
 from gateway.upstream.student import VLLMStudent
 from router.decision import PolicyRouter
-from tests.helpers import MESSAGES, UvicornThread, log_rows, sdk
+from tests.helpers import MESSAGES, CountingApp, UvicornThread, log_rows, sdk
 
 REFUSED_KEY = "sk-refused-1a2b3c4d-secret"
 THRIFTY_KEY = "sk-thrifty-5e6f7a8b-secret"
@@ -199,11 +199,14 @@ def test_sdk_sees_429_once_a_tiny_budget_is_spent(budget_env: None, make_setting
                                                   replay_teacher: str) -> None:
     """Real servers on loopback: the gateway under uvicorn, the replay teacher, the SDK."""
     settings = budget_settings(make_settings, replay_teacher, live_student=False, budget=1e-9)
-    with UvicornThread(create_app(settings)) as server:
+    counted = CountingApp(create_app(settings))
+    with UvicornThread(counted) as server:
         refused, thrifty, free = sdk(server.url, REFUSED_KEY), sdk(server.url, THRIFTY_KEY), sdk(server.url, FREE_KEY)
         assert refused.chat.completions.create(model="clinc-intents", messages=MESSAGES).choices[0].message.content
+        retrying = openai.OpenAI(base_url=f"{server.url}/v1", api_key=REFUSED_KEY, max_retries=3, timeout=30)
         with pytest.raises(openai.RateLimitError) as over:
-            refused.chat.completions.create(model="clinc-intents", messages=MESSAGES)
+            retrying.chat.completions.create(model="clinc-intents", messages=MESSAGES)
+        assert counted.calls == 2  # the SDK did not retry a spent budget
         thrifty.chat.completions.create(model="clinc-intents", messages=MESSAGES)
         with pytest.raises(openai.RateLimitError) as no_student:
             thrifty.chat.completions.create(model="clinc-intents", messages=MESSAGES, stream=True)
