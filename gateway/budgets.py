@@ -19,6 +19,7 @@ import datetime as dt
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -49,11 +50,12 @@ def next_month_start(month_start: float) -> float:
 class KeyBudgets:
     """The budgeted keys' spend this month, and what their requests may do."""
 
-    def __init__(self, config: AuthConfig) -> None:
+    def __init__(self, config: AuthConfig, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
         self._budgets = {client_key_id: Budget(entry.key_env, entry.monthly_budget_usd, entry.over_budget_action)
                          for client_key_id, entry in resolved_keys(config) if entry.monthly_budget_usd is not None}
         self._spent: dict[str, float] = {}
-        self._month_start = reporting.month_start_utc()
+        self._month_start = reporting.month_start_utc(clock())
         self._month_end = next_month_start(self._month_start)
 
     def __bool__(self) -> bool:
@@ -61,7 +63,7 @@ class KeyBudgets:
 
     def seed(self, store: reporting.Queryable, now: float | None = None) -> None:
         """This month's spend so far, from the store (one query; at startup)."""
-        now = time.time() if now is None else now
+        now = self._clock() if now is None else now
         self._month_start = reporting.month_start_utc(now)
         self._month_end = next_month_start(self._month_start)
         if not self._budgets:
@@ -81,12 +83,12 @@ class KeyBudgets:
         client_key_id = record.client_key_id
         if client_key_id is None or client_key_id not in self._budgets or not record.cost_usd:
             return
-        self._roll(time.time())
+        self._roll(self._clock())
         if record.created_at >= self._month_start:  # a request begun last month is last month's
             self._spent[client_key_id] = self._spent.get(client_key_id, 0.0) + record.cost_usd
 
     def spent(self, client_key_id: str, now: float | None = None) -> float:
-        self._roll(time.time() if now is None else now)
+        self._roll(self._clock() if now is None else now)
         return self._spent.get(client_key_id, 0.0)
 
     def over_budget(self, client_key_id: str | None, now: float | None = None) -> OverBudget | None:
@@ -99,7 +101,7 @@ class KeyBudgets:
     def exceeded(self, client_key_id: str | None, why: str = "", now: float | None = None) -> BudgetExceeded:
         """The 429 for a key past its budget; ``why`` says what could not serve it."""
         budget = self._budgets[client_key_id or ""]
-        now = time.time() if now is None else now
+        now = self._clock() if now is None else now
         until = dt.datetime.fromtimestamp(self._month_end, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         logger.info("client key over its monthly budget", extra={"key_id": client_key_id, "why": why})
         # Cents when the budget is in cents; otherwise as configured (not rounded to $0.00).

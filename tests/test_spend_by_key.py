@@ -122,9 +122,8 @@ def test_ledger_is_seeded_once_then_counts_requests_and_restarts_each_month(
     queries: list[str] = []
     original = store.query
     monkeypatch.setattr(store, "query", lambda sql, params=(): queries.append(sql) or original(sql, params))
-    budgets = KeyBudgets(settings.auth)
     clock = {"now": NOW}
-    monkeypatch.setattr("gateway.budgets.time.time", lambda: clock["now"])
+    budgets = KeyBudgets(settings.auth, clock=lambda: clock["now"])
     budgets.seed(store)
     assert len(queries) == 1  # one query at startup, none per check below
     app, batch = key_id(APP_KEY), key_id(BATCH_KEY)
