@@ -1,7 +1,11 @@
 """``distillgate report``: per-route requests, student share, cost, all-teacher cost, savings,
 savings net of the loop's own cost (shadow calls and training compute, priced under ``costs``
 in the config), shadow agreement, latency and live version, read from the store (the gateway
-need not run).
+need not run). ``--by key``: the same cost figures per client key, with each budgeted key's
+spend this month.
+
+The store knows a key only by its short hash; a key is named by its ``key_env`` when that
+variable is set where the report runs. The key itself is never printed.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 from core.config import ConfigError, Settings, load_settings
 from core.store import reporting
+from gateway.keys import resolved_keys
 from gateway.route_table import BASE_MODEL_VERSION
 
 logger = logging.getLogger(__name__)
@@ -47,6 +52,31 @@ def collect(settings: Settings, since_s: float | None) -> list[reporting.RouteSu
         return summaries
     finally:
         store.close()
+
+
+def collect_keys(settings: Settings, since_s: float | None) -> list[reporting.KeySummary]:
+    """Every client key's summary in the window, named and with its month's spend where the
+    config has a policy for it (and its variable is set here)."""
+    policies = resolved_keys(settings.auth)
+    store = _open_store(settings)
+    try:
+        summaries = reporting.key_summaries(store, since_s)
+        month_spend = reporting.month_spend_by_key(store) if any(
+            entry.monthly_budget_usd is not None for _, entry in policies) else {}
+    finally:
+        store.close()
+    by_id = {summary.client_key_id: summary for summary in summaries}
+    for client_key_id, entry in policies:
+        # A configured key appears even before its first request, with its budget.
+        summary = by_id.get(client_key_id)
+        if summary is None:
+            summary = by_id[client_key_id] = reporting.KeySummary(client_key_id)
+            summaries.append(summary)
+        summary.name = entry.key_env
+        if entry.monthly_budget_usd is not None:
+            summary.monthly_budget_usd = entry.monthly_budget_usd
+            summary.month_spend_usd = month_spend.get(client_key_id, 0.0)
+    return summaries
 
 
 def _money(value: float) -> str:
@@ -84,6 +114,30 @@ def render_table(summaries: list[reporting.RouteSummary], since: str) -> Any:
     return table
 
 
+def _budget(summary: reporting.KeySummary) -> str:
+    if summary.monthly_budget_usd is None or summary.month_spend_usd is None:
+        return "—"
+    return f"{_money(summary.month_spend_usd)} of {_money(summary.monthly_budget_usd)}"
+
+
+def render_key_table(summaries: list[reporting.KeySummary], since: str) -> Any:
+    from rich.table import Table
+
+    window = f"last {since}" if since != "all" else "all time"
+    table = Table(title=f"distillgate — spend by client key, {window}")
+    for column in ("key", "requests", "student share", "cost", "all-teacher cost", "savings", "this month / budget"):
+        table.add_column(column, justify="left" if column == "key" else "right")
+    for summary in summaries:
+        table.add_row(summary.label, str(summary.requests), _percent(summary.student_share), _money(summary.cost_usd),
+                      _money(summary.teacher_cost_usd), _money(summary.savings_usd), _budget(summary))
+    if len(summaries) > 1:
+        cost, teacher = sum(s.cost_usd for s in summaries), sum(s.teacher_cost_usd for s in summaries)
+        table.add_section()
+        table.add_row("total", str(sum(s.requests for s in summaries)), "", _money(cost), _money(teacher),
+                      _money(teacher - cost), "")
+    return table
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config)
@@ -91,16 +145,24 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    summaries = collect(settings, since_s)
-    if args.json:
-        print(json.dumps({"since": args.since, "training_prices": settings.costs.model_dump(),
-                          "routes": [summary.to_dict() for summary in summaries]}, indent=2))
-        return 0
+    if args.by == "key":
+        keys = collect_keys(settings, since_s)
+        if args.json:
+            print(json.dumps({"since": args.since, "keys": [summary.to_dict() for summary in keys]}, indent=2))
+            return 0
+        table = render_key_table(keys, args.since)
+    else:
+        summaries = collect(settings, since_s)
+        if args.json:
+            print(json.dumps({"since": args.since, "training_prices": settings.costs.model_dump(),
+                              "routes": [summary.to_dict() for summary in summaries]}, indent=2))
+            return 0
+        table = render_table(summaries, args.since)
     from rich.console import Console
 
     # Piped output (a file, CI log) gets a wide table rather than rich's 80-column default.
     console = Console() if sys.stdout.isatty() else Console(width=180)
-    console.print(render_table(summaries, args.since))
+    console.print(table)
     return 0
 
 
@@ -112,5 +174,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                "version.")
     parser.add_argument("--config", required=True, help="the gateway's YAML config (names the store)")
     parser.add_argument("--since", default="24h", help="window: e.g. 30m, 24h, 7d, or all (default 24h)")
+    parser.add_argument("--by", choices=("route", "key"), default="route",
+                        help="break cost down by route (default) or by client key, with budgets")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run)

@@ -53,6 +53,22 @@ class ClientKeyConfig(StrictModel):
     # Only rows from keys trusted for training become training data: any other key could
     # plant answers that the student would then serve to everyone (trainer/dataset.py).
     trusted_for_training: bool = False
+    # Spend per calendar month (UTC): the sum of the key's requests' cost_usd. Once it is
+    # reached, ``over_budget`` says what happens (gateway/budgets.py; unset: refuse).
+    monthly_budget_usd: float | None = Field(None, gt=0, description="dollars per calendar month (UTC)")
+    over_budget: Literal["student_only", "refuse"] | None = None
+
+    @property
+    def over_budget_action(self) -> Literal["student_only", "refuse"]:
+        return self.over_budget or "refuse"
+
+    @model_validator(mode="after")
+    def _budget_action_needs_budget(self) -> ClientKeyConfig:
+        # An over_budget with no budget would silently never apply: say so.
+        if self.over_budget is not None and self.monthly_budget_usd is None:
+            raise ValueError(f"key {self.key_env}: over_budget is set but monthly_budget_usd is not; "
+                             "set a monthly_budget_usd or remove over_budget")
+        return self
 
 
 class AuthConfig(StrictModel):
@@ -233,6 +249,11 @@ class Settings(StrictModel):
         unknown = sorted({route for key in self.auth.keys for route in key.routes or [] if route not in names})
         if unknown:
             raise ValueError(f"auth.keys names unknown routes: {', '.join(unknown)}")
+        envs = [key.key_env for key in self.auth.keys]
+        repeated = sorted({env for env in envs if envs.count(env) > 1})
+        if repeated:
+            # Two policies (two budgets) for one key: which would apply is not obvious.
+            raise ValueError(f"auth.keys names a key_env more than once: {', '.join(repeated)}")
         for route in self.routes:
             self._check_route(route)
         return self
@@ -320,7 +341,8 @@ def settings_for_command(path: str | Path, route: str | None = None) -> Settings
 
 
 __all__ = [
-    "REPLAY_TEACHER_MODEL", "AuthConfig", "CascadeConfig", "ConfigError", "CostsConfig", "GateConfig", "Prices", "RedactConfig",
+    "REPLAY_TEACHER_MODEL", "AuthConfig", "CascadeConfig", "ClientKeyConfig", "ConfigError", "CostsConfig",
+    "GateConfig", "Prices", "RedactConfig",
     "RouteConfig", "RouterConfig", "Settings", "StoreConfig", "StudentConfig", "TeacherConfig", "TrainingConfig",
     "VLLMConfig", "load_settings", "parse_settings", "settings_for_command",
 ]

@@ -25,13 +25,14 @@ from core.store.spool import Spool
 from core.store.writer import DeadLetter, write_isolating
 from core.upstream import StudentBackend, TeacherClient
 from gateway.admin.endpoints import endpoints as admin_endpoints
+from gateway.budgets import KeyBudgets
 from gateway.chat.endpoints import endpoints as chat_endpoints
 from gateway.chat.service import ChatService, Observer
 from gateway.dashboard import sessions as dashboard_sessions
 from gateway.dashboard.endpoints import endpoints as dashboard_endpoints
 from gateway.error_handlers import install_error_handlers
 from gateway.health import endpoints as health_endpoints
-from gateway.keys import KeyPolicies
+from gateway.keys import KeyPolicies, key_names
 from gateway.limits import BodyLimits
 from gateway.messages.endpoints import endpoints as messages_endpoints
 from gateway.messages.errors import anthropic_error_response
@@ -126,6 +127,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                                 durable_commits=spool_config.enabled and spool_config.fsync)
             stack.callback(store.close)
         writer = await _start_writer(stack, settings, store)
+        # After the spool's replay, so that rows a crash left behind count toward budgets.
+        budgets: KeyBudgets = app.state.budgets
+        await asyncio.to_thread(budgets.seed, store)
         shadow_writer = BatchWriter(store.insert_shadow_results, name="shadow_results",
                                     dead_letter_path=settings.store.dead_letter_file())
         shadow_writer.start()
@@ -148,11 +152,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.student, app.state.decider, app.state.shadow = student, router, shadow
         metrics: GatewayMetrics = app.state.metrics
         metrics.bind(store=store, routes=routes, writers=[writer, shadow_writer], shadow=shadow, breaker=breaker)
-        app.state.chat_service = ChatService(routes, router, student, teachers, writer, shadow,
-                                             [*components.observers, metrics.observe], breaker=breaker,
+        observers = [*components.observers, metrics.observe, budgets.observe]
+        app.state.chat_service = ChatService(routes, router, student, teachers, writer, shadow, observers,
+                                             breaker=breaker,
                                              trusted_for_training=app.state.key_policies.trusted_for_training,
-                                             request_timeout_s=settings.server.request_timeout_s)
-        app.state.passthrough_service = PassthroughService(routes, writer, [*components.observers, metrics.observe])
+                                             request_timeout_s=settings.server.request_timeout_s, budgets=budgets)
+        app.state.passthrough_service = PassthroughService(routes, writer, observers, budgets=budgets)
         training = TrainingLoop(settings, store, student, routes, router, components.config_path)
         app.state.training, app.state.swapper = training, training.swapper
         supervisor = _build_supervisor(settings, components, training)
@@ -190,6 +195,8 @@ def create_app(settings: Settings, components: Components | None = None) -> Fast
     app.state.settings = settings
     app.state.components = components or Components()
     app.state.key_policies = KeyPolicies(settings.auth)
+    app.state.budgets = KeyBudgets(settings.auth)
+    app.state.key_names = key_names(settings.auth)  # key id -> key_env, for the dashboard
     app.state.client_keys = settings.auth.client_keys() + app.state.key_policies.keys
     # Keys configured under auth.keys close the surface even when none of them is set.
     app.state.auth_required = bool(app.state.client_keys or settings.auth.keys)

@@ -12,6 +12,7 @@ Exception tree::
     ├── NotFound                    404 invalid_request_error
     ├── Conflict                    409 invalid_request_error
     ├── RateLimited                 429 rate_limit_error
+    │   └── BudgetExceeded          429 insufficient_quota (code budget_exceeded)
     ├── Unavailable                 503 service_unavailable
     └── UpstreamError               502 upstream_error
         └── UpstreamTimeout         504 upstream_timeout
@@ -93,6 +94,14 @@ class RateLimited(GatewayError):
     status_code = 429
     error_type = "rate_limit_error"
     default_code = "rate_limit_exceeded"
+
+
+class BudgetExceeded(RateLimited):
+    """A client key has spent its monthly budget. OpenAI answers an exhausted quota with a
+    429 of type ``insufficient_quota``; retrying does not help until the month turns."""
+
+    error_type = "insufficient_quota"
+    default_code = "budget_exceeded"
 
 
 class Unavailable(GatewayError):

@@ -18,11 +18,27 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from core.config import AuthConfig
+from core.config import AuthConfig, ClientKeyConfig
 from gateway.auth import key_id
 from gateway.errors import RateLimited, RouteNotFound
 
 logger = logging.getLogger(__name__)
+
+
+def resolved_keys(config: AuthConfig) -> list[tuple[str, ClientKeyConfig]]:
+    """(key id, policy) for each key in ``auth.keys`` whose variable is set; the key itself
+    goes no further than this function."""
+    resolved = []
+    for entry in config.keys:
+        key = os.environ.get(entry.key_env, "").strip()
+        if key:
+            resolved.append((key_id(key), entry))
+    return resolved
+
+
+def key_names(config: AuthConfig) -> dict[str, str]:
+    """Key id -> the name an operator knows it by (its ``key_env``), for reports."""
+    return {client_key_id: entry.key_env for client_key_id, entry in resolved_keys(config)}
 
 
 @dataclass

@@ -8,6 +8,7 @@ teacher (the all-teacher counterfactual), so savings = all-teacher cost - actual
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import re
@@ -82,6 +83,20 @@ from shadow_results where id > ? group by route, coalesce(student_version, 'none
 _TRAINING_TALLY_SQL = """
 select route, coalesce(outcome, 'unknown') as outcome, count(*) as runs, max(finished_at) as last_finished
 from training_runs group by route, coalesce(outcome, 'unknown')
+"""
+# Per client key (null: requests without a key, an open gateway's).
+_KEY_SUMMARY_SQL = """
+select client_key_id,
+       count(*) as requests,
+       coalesce(sum(status_code >= 400), 0) as errors,
+       coalesce(sum(target = 'student'), 0) as student_requests,
+       coalesce(sum(cost_usd), 0.0) as cost_usd,
+       coalesce(sum(teacher_cost_usd), 0.0) as teacher_cost_usd
+from requests where created_at >= ? group by client_key_id order by cost_usd desc, client_key_id
+"""
+_KEY_SPEND_SQL = """
+select client_key_id, coalesce(sum(cost_usd), 0.0) as cost_usd
+from requests where created_at >= ? and client_key_id is not null group by client_key_id
 """
 _ROUTES_SQL = "select distinct route from requests union select distinct route from student_versions"
 
@@ -192,6 +207,63 @@ def route_summaries(store: Queryable, routes: list[str], since_s: float | None =
     for route, by_target in _latency_quantiles(store, start).items():
         summaries.setdefault(route, RouteSummary(route)).latency_ms = by_target
     return list(summaries.values())
+
+
+NO_KEY = "(no key)"
+
+
+@dataclass
+class KeySummary:
+    """One client key's traffic: ``client_key_id`` is the key's short hash (never the key),
+    None for requests sent without a key. ``name`` and the budget figures are the caller's
+    to fill from the config: the store knows only the hash."""
+
+    client_key_id: str | None
+    requests: int = 0
+    errors: int = 0
+    student_requests: int = 0
+    cost_usd: float = 0.0
+    teacher_cost_usd: float = 0.0
+    name: str | None = None
+    monthly_budget_usd: float | None = None
+    month_spend_usd: float | None = None
+
+    @property
+    def label(self) -> str:
+        if self.client_key_id is None:
+            return NO_KEY
+        return f"{self.name} ({self.client_key_id})" if self.name else self.client_key_id
+
+    @property
+    def savings_usd(self) -> float:
+        return self.teacher_cost_usd - self.cost_usd
+
+    @property
+    def student_share(self) -> float | None:
+        return self.student_requests / self.requests if self.requests else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(label=self.label, savings_usd=self.savings_usd, student_share=self.student_share)
+        return data
+
+
+def key_summaries(store: Queryable, since_s: float | None = None) -> list[KeySummary]:
+    """One summary per client key seen in the window (requests without a key as one), the
+    costliest first."""
+    return [KeySummary(**row) for row in store.query(_KEY_SUMMARY_SQL, [window_start(since_s)])]
+
+
+def month_start_utc(now: float | None = None) -> float:
+    """The first instant of the current calendar month, UTC, as a Unix time."""
+    today = dt.datetime.fromtimestamp(time.time() if now is None else now, dt.UTC)
+    return today.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+
+def month_spend_by_key(store: Queryable, now: float | None = None) -> dict[str, float]:
+    """Each client key's spend (sum of its requests' ``cost_usd``) this calendar month, UTC."""
+    return {row["client_key_id"]: float(row["cost_usd"])
+            for row in store.query(_KEY_SPEND_SQL, [month_start_utc(now)])}
 
 
 def known_routes(store: Queryable) -> list[str]:

@@ -42,6 +42,8 @@ class RequestRecord:
     teacher_model: str | None = None
     # Whether this row may become training data: the caller's key is trusted for training.
     train_trusted: bool = False
+    # The key is over its monthly budget with ``over_budget: student_only``: no teacher call.
+    student_only: bool = False
     # Applied to every logged string (the route's ``redact``); the live request is untouched.
     redact: Callable[[Any], Any] = field(default=lambda value: value, repr=False)
 

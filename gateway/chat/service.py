@@ -21,6 +21,7 @@ from core.store import BatchWriter
 from core.tool_calls import tool_names
 from core.upstream import Completion, StudentBackend, TeacherClient, UpstreamFailure
 from gateway import deadline
+from gateway.budgets import KeyBudgets
 from gateway.chat import shapes
 from gateway.chat.protocol import ChatCompletionRequest
 from gateway.chat.record import RequestRecord, estimate_tokens
@@ -63,6 +64,7 @@ class ChatService(StreamingMixin):
         breaker: StudentBreaker | None = None,
         trusted_for_training: Callable[[str | None], bool] | None = None,
         request_timeout_s: float = 300.0,
+        budgets: KeyBudgets | None = None,
     ) -> None:
         self.routes = routes
         self.router = router
@@ -76,6 +78,7 @@ class ChatService(StreamingMixin):
         self.trusted_for_training = trusted_for_training or (lambda client_key_id: client_key_id is None)
         self._redactors: dict[str, Redactor] = {}
         self.request_timeout_s = request_timeout_s
+        self.budgets = budgets
 
     def redactor(self, state: RouteState) -> Redactor:
         """The route's redaction, compiled once per route."""
@@ -89,15 +92,42 @@ class ChatService(StreamingMixin):
         RouteState, RequestRecord, Decision, dict[str, Any]
     ]:
         state = self.routes.get(request.model)
+        student_only = self._student_only(state, client_key_id)
         body = request.upstream_body()
         # The log gets redacted copies (``record.redact`` at ``to_row``); upstreams get ``body``.
         record = RequestRecord(route=state.config.name, request=body, stream=request.stream,
                                client_key_id=client_key_id, redact=self.redactor(state).value,
-                               train_trusted=self.trusted_for_training(client_key_id))
-        decision = await self._decide(state, body["messages"])
+                               train_trusted=self.trusted_for_training(client_key_id), student_only=student_only)
+        if student_only:
+            # Not the router's call: no cascade (its low-confidence answers would go to the
+            # teacher) and no shadow sample (a teacher call).
+            decision = Decision("student", reasons=["over_budget: student_only"])
+        else:
+            decision = await self._decide(state, body["messages"])
         record.router_score = decision.score
         record.decision_reasons = list(decision.reasons)
         return state, record, decision, body
+
+    def _student_only(self, state: RouteState, client_key_id: str | None) -> bool:
+        """True when the key is over its budget and only the student may answer; raises the
+        429 when the key is refused outright or the route has no live student."""
+        if not self.budgets:
+            return False
+        over_budget = self.budgets.over_budget(client_key_id)
+        if over_budget == "refuse":
+            raise self.budgets.exceeded(client_key_id)
+        if over_budget == "student_only" and state.student is None:
+            raise self.budgets.exceeded(client_key_id, "only the student may answer it, and this route has "
+                                                       "no live student")
+        return over_budget == "student_only"
+
+    def _refuse_teacher(self, record: RequestRecord) -> None:
+        """Raises the 429 when the teacher may not answer this request (key over budget)."""
+        if record.student_only and self.budgets:
+            error = self.budgets.exceeded(record.client_key_id, "only the student may answer it, and the student "
+                                                                "could not answer this request")
+            record.fail(error.status_code, error.message)
+            raise error
 
     async def _decide(self, state: RouteState, messages: list[dict[str, Any]]) -> Decision:
         """The router's decision; when the router fails, the teacher answers (never a 500)."""
@@ -246,6 +276,7 @@ class ChatService(StreamingMixin):
         return True
 
     async def _call_teacher(self, state: RouteState, record: RequestRecord, body: dict[str, Any]) -> Completion:
+        self._refuse_teacher(record)
         record.target = "teacher"
         try:
             completion = await self.teachers[state.config.name].chat(body)

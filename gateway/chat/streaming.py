@@ -142,6 +142,7 @@ class StreamingMixin:
 
     async def _open_teacher_stream(self, state: RouteState, record: RequestRecord,
                                    body: dict[str, Any]) -> tuple[AsyncIterator[dict[str, Any]], Any]:
+        self._refuse_teacher(record)
         record.target = "teacher"
         record.teacher_model = self.teachers[state.config.name].model
         upstream = self.teachers[state.config.name].stream(body)

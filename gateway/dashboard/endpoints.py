@@ -135,7 +135,8 @@ async def index(request: Request) -> Response:
     if not _signed_in(request):
         return _login_page(request)
     state = request.app.state
-    context = await asyncio.to_thread(views.overview, state.store, state.routes, _since(request))
+    context = await asyncio.to_thread(views.overview, state.store, state.routes, _since(request),
+                                      state.key_names, state.budgets.snapshot())
     return _page("index.html", **context)
 
 

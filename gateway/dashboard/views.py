@@ -22,10 +22,27 @@ def _live(state: RouteState) -> dict[str, Any]:
             "shadow_rate": described["shadow_rate"]}
 
 
-def overview(store: reporting.Queryable, routes: RouteTable, since: str) -> dict[str, Any]:
-    """Every configured route's summary for the index page."""
+def key_rows(store: reporting.Queryable, since_s: float | None, names: dict[str, str],
+             budgets: dict[str, dict[str, Any]]) -> list[reporting.KeySummary]:
+    """Per client key: cost, all-teacher cost and savings in the window; named from the
+    config, and for a budgeted key its live spend this month (the gateway's running total)."""
+    keys = reporting.key_summaries(store, since_s)
+    seen = {summary.client_key_id for summary in keys}
+    keys += [reporting.KeySummary(client_key_id) for client_key_id in budgets if client_key_id not in seen]
+    for summary in keys:
+        budget = budgets.get(summary.client_key_id or "")
+        summary.name = names.get(summary.client_key_id or "")
+        if budget is not None:
+            summary.monthly_budget_usd, summary.month_spend_usd = budget["monthly_budget_usd"], budget["month_spend_usd"]
+    return keys
+
+
+def overview(store: reporting.Queryable, routes: RouteTable, since: str, key_names: dict[str, str] | None = None,
+             budgets: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Every configured route's summary, and every client key's, for the index page."""
     states = {state.config.name: state for state in routes}
     summaries = reporting.route_summaries(store, list(states), reporting.parse_since(since))
+    keys = key_rows(store, reporting.parse_since(since), key_names or {}, budgets or {})
     rows = []
     for summary in summaries:
         state = states.get(summary.route)
@@ -36,7 +53,7 @@ def overview(store: reporting.Queryable, routes: RouteTable, since: str) -> dict
         "teacher_cost_usd": sum(s.teacher_cost_usd for s in summaries),
     }
     totals["savings_usd"] = totals["teacher_cost_usd"] - totals["cost_usd"]
-    return {"rows": rows, "totals": totals, "since": since, "windows": WINDOWS}
+    return {"rows": rows, "keys": keys, "totals": totals, "since": since, "windows": WINDOWS}
 
 
 def _version_rows(store: Any, route: str) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from typing import Any
 from core.config import RedactConfig
 from core.store import BatchWriter
 from core.upstream import Completion, UpstreamFailure
+from gateway.budgets import KeyBudgets
 from gateway.chat.record import RequestRecord
 from gateway.chat.service import Observer, Served, teacher_error
 from gateway.errors import InvalidRequest
@@ -42,10 +43,12 @@ def base64_vectors(data: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class PassthroughService:
-    def __init__(self, routes: RouteTable, writer: BatchWriter, observers: list[Observer] | None = None) -> None:
+    def __init__(self, routes: RouteTable, writer: BatchWriter, observers: list[Observer] | None = None,
+                 budgets: KeyBudgets | None = None) -> None:
         self.routes = routes
         self.writer = writer
         self.observers = observers or []
+        self.budgets = budgets
         self._clients: dict[str, ProviderPassthrough] = {}
 
     def _client(self, state: RouteState) -> ProviderPassthrough:
@@ -75,6 +78,10 @@ class PassthroughService:
 
     async def _serve(self, state: RouteState, body: dict[str, Any], field: str, kind: str, client_key_id: str | None,
                      call: Callable[[dict[str, Any]], Awaitable[Completion]]) -> Served:
+        # Only the teacher's provider serves these: a key over its budget is refused whatever
+        # its over_budget says.
+        if self.budgets and self.budgets.over_budget(client_key_id) is not None:
+            raise self.budgets.exceeded(client_key_id, f"{kind} are served only by the teacher's provider")
         record = RequestRecord(route=state.config.name, request=redacted(body, field, state.config.redact),
                                stream=False, client_key_id=client_key_id, target="passthrough",
                                decision_reasons=[f"passthrough: {kind}"])
