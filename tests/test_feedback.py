@@ -11,7 +11,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from rich.console import Console
 
+from cli.report import render_table
 from core.config import Settings
 from core.store import SQLiteStore, reporting
 from gateway.auth import key_id
@@ -88,6 +90,9 @@ def test_feedback_on_own_answers_is_stored_counted_reported_and_trained_on(setti
     finally:
         store.close()
     assert (summary.student_feedback, summary.student_ratings, summary.student_thumbs_down_share) == (1, 1, 1.0)
+    console = Console(width=250, record=True)
+    console.print(render_table([summary], "all"))
+    assert "1 (100.0% down)" in console.export_text()  # distillgate report's "student feedback" column
     answers = {example.prompt_text: example.answer for example in examples.train + examples.holdout}
     assert answers[TEACHER_UTTERANCE] == "travel_notification"  # the correction, not the teacher's travel_alert
 
