@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -153,3 +154,16 @@ def test_an_open_gateway_takes_feedback_on_any_request(make_settings: Callable[.
     assert response.status_code == 200, response.text
     [row] = _rows(settings, "feedback")
     assert (row["request_id"], row["client_key_id"], row["train_trusted"]) == (request_id, None, 1)
+
+
+def test_feedback_rows_are_purged_with_the_request_log(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "db.sqlite")
+    try:
+        for index, created_at in enumerate((1_000.0, 2_000_000_000.0)):
+            store.insert_feedback({"request_id": f"r{index}", "route": ROUTE, "target": "student", "rating": "down",
+                                   "correction": "personal text", "train_trusted": 1, "created_at": created_at})
+        assert store.count_before(1_500.0)["feedback"] == 1
+        assert store.purge_before(1_500.0)["feedback"] == 1
+        assert [row["request_id"] for row in store.query("select request_id from feedback")] == ["r1"]
+    finally:
+        store.close()
