@@ -25,7 +25,9 @@ from gateway.route_table import RouteTable
 
 logger = logging.getLogger(__name__)
 
-RECENT_REQUESTS = 10_000  # a few seconds of traffic at most: the writer flushes every 50 ms
+# Far more than a healthy writer holds back (it flushes every 50 ms by default); only while the
+# store is down for long can a request drop out of here before its row is written.
+RECENT_REQUESTS = 10_000
 
 
 class FeedbackService:
