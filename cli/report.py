@@ -1,7 +1,7 @@
 """``distillgate report``: per-route requests, student share, cost, all-teacher cost, savings,
 savings net of the loop's own cost (shadow calls and training compute, priced under ``costs``
-in the config), shadow agreement, latency and live version, read from the store (the gateway
-need not run). ``--by key``: the same cost figures per client key, with each budgeted key's
+in the config), shadow agreement, feedback on student answers, latency and live version, read
+from the store (the gateway need not run). ``--by key``: the same cost figures per client key, with each budgeted key's
 spend this month.
 
 The store knows a key only by its short hash; a key is named by its ``key_env`` when that
@@ -92,25 +92,33 @@ def _ms(value: float | None) -> str:
     return "—" if value is None else f"{value:,.0f} ms" if value >= 10 else f"{value:.1f} ms"
 
 
+def _student_feedback(summary: reporting.RouteSummary) -> str:
+    """Feedback rows on student answers, and the thumbs-down share of those rated."""
+    if not summary.student_feedback:
+        return "—"
+    return f"{summary.student_feedback} ({_percent(summary.student_thumbs_down_share)} down)"
+
+
 def render_table(summaries: list[reporting.RouteSummary], since: str) -> Any:
     from rich.table import Table
 
     table = Table(title=f"distillgate — last {since}" if since != "all" else "distillgate — all time")
     for column in ("route", "requests", "student share", "cost", "all-teacher cost", "savings", "training",
-                   "net savings", "agreement", "p50", "p99", "live version"):
+                   "net savings", "agreement", "student feedback", "p50", "p99", "live version"):
         table.add_column(column, justify="left" if column in ("route", "live version") else "right")
     for summary in summaries:
         table.add_row(summary.route, str(summary.requests), _percent(summary.student_share),
                       _money(summary.cost_usd), _money(summary.teacher_cost_usd), _money(summary.savings_usd),
                       f"{_money(summary.training_cost_usd)} ({summary.training_runs})",
-                      _money(summary.net_savings_usd), _percent(summary.agreement), _ms(summary.latency("p50")), _ms(summary.latency("p99")),
+                      _money(summary.net_savings_usd), _percent(summary.agreement), _student_feedback(summary),
+                      _ms(summary.latency("p50")), _ms(summary.latency("p99")),
                       summary.live_version or "none")
     if len(summaries) > 1:
         cost, teacher = sum(s.cost_usd for s in summaries), sum(s.teacher_cost_usd for s in summaries)
         training, net = sum(s.training_cost_usd for s in summaries), sum(s.net_savings_usd for s in summaries)
         table.add_section()
         table.add_row("total", str(sum(s.requests for s in summaries)), "", _money(cost), _money(teacher),
-                      _money(teacher - cost), _money(training), _money(net), "", "", "", "")
+                      _money(teacher - cost), _money(training), _money(net), "", "", "", "", "")
     return table
 
 
@@ -170,8 +178,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("report", help="per-route cost, savings, student share and quality",
                                    description="Per-route requests, student share, cost, all-teacher cost, "
                                                "savings, training cost (runs), net savings (after shadow calls "
-                                               "and training), shadow agreement, p50/p99 latency and live "
-                                               "version.")
+                                               "and training), shadow agreement, feedback on student answers "
+                                               "(thumbs-down share), p50/p99 latency and live version.")
     parser.add_argument("--config", required=True, help="the gateway's YAML config (names the store)")
     parser.add_argument("--since", default="24h", help="window: e.g. 30m, 24h, 7d, or all (default 24h)")
     parser.add_argument("--by", choices=("route", "key"), default="route",

@@ -31,6 +31,8 @@ from gateway.chat.service import ChatService, Observer
 from gateway.dashboard import sessions as dashboard_sessions
 from gateway.dashboard.endpoints import endpoints as dashboard_endpoints
 from gateway.error_handlers import install_error_handlers
+from gateway.feedback.endpoints import endpoints as feedback_endpoints
+from gateway.feedback.service import FeedbackService
 from gateway.health import endpoints as health_endpoints
 from gateway.keys import KeyPolicies, key_names
 from gateway.limits import BodyLimits
@@ -152,10 +154,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.student, app.state.decider, app.state.shadow = student, router, shadow
         metrics: GatewayMetrics = app.state.metrics
         metrics.bind(store=store, routes=routes, writers=[writer, shadow_writer], shadow=shadow, breaker=breaker)
-        observers = [*components.observers, metrics.observe, budgets.observe]
+        trusted_for_training = app.state.key_policies.trusted_for_training
+        app.state.feedback = FeedbackService(store, routes, metrics.count_feedback, trusted_for_training)
+        observers = [*components.observers, metrics.observe, budgets.observe, app.state.feedback.remember]
         app.state.chat_service = ChatService(routes, router, student, teachers, writer, shadow, observers,
-                                             breaker=breaker,
-                                             trusted_for_training=app.state.key_policies.trusted_for_training,
+                                             breaker=breaker, trusted_for_training=trusted_for_training,
                                              request_timeout_s=settings.server.request_timeout_s, budgets=budgets)
         app.state.passthrough_service = PassthroughService(routes, writer, observers, budgets=budgets)
         training = TrainingLoop(settings, store, student, routes, router, components.config_path)
@@ -209,7 +212,7 @@ def create_app(settings: Settings, components: Components | None = None) -> Fast
     # Every route's body is bounded in size and arrival time, the dashboard's sign-in included.
     app.add_middleware(BodyLimits, max_body_bytes=settings.server.max_body_bytes,
                        body_timeout_s=settings.server.body_timeout_s)
-    for endpoints in (chat_endpoints, responses_endpoints, messages_endpoints, passthrough_endpoints, models_endpoints,
-                      health_endpoints, admin_endpoints, metrics_endpoints, dashboard_endpoints):
+    for endpoints in (chat_endpoints, responses_endpoints, messages_endpoints, passthrough_endpoints, feedback_endpoints,
+                      models_endpoints, health_endpoints, admin_endpoints, metrics_endpoints, dashboard_endpoints):
         app.include_router(endpoints)
     return app

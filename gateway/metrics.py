@@ -1,9 +1,10 @@
 """Prometheus metrics: one ``GatewayMetrics`` per app, with its own registry (several apps
 live in one test process, so nothing is registered globally).
 
-Two sources feed it:
+Three sources feed it:
 - the request observer (``GatewayMetrics.observe``, registered with ``ChatService``): one
   call per finished request, updating counters and histograms labelled by route and target;
+- the feedback service (``GatewayMetrics.count_feedback``): one call per feedback stored;
 - a collector run at scrape time, reading what already has a home elsewhere: the live
   student version and threshold (the route table), the store writers' health, the shadow
   runner's skips, shadow agreement and training runs (the store; shadow rows are read
@@ -84,6 +85,9 @@ class GatewayMetrics:
                                       ["route"], buckets=SCORE_BUCKETS, registry=registry)
         self.fallbacks = Counter("distillgate_fallbacks", "Student failures served by the teacher instead.",
                                  ["route"], registry=registry)
+        self.feedback = Counter("distillgate_feedback", "Feedback received (POST /v1/feedback), by who served the "
+                                "answer and the rating given (none: a score or a correction alone).",
+                                [*ROUTE_TARGET, "rating"], registry=registry)
         self._state = _StateCollector()
         registry.register(self._state)
 
@@ -114,6 +118,9 @@ class GatewayMetrics:
             self.router_score.labels(route).observe(record.router_score)
         if record.fallback:
             self.fallbacks.labels(route).inc()
+
+    def count_feedback(self, route: str, target: str, rating: str) -> None:
+        self.feedback.labels(route, target, rating).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -215,6 +215,6 @@ def test_purge_command(tmp_path: Path, old_rows: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     dry = subprocess.run([*command, "--dry-run"], capture_output=True, text=True, timeout=120, env=env)
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
-    assert json.loads(dry.stdout)["would_delete"] == {"requests": 1, "shadow_results": 0}
-    assert json.loads(done.stdout)["deleted"] == {"requests": 1, "shadow_results": 0}
+    assert json.loads(dry.stdout)["would_delete"] == {"requests": 1, "shadow_results": 0, "feedback": 0}
+    assert json.loads(done.stdout)["deleted"] == {"requests": 1, "shadow_results": 0, "feedback": 0}
     assert _count(old_rows) == 1

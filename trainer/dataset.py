@@ -12,6 +12,14 @@ refusals, answers failing the route's validity check (label routes: one of the k
 gives one) and duplicate prompts (the newest answer wins:
 a teacher upgrade should win over stale data).
 
+Corrections (``POST /v1/feedback``) from keys trusted for training replace the logged answer
+as the target, the newest correction of a request winning; a corrected student answer that
+was never shadowed becomes an example too (``source="correction"``). A corrected example is
+dated by its correction, and wins over an uncorrected answer to the same prompt whatever
+their dates: a person said what the answer is. A correction goes through the same validity
+checks as a teacher answer; an unfit one drops the row (``correction_<reason>``), since the
+person said the logged answer was wrong.
+
 The holdout is fixed and grows with the data: an example's split is a pure function of a
 hash of its prompt, so it never moves between splits, and every candidate and the live
 student are compared on the same examples.
@@ -25,7 +33,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +67,7 @@ class Example:
     created_at: float = 0.0
     # The teacher's per-token ``logprobs.content`` (token, logprob, top_logprobs) when logged.
     teacher_logprobs: list[dict[str, Any]] | None = None
+    corrected: bool = False  # the answer is a person's correction, not the logged one
 
 
 @dataclass
@@ -225,6 +234,25 @@ def _shadow_rows(store: Store, route: str, after: float) -> Iterable[tuple[dict[
             yield shadow, request
 
 
+def _example(request: Any, response: Any, correction: dict[str, Any] | None, *, created_at: float,
+             **candidate_args: Any) -> Example | str:
+    """``_candidate`` on the logged answer, or on a person's correction when there is one."""
+    if correction is None:
+        return _candidate(request, response, created_at=created_at, **candidate_args)
+    corrected = {"choices": [{"message": {"content": correction["correction"]}, "finish_reason": "stop"}]}
+    found = _candidate(request, corrected, created_at=max(created_at, correction["created_at"]), **candidate_args)
+    return f"correction_{found}" if isinstance(found, str) else replace(found, corrected=True)
+
+
+def _corrected_student_rows(store: Store, route: str, after: float, corrections: dict[str, dict[str, Any]],
+                            seen: set[str]) -> Iterable[dict[str, Any]]:
+    """Student-served requests with a correction that no teacher answer covered (not shadowed)."""
+    wanted = corrections.keys() - seen
+    if wanted:
+        yield from (row for row in store.iter_requests(route, target="student", after=after, ok_only=True)
+                    if row["id"] in wanted)
+
+
 def collect_examples(store: Store, route: RouteConfig, *, labels: Collection[str] | None = None,
                      after: float = 0.0, keep_reasoning: bool = False) -> tuple[list[Example], Counter[str]]:
     """Every fit example since ``after``, deduplicated (newest answer wins), and drop counts."""
@@ -232,19 +260,34 @@ def collect_examples(store: Store, route: RouteConfig, *, labels: Collection[str
     label_set = {normalize_answer(label) for label in labels} if labels is not None else None
     options = {"system_prompt": route.student.system_prompt, "labels": label_set, "keep_reasoning": keep_reasoning}
     policy = route.training.client_system_prompts
+    corrections = store.latest_corrections(route.name)
     found: list[Example | str] = []
+    seen: set[str] = set()
     for row in _teacher_rows(store, route.name, after):
         request = _loads(row["request_json"])
-        found.append(_untrusted_reason(row, request, policy) or _candidate(
-            request, _loads(row["response_json"]), source="teacher", request_id=row["id"],
-            created_at=row["created_at"], **options))
+        seen.add(row["id"])
+        found.append(_untrusted_reason(row, request, policy) or _example(
+            request, _loads(row["response_json"]), corrections.get(row["id"]), source="teacher",
+            request_id=row["id"], created_at=row["created_at"], **options))
     for shadow, row in _shadow_rows(store, route.name, after):
         request = _loads(row["request_json"])
         response = _loads(shadow.get("teacher_response_json"))
         if response is None and shadow.get("teacher_answer"):
             response = {"choices": [{"message": {"content": shadow["teacher_answer"]}, "finish_reason": "stop"}]}
-        found.append(_untrusted_reason(row, request, policy) or _candidate(
-            request, response, source="shadow", request_id=row["id"], created_at=shadow["created_at"], **options))
+        seen.add(row["id"])
+        found.append(_untrusted_reason(row, request, policy) or _example(
+            request, response, corrections.get(row["id"]), source="shadow", request_id=row["id"],
+            created_at=shadow["created_at"], **options))
+    for row in _corrected_student_rows(store, route.name, after, corrections, seen):
+        request = _loads(row["request_json"])
+        found.append(_untrusted_reason(row, request, policy) or _example(
+            request, None, corrections[row["id"]], source="correction", request_id=row["id"],
+            created_at=row["created_at"], **options))
+    return _newest_per_prompt(found, dropped), dropped
+
+
+def _newest_per_prompt(found: list[Example | str], dropped: Counter[str]) -> list[Example]:
+    """One example per prompt: a corrected one over any other, else the newest; drops counted."""
     newest: dict[str, Example] = {}
     for item in found:
         if isinstance(item, str):
@@ -253,10 +296,10 @@ def collect_examples(store: Store, route: RouteConfig, *, labels: Collection[str
         key = json.dumps(item.messages, sort_keys=True, ensure_ascii=False)
         if key in newest:
             dropped["duplicate"] += 1
-            if newest[key].created_at > item.created_at:
+            if (newest[key].corrected, newest[key].created_at) > (item.corrected, item.created_at):
                 continue
         newest[key] = item
-    return sorted(newest.values(), key=lambda example: example.created_at), dropped
+    return sorted(newest.values(), key=lambda example: example.created_at)
 
 
 def build_dataset(store: Store, route: RouteConfig, *, labels: Collection[str] | None = None,

@@ -126,6 +126,30 @@ def m006_sec_train_trusted(db: sqlite_utils.Database) -> None:
     db.execute("update requests set train_trusted = (client_key_id is null)")
 
 
+def m007_feedback(db: sqlite_utils.Database) -> None:
+    """Client feedback on logged requests: ratings, scores and corrected answers. ``route`` and
+    ``target`` are copied from the request so that reports and retention need no join, and
+    ``train_trusted`` is the giving key's trust: only a trusted key's correction is trained on."""
+    db["feedback"].create(
+        {
+            "id": int,
+            "request_id": str,
+            "route": str,
+            "target": str,
+            "client_key_id": str,
+            "train_trusted": int,
+            "rating": str,
+            "score": float,
+            "correction": str,
+            "comment": str,
+            "created_at": float,
+        },
+        pk="id",
+    )
+    db["feedback"].create_index(["request_id"])
+    db["feedback"].create_index(["route", "created_at"])
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     m001_requests,
     m002_shadow,
@@ -133,6 +157,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     m004_versions,
     m005_version_reservations,
     m006_sec_train_trusted,
+    m007_feedback,
 ]
 
 

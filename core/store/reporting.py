@@ -40,6 +40,13 @@ select route, count(*) as comparisons, coalesce(sum(agree), 0) as agreements,
        coalesce(sum(cost_usd), 0.0) as shadow_cost_usd
 from shadow_results where created_at >= ? group by route
 """
+# Feedback rows (POST /v1/feedback) on answers the student served: how many, how many rated,
+# how many rated down. Rows, not requests: a request rated twice counts twice.
+_STUDENT_FEEDBACK_SQL = """
+select route, count(*) as student_feedback, coalesce(sum(rating is not null), 0) as student_ratings,
+       coalesce(sum(rating = 'down'), 0) as student_thumbs_down
+from feedback where created_at >= ? and target = 'student' group by route
+"""
 _TRAINING_RUNS_SQL = """
 select route, started_at, finished_at, outcome, version, detail_json from training_runs
 where started_at >= ? order by started_at
@@ -138,6 +145,9 @@ class RouteSummary:
     training_cost_usd: float = 0.0
     latency_ms: dict[str, dict[str, float | None]] = field(default_factory=dict)  # target -> p50/p99
     live_version: str | None = None
+    student_feedback: int = 0
+    student_ratings: int = 0
+    student_thumbs_down: int = 0
 
     @property
     def savings_usd(self) -> float:
@@ -156,12 +166,18 @@ class RouteSummary:
     def agreement(self) -> float | None:
         return self.shadow_agreements / self.shadow_comparisons if self.shadow_comparisons else None
 
+    @property
+    def student_thumbs_down_share(self) -> float | None:
+        """Of the ratings given to student answers, the share that was thumbs down."""
+        return self.student_thumbs_down / self.student_ratings if self.student_ratings else None
+
     def latency(self, quantile: str, target: str = "all") -> float | None:
         return self.latency_ms.get(target, {}).get(quantile)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data.update(savings_usd=self.savings_usd, net_savings_usd=self.net_savings_usd, student_share=self.student_share, agreement=self.agreement)
+        data.update(savings_usd=self.savings_usd, net_savings_usd=self.net_savings_usd, student_share=self.student_share, agreement=self.agreement,
+                    student_thumbs_down_share=self.student_thumbs_down_share)
         return data
 
 
@@ -204,6 +220,10 @@ def route_summaries(store: Queryable, routes: list[str], since_s: float | None =
         summary.training_runs += 1
         summary.training_hours += run["seconds"] / 3600
         summary.training_cost_usd += (costs or CostsConfig()).training_cost(run["seconds"], run["device"])
+    for row in store.query(_STUDENT_FEEDBACK_SQL, [start]):
+        summary = summaries.setdefault(row["route"], RouteSummary(row["route"]))
+        summary.student_feedback, summary.student_ratings = row["student_feedback"], row["student_ratings"]
+        summary.student_thumbs_down = row["student_thumbs_down"]
     for route, by_target in _latency_quantiles(store, start).items():
         summaries.setdefault(route, RouteSummary(route)).latency_ms = by_target
     return list(summaries.values())

@@ -106,6 +106,27 @@ class SQLiteStore:
         with self._lock:
             return list(self.db.query(sql, params))
 
+    # -- feedback ----------------------------------------------------------------------------
+    def request_owner(self, request_id: str) -> dict[str, Any] | None:
+        """A logged request's ``id``, ``route``, ``target`` and ``client_key_id``, or None."""
+        with self._lock:
+            rows = list(self.db.query("select id, route, target, client_key_id from requests where id = ?",
+                                      [request_id]))
+        return rows[0] if rows else None
+
+    def insert_feedback(self, row: dict[str, Any]) -> int:
+        with self._transaction():
+            return int(self.db["feedback"].insert(row, alter=False).last_pk)
+
+    def latest_corrections(self, route: str) -> dict[str, dict[str, Any]]:
+        """Per request id, the newest correction from a key trusted for training
+        (``correction``, ``created_at``): what the trainer learns instead of the logged answer."""
+        with self._lock:
+            rows = list(self.db.query(
+                "select request_id, correction, created_at from feedback where route = ? and train_trusted = 1 "
+                "and correction is not null order by created_at, id", [route]))
+        return {row["request_id"]: row for row in rows}  # oldest first, so the newest one stays
+
     # -- live route settings -----------------------------------------------------------------
     def route_overrides(self, route: str) -> dict[str, Any]:
         with self._lock:
@@ -232,7 +253,7 @@ class SQLiteStore:
             return list(self.db["training_runs"].rows_where("route = ?", [route], order_by="id desc"))
 
     # -- retention (store.retention_days; ``distillgate purge``) -----------------------------
-    PURGED_TABLES = ("requests", "shadow_results")
+    PURGED_TABLES = ("requests", "shadow_results", "feedback")
 
     def count_before(self, cutoff: float) -> dict[str, int]:
         """Rows logged before ``cutoff`` (epoch seconds), per table."""
@@ -240,7 +261,7 @@ class SQLiteStore:
             return {table: self.db[table].count_where("created_at < ?", [cutoff]) for table in self.PURGED_TABLES}
 
     def purge_before(self, cutoff: float, batch: int = 5_000) -> dict[str, int]:
-        """Delete request and shadow rows logged before ``cutoff``, in batches so the writer is
+        """Delete request, shadow and feedback rows logged before ``cutoff``, in batches so the writer is
         never held up for long; deleted content is overwritten on disk (secure_delete)."""
         deleted = dict.fromkeys(self.PURGED_TABLES, 0)
         for table in self.PURGED_TABLES:

@@ -213,7 +213,7 @@ class ChatService(StreamingMixin):
                 if completion is None:
                     completion = await self._call_teacher(state, record, body)
             record.response = shapes.completion_body(
-                completion.body, record.route, completion.prompt_tokens, completion.completion_tokens
+                completion.body, record.route, completion.prompt_tokens, completion.completion_tokens, record.id
             )
             self._maybe_shadow(state, record, decision, body, completion)
             return Served(record.response, self._headers(record))

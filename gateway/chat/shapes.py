@@ -16,8 +16,9 @@ from core.tool_calls import parse_tool_calls
 MESSAGE_KEYS = ("role", "content", "tool_calls", "refusal", "function_call")
 
 
-def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
+def completion_id(request_id: str | None = None) -> str:
+    """The completion's id; with the request's id in it, ``POST /v1/feedback`` takes it as is."""
+    return f"chatcmpl-{request_id or uuid.uuid4().hex}"
 
 
 def _message(raw: dict[str, Any]) -> dict[str, Any]:
@@ -37,7 +38,7 @@ def usage_of(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def completion_body(
-    upstream: dict[str, Any], route: str, prompt_tokens: int, completion_tokens: int
+    upstream: dict[str, Any], route: str, prompt_tokens: int, completion_tokens: int, request_id: str | None = None
 ) -> dict[str, Any]:
     choices = [
         {
@@ -49,7 +50,7 @@ def completion_body(
         for index, choice in enumerate(upstream.get("choices") or [])
     ]
     return {
-        "id": completion_id(),
+        "id": completion_id(request_id),
         "object": "chat.completion",
         "created": int(upstream.get("created") or time.time()),
         "model": route,

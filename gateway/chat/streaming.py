@@ -98,7 +98,7 @@ class StreamingMixin:
         except Exception:
             await self._finish(record)
             raise
-        chunk_id, created = shapes.completion_id(), int(time.time())
+        chunk_id, created = shapes.completion_id(record.id), int(time.time())
         wire = stream_format or ChatStreamFormat(record.route, request.include_usage, chunk_id, created)
         relay = StreamRelay(state, record, decision, body, chunk_id, created)
         return StreamStart(self._headers(record), self._relay(relay, upstream, first, wire, when))

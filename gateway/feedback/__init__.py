@@ -1,0 +1,1 @@
+"""``POST /v1/feedback``: ratings, scores and corrections of logged answers."""
