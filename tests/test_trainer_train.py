@@ -265,3 +265,13 @@ def test_cycle_warm_starts_from_live_on_new_answers_plus_replay(trained: dict[st
     cold = Trainer(cold_settings, trained["store"], adapters_root=trained["tmp"] / "adapters", fit_detector=False,
                    progress=False, train_overrides={"max_steps": 2}).run(ROUTE)
     assert cold.metrics["train"]["warm_start_from"] is None and cold.metrics["train"]["examples"] == cold.train_examples
+
+
+def test_warm_cycles_give_new_answers_their_share_of_a_cold_runs_passes() -> None:
+    from core.config import TrainingConfig
+    from trainer.pipeline import warm_epochs
+
+    training = TrainingConfig(epochs=10, warm_start_epochs=4)
+    assert warm_epochs(training, new=300, total=900) == 4  # a third new: the warm default
+    assert warm_epochs(training, new=940, total=1355) == pytest.approx(10 * 940 / 1355)  # mostly new: more
+    assert warm_epochs(training, new=1000, total=1000) == 10  # never more than a cold run

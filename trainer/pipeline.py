@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from core.config import RouteConfig, Settings
+from core.config import RouteConfig, Settings, TrainingConfig
 from core.registry import CandidateVersion, Registry
 from core.store import Store
 from trainer.dataset import Dataset, Example, build_dataset, labels_for_route
@@ -31,6 +31,14 @@ def make_private(root: Path) -> None:
     for path in [root.parent, root, *root.rglob("*")]:
         if not path.is_symlink():
             path.chmod(0o700 if path.is_dir() else 0o600)
+
+
+def warm_epochs(training: TrainingConfig, new: int, total: int) -> float:
+    """A warm cycle's epochs over its new answers plus replay: ``warm_start_epochs``, or more
+    when the new answers are much of the route's data, so that they get at least the share of
+    a cold run's passes that they make of it (never more than a cold run). The full demo's
+    first warm cycle added 940 answers to 415, and 4 epochs left it at 0.41 holdout agreement."""
+    return min(training.epochs, max(training.warm_start_epochs, training.epochs * new / max(1, total)))
 
 
 class NotEnoughData(Exception):
@@ -124,9 +132,9 @@ class Trainer:
         examples, warm_from = dataset.train, None
         warm = self._warm_start(config, dataset, params) if "init_adapter" not in self.train_overrides else None
         if warm is not None:
-            warm_from, examples = warm
+            warm_from, examples, new = warm
             params = params.model_copy(update={"init_adapter": str(Path(warm_from.adapter_path)),
-                                               "epochs": config.training.warm_start_epochs})
+                                               "epochs": warm_epochs(config.training, new, len(dataset.train))})
         result = train_adapter(config.student.base_model, examples, adapter_dir, params,
                                progress=self.progress,
                                metadata={"route": config.name, "version": version, "newest_at": dataset.newest_at,
@@ -134,8 +142,10 @@ class Trainer:
                                          "warm_start_from": warm_from.version if warm_from else None})
         return {**result.to_dict(), "warm_start_from": warm_from.version if warm_from else None}
 
-    def _warm_start(self, config: RouteConfig, dataset: Dataset, params: Any) -> tuple[Any, list[Any]] | None:
-        """Continual training: the version to start from and this cycle's examples, or None.
+    def _warm_start(self, config: RouteConfig, dataset: Dataset,
+                    params: Any) -> tuple[Any, list[Any], int] | None:
+        """Continual training: the version to start from, this cycle's examples and how many
+        of them are new, or None.
 
         The examples are those newer than that version's data plus a seeded replay sample
         of older ones (``replay_ratio`` times as many), so a cycle costs about the same however
@@ -162,7 +172,7 @@ class Trainer:
             old, min(len(old), round(config.training.replay_ratio * len(new))))
         logger.info("warm start", extra={"route": config.name, "from": live.version, "new": len(new),
                                          "replay": len(replay)})
-        return live, new + replay
+        return live, new + replay, len(new)
 
     def _warm_source(self, route: str) -> CandidateVersion | None:
         """The live version; before the first promotion, the newest trained one. A candidate
