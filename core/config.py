@@ -228,6 +228,20 @@ class CostsConfig(StrictModel):
         return max(0.0, seconds) / 3600 * per_hour
 
 
+class TracingConfig(StrictModel):
+    """OpenTelemetry traces (gateway/tracing.py): off, and free, until an OTLP endpoint is set."""
+
+    # The collector's OTLP/HTTP base URL (``/v1/traces`` is appended), e.g. http://127.0.0.1:4318.
+    # Unset: the standard OTEL_EXPORTER_OTLP_ENDPOINT variable, else no tracing at all.
+    otlp_endpoint: str | None = None
+    service_name: str = Field("distillgate", min_length=1)
+    # Share of requests traced (parent-based: a caller's sampled trace is always continued).
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+
+    def endpoint(self) -> str | None:
+        return self.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
+
+
 class Settings(StrictModel):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
@@ -236,6 +250,7 @@ class Settings(StrictModel):
     replay_teacher: ReplayTeacherConfig | None = None
     costs: CostsConfig = CostsConfig()
     router: RouterConfig = RouterConfig()
+    tracing: TracingConfig = TracingConfig()
     routes: list[RouteConfig]
 
     @model_validator(mode="after")
@@ -343,6 +358,6 @@ def settings_for_command(path: str | Path, route: str | None = None) -> Settings
 __all__ = [
     "REPLAY_TEACHER_MODEL", "AuthConfig", "CascadeConfig", "ClientKeyConfig", "ConfigError", "CostsConfig",
     "GateConfig", "Prices", "RedactConfig",
-    "RouteConfig", "RouterConfig", "Settings", "StoreConfig", "StudentConfig", "TeacherConfig", "TrainingConfig",
-    "VLLMConfig", "load_settings", "parse_settings", "settings_for_command",
+    "RouteConfig", "RouterConfig", "Settings", "StoreConfig", "StudentConfig", "TeacherConfig", "TracingConfig",
+    "TrainingConfig", "VLLMConfig", "load_settings", "parse_settings", "settings_for_command",
 ]

@@ -18,7 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("DISTILLGATE_API_KEYS", "DISTILLGATE_ADMIN_TOKEN", "OPENAI_API_KEY"):
+    # A developer's OTEL_EXPORTER_OTLP_ENDPOINT would turn tracing on in every app a test builds.
+    for name in ("DISTILLGATE_API_KEYS", "DISTILLGATE_ADMIN_TOKEN", "OPENAI_API_KEY", "OTEL_EXPORTER_OTLP_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
 
 
