@@ -47,6 +47,7 @@ from gateway.responses.endpoints import endpoints as responses_endpoints
 from gateway.retention import RetentionTask
 from gateway.route_table import RouteTable
 from gateway.shadow import ShadowRunner
+from gateway.tracing import Tracing, setup_tracing
 from gateway.training import TrainingLoop
 from gateway.upstream.breaker import StudentBreaker
 from router.decision import PolicyRouter, Router
@@ -68,6 +69,8 @@ class Components:
     extra_startup: list[Callable[[FastAPI], Any]] = field(default_factory=list)
     # The vLLM child that ``serve`` launched (a VLLMProcess): supervised, restarted when it dies.
     vllm_process: Any = None
+    # Tests pass one with an in-memory exporter; the app shuts down only a Tracing it built.
+    tracing: Tracing | None = None
 
 
 def _build_teachers(settings: Settings) -> dict[str, TeacherClient]:
@@ -122,6 +125,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     components: Components = app.state.components
     async with contextlib.AsyncExitStack() as stack:
+        tracing: Tracing = app.state.tracing
+        if components.tracing is None:
+            stack.callback(tracing.shutdown)  # last out: flushes the spans of the shutdown too
         store = components.store
         if store is None:
             spool_config = settings.store.spool
@@ -138,6 +144,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         stack.push_async_callback(shadow_writer.close)
         student = components.student or _build_student(settings)
         stack.push_async_callback(student.aclose)
+        tracing.instrument_client(getattr(student, "http_client", None))
         teachers = components.teachers or _build_teachers(settings)
         routes = RouteTable(settings, store)
         router = components.router or _build_router(settings, store)
@@ -159,7 +166,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         observers = [*components.observers, metrics.observe, budgets.observe, app.state.feedback.remember]
         app.state.chat_service = ChatService(routes, router, student, teachers, writer, shadow, observers,
                                              breaker=breaker, trusted_for_training=trusted_for_training,
-                                             request_timeout_s=settings.server.request_timeout_s, budgets=budgets)
+                                             request_timeout_s=settings.server.request_timeout_s, budgets=budgets,
+                                             tracing=tracing)
         app.state.passthrough_service = PassthroughService(routes, writer, observers, budgets=budgets)
         training = TrainingLoop(settings, store, student, routes, router, components.config_path)
         app.state.training, app.state.swapper = training, training.swapper
@@ -209,6 +217,9 @@ def create_app(settings: Settings, components: Components | None = None) -> Fast
     app.state.metrics = GatewayMetrics(scrape_token=scrape_token_from_env())
     app.state.error_envelopes = {"/v1/messages": anthropic_error_response}
     install_error_handlers(app)
+    app.state.tracing = app.state.components.tracing or setup_tracing(settings.tracing)
+    # The server span wraps the whole middleware stack (body limits and error handlers included).
+    app.state.tracing.instrument_app(app)
     # Every route's body is bounded in size and arrival time, the dashboard's sign-in included.
     app.add_middleware(BodyLimits, max_body_bytes=settings.server.max_body_bytes,
                        body_timeout_s=settings.server.body_timeout_s)

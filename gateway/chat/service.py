@@ -37,6 +37,7 @@ from gateway.errors import (
 )
 from gateway.redact import Redactor
 from gateway.route_table import RouteState, RouteTable
+from gateway.tracing import Tracing
 from gateway.upstream.breaker import StudentBreaker
 from router.decision import Decision, Router
 
@@ -65,6 +66,7 @@ class ChatService(StreamingMixin):
         trusted_for_training: Callable[[str | None], bool] | None = None,
         request_timeout_s: float = 300.0,
         budgets: KeyBudgets | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.routes = routes
         self.router = router
@@ -79,6 +81,7 @@ class ChatService(StreamingMixin):
         self._redactors: dict[str, Redactor] = {}
         self.request_timeout_s = request_timeout_s
         self.budgets = budgets
+        self.tracing = tracing or Tracing()
 
     def redactor(self, state: RouteState) -> Redactor:
         """The route's redaction, compiled once per route."""

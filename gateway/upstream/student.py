@@ -33,6 +33,11 @@ class VLLMStudent:
             timeout=httpx.Timeout(30.0),
         )
 
+    @property
+    def http_client(self) -> httpx.AsyncClient:
+        """The client every call goes through (tracing instruments it)."""
+        return self._client
+
     async def chat(self, model: str, body: dict[str, Any], timeout_s: float) -> Completion:
         started = time.perf_counter()
         payload = {**body, "model": model, "stream": False}
