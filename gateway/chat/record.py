@@ -51,6 +51,11 @@ class RequestRecord:
         self.status_code = status_code
         self.error = error
 
+    def trace_attributes(self) -> dict[str, Any]:
+        """What every span of this request carries (gateway/tracing.py drops the unset ones)."""
+        return {"route": self.route, "target": self.target, "student_version": self.student_version,
+                "request_id": self.id}
+
     def to_row(self) -> dict[str, Any]:
         return {
             "id": self.id,

@@ -106,7 +106,10 @@ class ChatService(StreamingMixin):
             # teacher) and no shadow sample (a teacher call).
             decision = Decision("student", reasons=["over_budget: student_only"])
         else:
-            decision = await self._decide(state, body["messages"])
+            with self.tracing.span("router.decide", **record.trace_attributes()) as span:
+                decision = await self._decide(state, body["messages"])
+                self.tracing.set(span, target=decision.target, ood_score=decision.score,
+                                 reason_count=len(decision.reasons), cascade=decision.cascade)
         record.router_score = decision.score
         record.decision_reasons = list(decision.reasons)
         return state, record, decision, body
@@ -178,7 +181,8 @@ class ChatService(StreamingMixin):
     async def _finish(self, record: RequestRecord) -> None:
         for observer in self.observers:
             observer(record)
-        await self.writer.log(record.to_row())
+        with self.tracing.span("log.write", **record.trace_attributes(), status_code=record.status_code):
+            await self.writer.log(record.to_row())
 
     def _student_open(self, record: RequestRecord) -> bool:
         """True when the breaker keeps this request off the student: straight to the teacher."""
@@ -247,7 +251,8 @@ class ChatService(StreamingMixin):
         if not await self._fits_student(record, pointer.adapter_name, student_body) or self._student_open(record):
             return None
         try:
-            with self.routes.track(pointer.adapter_name):
+            with (self.routes.track(pointer.adapter_name),
+                  self.tracing.span("student.call", **record.trace_attributes(), adapter=pointer.adapter_name)):
                 completion = await self.student.chat(pointer.adapter_name, student_body,
                                                      state.config.student.timeout_s)
         except UpstreamFailure as failure:
@@ -265,13 +270,15 @@ class ChatService(StreamingMixin):
             shapes.answer_as_tool_calls(completion.body, tool_names(body["tools"]))
         return completion
 
-    @staticmethod
-    def _cascade_passes(state: RouteState, record: RequestRecord, decision: Decision,
+    def _cascade_passes(self, state: RouteState, record: RequestRecord, decision: Decision,
                         completion: Completion) -> bool:
         threshold = state.policy().confidence_threshold
-        score = _cascade_score(completion.body["choices"][0], decision.neighbour_answers,
-                               state.config.cascade.disagreement_penalty)
-        if score is None or threshold is None or score < threshold:
+        with self.tracing.span("cascade.check", **record.trace_attributes()) as span:
+            score = _cascade_score(completion.body["choices"][0], decision.neighbour_answers,
+                                   state.config.cascade.disagreement_penalty)
+            passed = not (score is None or threshold is None or score < threshold)
+            self.tracing.set(span, cascade_score=score, cascade_threshold=threshold, cascade_passed=passed)
+        if not passed:
             shown = "no logprobs" if score is None else f"score {score:.3f}"
             record.decision_reasons += ["cascade: low student confidence",
                                         f"cascade: {shown} < confidence_threshold {threshold}"]
@@ -281,8 +288,11 @@ class ChatService(StreamingMixin):
     async def _call_teacher(self, state: RouteState, record: RequestRecord, body: dict[str, Any]) -> Completion:
         self._refuse_teacher(record)
         record.target = "teacher"
+        teacher = self.teachers[state.config.name]
         try:
-            completion = await self.teachers[state.config.name].chat(body)
+            with self.tracing.span("teacher.call", **record.trace_attributes(), teacher_model=teacher.model) as span:
+                completion = await teacher.chat(body)
+                self.tracing.set(span, teacher_model=completion.model)  # the fallback model, when it answered
         except UpstreamFailure as failure:
             error = teacher_error(failure)
             record.fail(error.status_code, str(failure))

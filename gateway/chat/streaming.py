@@ -128,7 +128,10 @@ class StreamingMixin:
             return None, None
         upstream = self.student.stream(pointer.adapter_name, student_body, state.config.student.timeout_s)
         try:
-            first = await upstream.__anext__()
+            # Up to the first chunk: the rest of the answer is relayed after the headers go out.
+            with self.tracing.span("student.call", **record.trace_attributes(), adapter=pointer.adapter_name,
+                                   stream=True):
+                first = await upstream.__anext__()
         except UpstreamFailure as failure:
             self._student_failed(record, f"student_error: {failure!r}", server_fault=failure.server_fault)
             return None, None
@@ -147,7 +150,9 @@ class StreamingMixin:
         record.teacher_model = self.teachers[state.config.name].model
         upstream = self.teachers[state.config.name].stream(body)
         try:
-            first = await upstream.__anext__()
+            with self.tracing.span("teacher.call", **record.trace_attributes(), teacher_model=record.teacher_model,
+                                   stream=True):
+                first = await upstream.__anext__()
         except StopAsyncIteration:
             first = None
         except UpstreamFailure as failure:
@@ -212,7 +217,9 @@ class StreamingMixin:
         relay.record.response = relay.response()
         for observer in self.observers:
             observer(relay.record)
-        self.writer.submit(relay.record.to_row())
+        with self.tracing.span("log.write", **relay.record.trace_attributes(), status_code=relay.record.status_code,
+                               stream=True):
+            self.writer.submit(relay.record.to_row())
 
 
 def _unstreamed(body: dict[str, Any]) -> dict[str, Any]:
