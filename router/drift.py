@@ -102,10 +102,12 @@ class DriftMonitor:
         self._lock = threading.Lock()
 
     def configure(self, route: str, window: int) -> None:
-        """Set a route's window size (its current window starts again)."""
+        """Set a route's window size (a window of another size starts again)."""
         with self._lock:
             self._sizes[route] = window
-            self._windows.pop(route, None)
+            current = self._windows.get(route)
+            if current is not None and current.scores.maxlen != window:
+                del self._windows[route]
 
     def record(self, route: str, version: str | None, score: float) -> None:
         with self._lock:
