@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from core.config_base import ROUTE_NAME_PATTERN, Prices, StrictModel
 from core.modes import Mode
@@ -119,6 +119,38 @@ class CascadeConfig(StrictModel):
     disagreement_penalty: float = Field(0.0, ge=0, le=10, allow_inf_nan=False)
 
 
+class DriftConfig(StrictModel):
+    """How far recent traffic may move from the live version's training prompts before a
+    training cycle starts early (router/drift.py has the statistics).
+
+    Always tracked (metrics, dashboard, admin API); a trigger only where a maximum is set, so
+    that by default no cycle starts sooner than ``training.min_new_examples`` would start it.
+    """
+
+    window: int = Field(500, ge=10, description="the last N scored requests of the live version")
+    # No verdict on fewer scores than this: 20 requests above the threshold out of 40 is noise.
+    min_requests: int = Field(200, ge=1)
+    # Share of the window above the route's ood_threshold (what the teacher answers because
+    # the student does not know it).
+    max_ood_share: float | None = Field(None, gt=0, le=1)
+    # Share of the window above the 95th percentile of the detector's training scores: ~0.05
+    # while traffic looks like the training prompts, whatever the threshold.
+    max_novel_share: float | None = Field(None, gt=0, le=1)
+    # An early cycle still needs this many new teacher answers since the last run.
+    min_new_examples: int = Field(50, ge=1)
+    cooldown_minutes: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _window_holds_min_requests(self) -> DriftConfig:
+        if self.min_requests > self.window:
+            raise ValueError(f"min_requests {self.min_requests} is above window {self.window}: it could never be met")
+        return self
+
+    @property
+    def triggers(self) -> bool:
+        return self.max_ood_share is not None or self.max_novel_share is not None
+
+
 class RedactConfig(StrictModel):
     """Personal data and secrets removed from every logged string (gateway/redact.py): request,
     answer, error text, shadow rows; so never trained on. Upstream calls are unchanged."""
@@ -152,6 +184,7 @@ class RouteConfig(StrictModel):
     cascade: CascadeConfig = CascadeConfig()
     shadow_rate: float = Field(0.0, ge=0, le=1)
     training: TrainingConfig = TrainingConfig()
+    drift: DriftConfig = DriftConfig()
     gate: GateConfig = GateConfig()
     redact: RedactConfig = RedactConfig()
 

@@ -174,6 +174,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         supervisor = _build_supervisor(settings, components, training)
         app.state.vllm_supervisor = supervisor
         metrics.bind_supervisor(supervisor)
+        metrics.bind_drift(training.drift)
         training.start(restore=supervisor is None)
         stack.push_async_callback(training.stop)
         if supervisor is not None:

@@ -6,7 +6,8 @@ Three sources feed it:
   call per finished request, updating counters and histograms labelled by route and target;
 - the feedback service (``GatewayMetrics.count_feedback``): one call per feedback stored;
 - a collector run at scrape time, reading what already has a home elsewhere: the live
-  student version and threshold (the route table), the store writers' health, the shadow
+  student version and threshold (the route table), each route's drift window and the cycles
+  drift started (gateway/training/drift.py), the store writers' health, the shadow
   runner's skips, shadow agreement and training runs (the store; shadow rows are read
   incrementally by id, so a scrape never rescans the table).
 
@@ -96,6 +97,10 @@ class GatewayMetrics:
         """Give the scrape-time collector the live objects (built in the app's lifespan)."""
         self._state.bind(store=store, routes=routes, writers=list(writers), shadow=shadow, breaker=breaker)
 
+    def bind_drift(self, drift: Any) -> None:
+        """The training loop's DriftWatch."""
+        self._state.drift = drift
+
     def bind_supervisor(self, supervisor: Any) -> None:
         """The vLLM supervisor (None when the gateway did not launch vLLM)."""
         self._state.supervisor = supervisor
@@ -136,6 +141,7 @@ class _StateCollector(Collector):
         self._shadow: Any = None
         self._breaker: Any = None
         self.supervisor: Any = None
+        self.drift: Any = None
         self._lock = threading.Lock()
         self._shadow_last_id = 0
         self._shadow_totals: dict[tuple[str, str], list[int]] = {}
@@ -149,6 +155,7 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield from self._route_families()
+        yield from self._drift_families()
         yield from self._writer_families()
         yield from self._breaker_families()
         if self._store is not None:
@@ -172,6 +179,32 @@ class _StateCollector(Collector):
             threshold.add_metric([described["name"]], described["ood_threshold"])
         yield version
         yield threshold
+
+    def _drift_families(self) -> Iterator[Metric]:
+        if self.drift is None or self._routes is None:
+            return
+        labels = ["route"]
+        window = GaugeMetricFamily("distillgate_drift_window_requests",
+                                   "Scored requests in the route's drift window (live version only).", labels=labels)
+        ood = GaugeMetricFamily("distillgate_drift_ood_share",
+                                "Share of the drift window above the route's live OOD threshold.", labels=labels)
+        novel = GaugeMetricFamily("distillgate_drift_novel_share",
+                                  "Share of the drift window above the 95th percentile of the live version's "
+                                  "training scores (about 0.05 without drift).", labels=labels)
+        retrains = CounterMetricFamily("distillgate_drift_retrains",
+                                       "Training cycles started early because of drift.", labels=labels)
+        for state in self._routes:
+            route = state.config.name
+            retrains.add_metric([route], self.drift.retrains[route])
+            stats = self.drift.stats(route)
+            if stats is None:
+                continue
+            window.add_metric([route], stats.requests)
+            if stats.ood_share is not None:
+                ood.add_metric([route], stats.ood_share)
+            if stats.novel_share is not None:
+                novel.add_metric([route], stats.novel_share)
+        yield from (window, ood, novel, retrains)
 
     def _breaker_families(self) -> Iterator[Metric]:
         if self._breaker is None:

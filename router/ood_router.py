@@ -8,6 +8,9 @@ worker thread (``MicroBatcher``), so the event loop never does the CPU work.
 Detectors are keyed by (route, student version): the hot swap registers the new version's
 detector (``set_detector``/``load_detector``) before it flips the route's pointer, so the
 first request on the new student is scored against the new training distribution.
+
+Every score also goes to the route's drift window (``self.drift``, router/drift.py): one
+append per request; the statistics are computed by whoever reads them.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from core.modes import Mode
 from core.prompting import user_text
 from router.artifacts import create_embedder
 from router.decision import Decision, RoutePolicy, decide_without_score
+from router.drift import DriftMonitor, DriftStats
 from router.embeddings import Embedder, MicroBatcher
 from router.learned import LearnedRouter
 from router.ood import EmbedderMismatch, OODDetector, check_embedder, load_detector
@@ -71,6 +75,7 @@ class OODRouter:
         self._random = random.Random(seed)
         self._quiet_after = 0.0
         self._blas = _limit_blas_threads()
+        self.drift = DriftMonitor()
         self._batcher: MicroBatcher[ScoreJob, ScoreResult] = MicroBatcher(
             self._score_batch, max_batch=max_batch, max_wait_ms=max_wait_ms, name="ood-router"
         )
@@ -138,6 +143,7 @@ class OODRouter:
         else:
             score, embedding, neighbours = await self._batcher.submit((detector, text))
         self._quiet_after = time.perf_counter() + INLINE_GAP_S
+        self.drift.record(policy.route, policy.student_version, score)
         decision = self._decide_scored(policy, score, embedding)
         decision.neighbour_answers = neighbours
         return self._with_student_extras(policy, decision)
@@ -171,6 +177,15 @@ class OODRouter:
             decision.shadow = True
             decision.reasons.append(f"shadow sample (rate {policy.shadow_rate})")
         return decision
+
+    def drift_stats(self, route: str, ood_threshold: float) -> DriftStats:
+        """The route's drift window against ``ood_threshold`` and its version's training scores."""
+        def train_p95(version: str | None) -> float | None:
+            detector = self.detector(route, version)
+            value = (getattr(detector, "meta", None) or {}).get("threshold_keep_95")
+            return float(value) if value is not None else None
+
+        return self.drift.stats(route, ood_threshold, train_p95)
 
     # -- batched work, in the worker thread --------------------------------------------------
     def _score_batch(self, jobs: list[ScoreJob]) -> list[ScoreResult]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +123,109 @@ def test_new_examples_are_counted_by_a_query_not_by_loading_rows(tmp_path: Path)
     scheduler = TrainingScheduler(settings, store, FakeSwapper(), config_path="c.yaml")
     assert scheduler.new_examples(ROUTE) == 43
     assert store.count_new_examples(ROUTE, after=119.5) == 20 + 3
+
+
+# -- drift starts a cycle early -------------------------------------------------------------------
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def drift_parts(tmp_path: Path, interval_minutes: float = 0.01) -> tuple[Any, SQLiteStore, Any, Any, Clock]:
+    """A route that retrains at 5 new answers, or at 2 while more than half of its last 10
+    scored requests are above its threshold."""
+    from gateway.route_table import RouteTable, StudentPointer
+    from gateway.training.drift import DriftWatch
+    from tests.test_drift import WindowRouter
+
+    settings = parse_settings({"store": {"path": str(tmp_path / "db.sqlite")}, "routes": [{
+        "name": ROUTE, "teacher": {"model": "openai/x"}, "ood_threshold": 0.5,
+        "training": {"min_new_examples": 5, "interval_minutes": interval_minutes},
+        "drift": {"window": 10, "min_requests": 10, "max_ood_share": 0.5, "min_new_examples": 2,
+                  "cooldown_minutes": 30}}]})
+    store = SQLiteStore(settings.store.path)
+    routes = RouteTable(settings, store)
+    routes.switch_student(ROUTE, StudentPointer("v0", f"{ROUTE}@v0"))
+    router, clock = WindowRouter(), Clock()
+    return settings, store, router, DriftWatch(settings, routes, router, store, clock=clock), clock
+
+
+def far_off_traffic(router: Any, requests: int = 10) -> None:
+    for _ in range(requests):
+        router.drift.record(ROUTE, "v0", 0.9)
+
+
+async def test_drift_starts_a_cycle_with_fewer_new_answers_then_cools_down(tmp_path: Path) -> None:
+    settings, store, router, drift, clock = drift_parts(tmp_path)
+    python = fake_python(tmp_path, {"version": "v1", "status": "candidate"})
+    swapper = FakeSwapper()
+    scheduler = TrainingScheduler(settings, store, swapper, config_path="c.yaml", python=str(python), drift=drift)
+    seed_teacher_answers(store, ROUTE, [(f"hi {index}", "greeting") for index in range(3)])
+    assert (await scheduler.tick(ROUTE))["action"] == "waiting"  # 3 < 5, and no drift yet
+
+    far_off_traffic(router)
+    outcome = await scheduler.tick(ROUTE)
+    assert outcome["action"] == "promoted" and outcome["trigger"] == "drift"
+    assert "ood_share 1.000 > max_ood_share 0.500" in outcome["drift"]
+    assert swapper.promoted == [(ROUTE, "v1")] and drift.retrains[ROUTE] == 1
+    [audited] = [row for row in store.route_audit(ROUTE) if row["field"] == "drift_retrain"]
+    assert json.loads(audited["new_json"])["new_examples"] == 3
+
+    # Still drifting (the fake promotion changed no pointer) and 3 new answers: the cooldown holds.
+    run_at = time.time() + 10
+    store.record_training_run({"route": ROUTE, "started_at": run_at, "finished_at": run_at, "outcome": "candidate",
+                               "version": "v1", "detail_json": "{}"})
+    seed_teacher_answers(store, ROUTE, [(f"hey {index}", "greeting") for index in range(3)], start_at=run_at + 1)
+    assert (await scheduler.tick(ROUTE)) == {"action": "waiting", "new_examples": 3}
+    clock.now += 31 * 60
+    assert (await scheduler.tick(ROUTE))["action"] == "waiting"  # and no fresh window of evidence since
+    far_off_traffic(router)
+    assert (await scheduler.tick(ROUTE))["trigger"] == "drift"
+    assert drift.retrains[ROUTE] == 2
+
+
+async def test_drift_below_its_floor_of_new_answers_waits(tmp_path: Path) -> None:
+    settings, store, router, drift, _ = drift_parts(tmp_path)
+    scheduler = TrainingScheduler(settings, store, FakeSwapper(), config_path="c.yaml",
+                                  python=str(fake_python(tmp_path, None)), drift=drift)
+    seed_teacher_answers(store, ROUTE, [("hello", "greeting")])
+    far_off_traffic(router)
+    assert await scheduler.tick(ROUTE) == {"action": "waiting", "new_examples": 1}
+    assert drift.retrains[ROUTE] == 0
+
+
+async def test_the_drift_check_brings_the_routes_tick_forward(tmp_path: Path) -> None:
+    settings, store, router, drift, _ = drift_parts(tmp_path, interval_minutes=60)
+    python = fake_python(tmp_path, {"version": "v1", "status": "candidate"})
+    scheduler = start_training_scheduler(settings, store, FakeSwapper(), config_path="c.yaml", python=str(python),
+                                         drift=drift)
+    try:
+        assert scheduler.scheduler.get_job("drift") is not None
+        seed_teacher_answers(store, ROUTE, [(f"hi {index}", "greeting") for index in range(3)])
+        assert await scheduler.check_drift() == []  # enough answers for a drift cycle, but no drift
+        far_off_traffic(router)
+        assert await scheduler.check_drift() == [ROUTE]
+        for _ in range(100):  # the hourly tick runs now instead of in an hour
+            if ROUTE in scheduler.last_outcome:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await scheduler.shutdown()
+    assert scheduler.last_outcome[ROUTE]["trigger"] == "drift"
+
+
+async def test_no_drift_job_without_a_drift_trigger(parts: Any, tmp_path: Path) -> None:
+    from gateway.route_table import RouteTable
+    from gateway.training.drift import DriftWatch
+    from tests.test_drift import WindowRouter
+
+    settings, store, swapper = parts
+    drift = DriftWatch(settings, RouteTable(settings, store), WindowRouter(), store)
+    scheduler = start_training_scheduler(settings, store, swapper, config_path="c.yaml", drift=drift)
+    try:
+        assert scheduler.scheduler.get_job("drift") is None  # tracked only: nothing to check
+    finally:
+        await scheduler.shutdown()

@@ -36,7 +36,9 @@ async def list_routes(request: Request) -> dict[str, Any]:
 
 @endpoints.get("/routes/{route}")
 async def get_route(route: str, request: Request) -> dict[str, Any]:
-    return _routes(request).get(route).describe()
+    """The route's live settings, and its drift (recent traffic vs the live version's training set)."""
+    described = _routes(request).get(route).describe()
+    return {**described, "drift": request.app.state.training.drift.status(route)}
 
 
 @endpoints.patch("/routes/{route}")

@@ -162,7 +162,7 @@ async def route_page(route: str, request: Request) -> Response:
         return _login_page(request)
     state = request.app.state
     route_state = state.routes.get(route)
-    context = await asyncio.to_thread(views.route_page, state.store, route_state, _since(request))
+    context = await asyncio.to_thread(views.route_page, state.store, route_state, _since(request), state.training.drift)
     return _page("route.html", **context)
 
 

@@ -65,8 +65,9 @@ def _version_rows(store: Any, route: str) -> list[dict[str, Any]]:
     return rows
 
 
-def route_page(store: Any, state: RouteState, since: str) -> dict[str, Any]:
-    """Everything the per-route page shows; ``chart_data`` goes to the browser as JSON."""
+def route_page(store: Any, state: RouteState, since: str, drift: Any = None) -> dict[str, Any]:
+    """Everything the per-route page shows; ``chart_data`` goes to the browser as JSON.
+    ``drift`` is the training loop's DriftWatch (None: not tracked)."""
     route = state.config.name
     since_s = reporting.parse_since(since)
     [summary] = [s for s in reporting.route_summaries(store, [route], since_s) if s.route == route]
@@ -97,6 +98,7 @@ def route_page(store: Any, state: RouteState, since: str) -> dict[str, Any]:
         "latency_rows": latency_rows,
         "versions": _version_rows(store, route),
         "training_runs": store.training_runs(route)[:10],
+        "drift": drift.status(route) if drift is not None else {"tracked": False},
         "calibration": calibration,
         "chart_data": chart_data,
         "since": since,

@@ -17,6 +17,7 @@ from core.store import Store
 from core.tasks import cancel_and_wait
 from core.upstream import StudentBackend
 from gateway.route_table import RouteTable
+from gateway.training.drift import DriftWatch
 from gateway.training.schedule import TrainingScheduler
 from gateway.training.swap import Swapper
 
@@ -30,8 +31,10 @@ class TrainingLoop:
         self.student = student
         self.swapper = Swapper(student, routes, store, route_configs={route.name: route for route in settings.routes},
                                detectors=detectors, max_lora_rank=settings.vllm.max_lora_rank)
+        # Tracked whether or not retraining is scheduled: metrics and the dashboard show it.
+        self.drift = DriftWatch(settings, routes, router, store)
         # Scheduled retraining needs the config file: the training child process reads it.
-        self.scheduler = TrainingScheduler(settings, store, self.swapper, config_path=config_path) \
+        self.scheduler = TrainingScheduler(settings, store, self.swapper, config_path=config_path, drift=self.drift) \
             if config_path is not None else None
         self.restore_timeout_s = restore_timeout_s
         self.restored: dict[str, str] | None = None

@@ -6,6 +6,11 @@ since the route's last training run; if so it runs ``distillgate train`` in a ch
 the candidate passed the gate, promotes it through the :class:`~gateway.training.swap.Swapper`.
 ``max_instances=1`` and ``coalesce=True``: one run per route at a time, missed ticks merge.
 
+Drift starts a cycle early (gateway/training/drift.py): while a route's recent traffic has
+drifted past its configured level, a tick needs only ``drift.min_new_examples`` new answers,
+and a check every ``DRIFT_CHECK_S`` brings the route's next tick forward rather than waiting
+up to ``interval_minutes`` for it.
+
 No torch here: the gateway imports this module at startup.
 """
 
@@ -17,20 +22,25 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from core.config import RouteConfig, Settings
 from core.store import Store
+from gateway.training.drift import DriftWatch
 from gateway.training.swap import SwapError, Swapper
 
 logger = logging.getLogger(__name__)
+
+DRIFT_CHECK_S = 30.0  # a read of a few hundred floats per route: cheap enough to do often
 
 
 class TrainingScheduler:
     def __init__(self, settings: Settings, store: Store, swapper: Swapper, *, config_path: str | Path,
                  python: str = sys.executable, cwd: str | Path | None = None,
-                 extra_args: Sequence[str] = (), train_timeout_s: float = 3600.0) -> None:
+                 extra_args: Sequence[str] = (), train_timeout_s: float = 3600.0,
+                 drift: DriftWatch | None = None) -> None:
         self.settings = settings
         self.store = store
         self.swapper = swapper
@@ -39,6 +49,7 @@ class TrainingScheduler:
         self.cwd = str(cwd) if cwd else None
         self.extra_args = list(extra_args)
         self.train_timeout_s = train_timeout_s
+        self.drift = drift
         self.scheduler: Any = None
         self._children: set[asyncio.subprocess.Process] = set()
         self.last_outcome: dict[str, dict[str, Any]] = {}
@@ -51,6 +62,9 @@ class TrainingScheduler:
         for route in self.settings.routes:
             self.scheduler.add_job(self.tick, "interval", args=[route.name], id=f"train:{route.name}",
                                    minutes=route.training.interval_minutes, max_instances=1, coalesce=True)
+        if self.drift is not None and any(route.drift.triggers for route in self.settings.routes):
+            self.scheduler.add_job(self.check_drift, "interval", id="drift", seconds=DRIFT_CHECK_S,
+                                   max_instances=1, coalesce=True)
         self.scheduler.start()
         logger.info("training scheduler started", extra={"routes": [route.name for route in self.settings.routes]})
 
@@ -84,10 +98,33 @@ class TrainingScheduler:
         self.last_outcome[route] = {**outcome, "at": time.time()}
         return outcome
 
+    async def check_drift(self) -> list[str]:
+        """Bring forward the tick of every route whose drift calls for a cycle it has the new
+        answers for; returns those routes. The tick decides again (and counts the cycle)."""
+        pulled = []
+        for config in self.settings.routes:
+            if self.drift is None or self.drift.due(config.name) is None:
+                continue
+            if await asyncio.to_thread(self.new_examples, config.name) < config.drift.min_new_examples:
+                continue
+            job = self.scheduler.get_job(f"train:{config.name}") if self.scheduler is not None else None
+            if job is not None:
+                job.modify(next_run_time=datetime.now(UTC))
+                pulled.append(config.name)
+        return pulled
+
     async def _tick(self, config: RouteConfig) -> dict[str, Any]:
         fresh = await asyncio.to_thread(self.new_examples, config.name)
-        if fresh < config.training.min_new_examples:
+        drift = self.drift.due(config.name) if self.drift is not None else None
+        early = drift is not None and fresh >= config.drift.min_new_examples
+        if not early and fresh < config.training.min_new_examples:
             return {"action": "waiting", "new_examples": fresh}
+        if early:
+            self.drift.record_retrain(config.name, drift, fresh)  # type: ignore[union-attr,arg-type]
+        outcome = await self._train_and_promote(config, fresh)
+        return {**outcome, "trigger": "drift", "drift": drift} if early else outcome
+
+    async def _train_and_promote(self, config: RouteConfig, fresh: int) -> dict[str, Any]:
         candidate = await self.train_in_subprocess(config.name)
         if candidate is None:
             return {"action": "train_failed", "new_examples": fresh}
