@@ -5,16 +5,20 @@ several concurrencies, this measures:
   direct          — clients call the upstream themselves;
   gateway_student — distillgate serving a route from that upstream as its student
                     (httpx hot path: the path most traffic takes);
-  gateway_teacher — distillgate serving a route from that upstream as its teacher (litellm);
+  gateway_teacher — distillgate serving a route from that upstream as its teacher through
+                    the plain httpx client (``teacher.client: auto`` for an openai/ teacher);
+  gateway_teacher_litellm — the same teacher route through litellm (``teacher.client: litellm``);
   gateway_auto    — distillgate in auto mode with a live OOD detector (fitted on CLINC150
                     train with the configured router embedder, cache off so every request
                     is embedded and scored), then served by the student: the student path
                     plus the routing decision;
   litellm_proxy   — the LiteLLM proxy in front of the same upstream.
 Each process runs alone on the machine in turn (the upstream excepted), so the numbers
-compare configurations, not absolute capacity. Prints JSON.
+compare configurations, not absolute capacity. ``--paths`` measures a subset (``direct`` is
+always measured: every other figure is relative to it). Prints JSON.
 
     python bench/overhead.py [--requests 400] [--concurrency 1 8 32] [--quick] [--embedder static]
+                             [--paths gateway_teacher gateway_teacher_litellm litellm_proxy]
 """
 
 from __future__ import annotations
@@ -41,16 +45,17 @@ PAYLOAD_MESSAGES = [{"role": "user", "content": "transfer $20000 from my savings
 
 
 AUTO_ROUTE = "bench-auto"
+GATEWAY_PATHS = ("gateway_student", "gateway_teacher", "gateway_teacher_litellm", "gateway_auto", "litellm_proxy")
 
 
 def gateway_config(upstream: str, store_path: Path, embedder: str = "static") -> dict[str, Any]:
-    def route(name: str, mode: str) -> dict[str, Any]:
+    def route(name: str, mode: str, client: str = "auto") -> dict[str, Any]:
         return {
             "name": name,
             "mode": mode,
             "ood_threshold": 100.0,  # every scored request is in distribution: served by the student
             "teacher": {"model": "openai/replay-teacher", "api_base": f"{upstream}/v1", "max_retries": 0,
-                        "prices": {"input_per_mtok": 2.5, "output_per_mtok": 10.0}},
+                        "client": client, "prices": {"input_per_mtok": 2.5, "output_per_mtok": 10.0}},
             "student": {"serve_base_model": True, "timeout_s": 30},
         }
 
@@ -59,7 +64,7 @@ def gateway_config(upstream: str, store_path: Path, embedder: str = "static") ->
         "vllm": {"url": upstream, "launch": False},
         "router": {"embedder": embedder, "artifacts_dir": str(ROUTER_ARTIFACTS), "cache_mb": 0},
         "routes": [route("bench-student", "student_only"), route("bench-teacher", "teacher_only"),
-                   route(AUTO_ROUTE, "auto")],
+                   route("bench-teacher-litellm", "teacher_only", "litellm"), route(AUTO_ROUTE, "auto")],
     }
 
 
@@ -107,21 +112,25 @@ def measure(url: str, model: str, concurrency: int, requests: int) -> LoadResult
 
 
 def run(requests: int, concurrencies: list[int], workdir: Path, console: Console,
-        embedder: str = "static") -> dict[str, Any]:
+        embedder: str = "static", paths: list[str] | None = None) -> dict[str, Any]:
     upstream_port, gateway_port, proxy_port = free_port(), free_port(), free_port()
     upstream = f"http://127.0.0.1:{upstream_port}"
     config_path = workdir / "gateway.yaml"
     config_path.write_text(yaml.safe_dump(gateway_config(upstream, workdir / "bench.db", embedder)))
-    detector = fit_auto_detector(embedder, workdir / "auto-detector")
+    paths = list(paths or GATEWAY_PATHS)
+    detector = fit_auto_detector(embedder, workdir / "auto-detector") if "gateway_auto" in paths else None
     proxy_path = workdir / "litellm.yaml"
     proxy_path.write_text(yaml.safe_dump(litellm_config(upstream)))
     targets = {
         "direct": (None, f"{upstream}/v1/chat/completions", "replay-teacher"),
         "gateway_student": ("gateway", f"http://127.0.0.1:{gateway_port}/v1/chat/completions", "bench-student"),
         "gateway_teacher": ("gateway", f"http://127.0.0.1:{gateway_port}/v1/chat/completions", "bench-teacher"),
+        "gateway_teacher_litellm": ("gateway", f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
+                                    "bench-teacher-litellm"),
         "gateway_auto": ("auto", f"http://127.0.0.1:{gateway_port}/v1/chat/completions", AUTO_ROUTE),
         "litellm_proxy": ("proxy", f"http://127.0.0.1:{proxy_port}/v1/chat/completions", "bench"),
     }
+    targets = {name: target for name, target in targets.items() if name == "direct" or name in paths}
     servers = {
         "gateway": lambda: Child(python_module("cli.main", "--log-level", "WARNING", "serve", "--config",
                                                str(config_path), "--port", str(gateway_port)),
@@ -156,6 +165,10 @@ def run(requests: int, concurrencies: list[int], workdir: Path, console: Console
     return {"embedder": embedder, "results": results, "comparison": compare(results, concurrencies)}
 
 
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return round(numerator / denominator, 2) if numerator and denominator else None
+
+
 def probe_decision(url: str, model: str) -> dict[str, Any]:
     """One auto request: proof that the detector scored it (the OOD score header) and who served."""
     import httpx
@@ -167,21 +180,28 @@ def probe_decision(url: str, model: str) -> dict[str, Any]:
 
 
 def compare(results: dict[str, dict[str, Any]], concurrencies: list[int]) -> dict[str, Any]:
+    """Per concurrency: each gateway path's added p50/p99 over direct, its throughput against
+    the LiteLLM proxy's, and the teacher path's httpx client against its litellm client."""
     comparison: dict[str, Any] = {}
     for concurrency in map(str, concurrencies):
         direct = results["direct"][concurrency]
+        measured = {name: results[name][concurrency] for name in GATEWAY_PATHS if results.get(name)}
         row: dict[str, Any] = {}
-        for name in ("gateway_student", "gateway_teacher", "gateway_auto", "litellm_proxy"):
-            measured = results[name][concurrency]
-            if measured["p50_ms"] is None or direct["p50_ms"] is None:
+        for name, figures in measured.items():
+            if figures["p50_ms"] is None or direct["p50_ms"] is None:
                 continue
-            row[f"{name}_added_p50_ms"] = round(measured["p50_ms"] - direct["p50_ms"], 3)
-            row[f"{name}_added_p99_ms"] = round(measured["p99_ms"] - direct["p99_ms"], 3)
-        proxy_rps = results["litellm_proxy"][concurrency]["requests_per_s"]
-        for name in ("gateway_student", "gateway_teacher", "gateway_auto"):
-            rps = results[name][concurrency]["requests_per_s"]
-            if rps and proxy_rps:
-                row[f"{name}_throughput_vs_litellm_proxy"] = round(rps / proxy_rps, 2)
+            row[f"{name}_added_p50_ms"] = round(figures["p50_ms"] - direct["p50_ms"], 3)
+            row[f"{name}_added_p99_ms"] = round(figures["p99_ms"] - direct["p99_ms"], 3)
+        proxy_rps = measured.get("litellm_proxy", {}).get("requests_per_s")
+        for name in GATEWAY_PATHS[:-1]:
+            if name in measured and _ratio(measured[name]["requests_per_s"], proxy_rps):
+                row[f"{name}_throughput_vs_litellm_proxy"] = _ratio(measured[name]["requests_per_s"], proxy_rps)
+        if "gateway_teacher" in measured and "gateway_teacher_litellm" in measured:
+            httpx_path, litellm_path = measured["gateway_teacher"], measured["gateway_teacher_litellm"]
+            row["teacher_httpx_vs_litellm_throughput"] = _ratio(httpx_path["requests_per_s"],
+                                                                litellm_path["requests_per_s"])
+            row["teacher_litellm_vs_httpx_added_p50"] = _ratio(row.get("gateway_teacher_litellm_added_p50_ms"),
+                                                               row.get("gateway_teacher_added_p50_ms"))
         comparison[concurrency] = row
     return comparison
 
@@ -194,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--embedder", default="static", choices=["static", "onnx", "minilm"],
                         help="the auto route's router embedder")
+    parser.add_argument("--paths", nargs="+", choices=GATEWAY_PATHS, default=list(GATEWAY_PATHS),
+                        help="what to measure besides direct (default: all)")
     parser.add_argument("--serve-auto", nargs=3, metavar=("CONFIG", "PORT", "DETECTOR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_auto:
@@ -202,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         args.requests, args.concurrency = 40, [1, 4]
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="distillgate-bench-") as workdir:
-        report = run(args.requests, args.concurrency, Path(workdir), console, args.embedder)
+        report = run(args.requests, args.concurrency, Path(workdir), console, args.embedder, args.paths)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

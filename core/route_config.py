@@ -13,9 +13,15 @@ from pydantic import Field, field_validator, model_validator
 from core.config_base import ROUTE_NAME_PATTERN, Prices, StrictModel
 from core.modes import Mode
 
+# litellm's prefix for OpenAI and OpenAI-compatible servers: such a teacher needs no translation.
+OPENAI_PREFIX = "openai/"
+
 
 class TeacherConfig(StrictModel):
     model: str = Field(description="litellm model id, e.g. openai/gpt-4.1-mini")
+    # What carries the calls: auto = plain httpx when every model (the fallback's too) is
+    # openai/... (OpenAI itself, or an OpenAI-compatible server at api_base), else litellm.
+    client: Literal["auto", "httpx", "litellm"] = "auto"
     api_base: str | None = None
     api_key_env: str | None = None
     fallback_model: str | None = None
@@ -41,6 +47,26 @@ class TeacherConfig(StrictModel):
 
     def api_key(self) -> str | None:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    def models(self) -> list[str]:
+        """The main model, then the fallback when there is one."""
+        return [self.model] + ([self.fallback_model] if self.fallback_model else [])
+
+    def resolved_client(self) -> Literal["httpx", "litellm"]:
+        """The client that carries this teacher's chat calls (``client`` with auto resolved)."""
+        if self.client != "auto":
+            return self.client
+        return "httpx" if all(model.startswith(OPENAI_PREFIX) for model in self.models()) else "litellm"
+
+    @model_validator(mode="after")
+    def _httpx_needs_openai_wire(self) -> TeacherConfig:
+        if self.client == "httpx":
+            for model in self.models():
+                api_base = (self.fallback_api_base if model == self.fallback_model else None) or self.api_base
+                if not model.startswith(OPENAI_PREFIX) and not api_base:
+                    raise ValueError(f"client httpx speaks OpenAI's wire format only: {model!r} is neither "
+                                     f"openai/... nor served at an api_base (use client auto or litellm)")
+        return self
 
     def endpoint(self, model: str) -> tuple[str | None, str | None]:
         """(api_base, api_key) for ``model``: the fallback's own when it names them."""

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
@@ -52,6 +52,9 @@ from gateway.training import TrainingLoop
 from gateway.upstream.breaker import StudentBreaker
 from router.decision import PolicyRouter, Router
 
+if TYPE_CHECKING:
+    from gateway.upstream.teacher_base import TeacherBase
+
 logger = logging.getLogger(__name__)
 
 
@@ -73,10 +76,16 @@ class Components:
     tracing: Tracing | None = None
 
 
-def _build_teachers(settings: Settings) -> dict[str, TeacherClient]:
+def _build_teachers(settings: Settings) -> dict[str, TeacherBase]:
+    """Per route, plain httpx for an OpenAI-compatible teacher, else litellm (``teacher.client``)."""
+    from gateway.upstream.openai_teacher import OpenAITeacher
     from gateway.upstream.teacher import LiteLLMTeacher
 
-    return {route.name: LiteLLMTeacher(route.teacher) for route in settings.routes}
+    teachers: dict[str, TeacherBase] = {}
+    for route in settings.routes:
+        kind = OpenAITeacher if route.teacher.resolved_client() == "httpx" else LiteLLMTeacher
+        teachers[route.name] = kind(route.teacher)
+    return teachers
 
 
 def _build_student(settings: Settings) -> StudentBackend:
@@ -145,7 +154,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         student = components.student or _build_student(settings)
         stack.push_async_callback(student.aclose)
         tracing.instrument_client(getattr(student, "http_client", None))
-        teachers = components.teachers or _build_teachers(settings)
+        teachers = components.teachers
+        if not teachers:
+            teachers = built = _build_teachers(settings)
+            for teacher in built.values():
+                tracing.instrument_client(getattr(teacher, "http_client", None))
+                stack.push_async_callback(teacher.aclose)
         routes = RouteTable(settings, store)
         router = components.router or _build_router(settings, store)
         if components.router is None and hasattr(router, "close"):

@@ -134,6 +134,7 @@ class RouteState:
             "student_version": policy.student_version,
             "student_adapter": self.student.adapter_name if self.student else None,
             "teacher_model": self.config.teacher.model,
+            "teacher_client": self.config.teacher.resolved_client(),  # httpx or litellm
             "student_base_model": self.config.student.base_model,
             "overrides": dict(self.overrides),
             "ignored_overrides": dict(self.ignored_overrides),

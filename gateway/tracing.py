@@ -71,10 +71,10 @@ class Tracing:
         FastAPIInstrumentor.instrument_app(app, tracer_provider=self.provider, excluded_urls=EXCLUDED_URLS)
 
     def instrument_client(self, client: httpx.AsyncClient | None) -> None:
-        """Client spans for one httpx client (the student's). Per client rather than httpx's
-        global patch: that one is process-wide, and it skips a client built with its own
-        transport (the tests' mock student). The teacher's calls go through litellm's own
-        aiohttp transport, which httpx's instrumentation cannot see: ``teacher.call`` times them."""
+        """Client spans for one httpx client (the student's, an OpenAI-compatible teacher's).
+        Per client rather than httpx's global patch: that one is process-wide, and it skips a
+        client built with its own transport (the tests' mock student). A litellm teacher calls
+        through litellm's own aiohttp transport, which this cannot see: ``teacher.call`` times it."""
         if self.provider is None or client is None:
             return
         from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor

@@ -52,6 +52,12 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
     return build
 
 
+@pytest.fixture(params=["httpx", "litellm"])
+def teacher_client(request: pytest.FixtureRequest) -> str:
+    """Each client an OpenAI-compatible teacher can be called with (``teacher.client``)."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="session")
 def clinc_path() -> Path:
     return CLINC

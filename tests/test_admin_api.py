@@ -37,6 +37,7 @@ def test_patch_is_live_persisted_and_audited(admin_settings: Settings) -> None:
     with UvicornThread(create_app(admin_settings)) as server:
         before = httpx.get(f"{server.url}/admin/routes/clinc-intents", headers=ADMIN).json()
         assert before["ood_threshold"] == 0.5 and before["student_version"] is None
+        assert before["teacher_client"] == "httpx", "an openai/ teacher at an api_base takes the httpx client"
         changed = httpx.patch(f"{server.url}/admin/routes/clinc-intents", headers=ADMIN,
                               json={"ood_threshold": 0.35, "shadow_rate": 0.2, "mode": "teacher_only"})
         assert changed.status_code == 200, changed.text

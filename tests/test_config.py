@@ -32,6 +32,9 @@ def test_shipped_configs_are_valid(path: Path) -> None:
         ({"routes": [ROUTE, ROUTE]}, "duplicate route names: r1"),
         ({"routes": []}, "at least one route"),
         ({"routes": [{"name": "r1"}]}, "routes.0.teacher: Field required"),
+        ({"routes": [{**ROUTE, "teacher": {"model": "openai/m", "client": "requests"}}]}, "routes.0.teacher.client"),
+        ({"routes": [{**ROUTE, "teacher": {"model": "anthropic/claude-sonnet-4", "client": "httpx"}}]},
+         "client httpx speaks OpenAI's wire format only: 'anthropic/claude-sonnet-4'"),
         ([], "top level must be a mapping"),
     ],
 )
@@ -48,6 +51,23 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     broken.write_text("routes: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_settings(broken)
+
+
+@pytest.mark.parametrize(
+    ("teacher", "client"),
+    [
+        ({"model": "openai/gpt-4.1-mini"}, "httpx"),  # OpenAI's API itself
+        ({"model": "openai/replay-teacher", "api_base": "http://127.0.0.1:8200/v1"}, "httpx"),
+        ({"model": "anthropic/claude-sonnet-4"}, "litellm"),
+        ({"model": "bedrock/anthropic.claude-3", "api_base": "http://proxy/v1"}, "litellm"),
+        ({"model": "openai/gpt-4.1-mini", "fallback_model": "anthropic/claude-sonnet-4"}, "litellm"),
+        ({"model": "openai/gpt-4.1-mini", "client": "litellm"}, "litellm"),
+        ({"model": "hosted_vllm/qwen", "api_base": "http://vllm/v1", "client": "httpx"}, "httpx"),
+    ],
+)
+def test_teacher_client_is_chosen_per_route(teacher: dict[str, Any], client: str) -> None:
+    settings = parse_settings({"routes": [{**ROUTE, "teacher": teacher}]})
+    assert settings.routes[0].teacher.resolved_client() == client
 
 
 def test_secrets_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,7 @@
 """Teacher faults through real replay teachers (the stand-in for a frontier API): injected
 429/500s are retried a bounded number of times with backoff, then answered with a clean
-OpenAI-format error; a configured fallback model (a second replay teacher) takes over."""
+OpenAI-format error; a configured fallback model (a second replay teacher) takes over. Each
+test runs with both teacher clients: plain httpx and litellm."""
 
 from __future__ import annotations
 
@@ -36,9 +37,11 @@ def teacher_with(clinc_path: Path) -> Iterator[Callable[..., tuple[str, Counting
 
 
 def test_failing_teacher_is_retried_then_a_clean_openai_error(make_settings: Callable[..., Settings],
-                                                              teacher_with: Callable[..., tuple[str, CountingApp]]) -> None:
+                                                              teacher_with: Callable[..., tuple[str, CountingApp]],
+                                                              teacher_client: str) -> None:
     url, counter = teacher_with(error_rate=1.0, error_status=500)  # a 429 goes on as a 429: test_upstream_limits
-    settings = make_settings(url, route={"teacher": {"max_retries": 2, "backoff_base_s": 0.01}})
+    settings = make_settings(url, route={"teacher": {"max_retries": 2, "backoff_base_s": 0.01,
+                                                         "client": teacher_client}})
     with UvicornThread(create_app(settings)) as server:
         for stream in (False, True):
             response = httpx.post(f"{server.url}/v1/chat/completions", timeout=30,
@@ -54,9 +57,11 @@ def test_failing_teacher_is_retried_then_a_clean_openai_error(make_settings: Cal
 
 
 def test_flaky_teacher_is_retried_until_it_answers(make_settings: Callable[..., Settings],
-                                                   teacher_with: Callable[..., tuple[str, CountingApp]]) -> None:
+                                                   teacher_with: Callable[..., tuple[str, CountingApp]],
+                                                   teacher_client: str) -> None:
     url, counter = teacher_with(error_rate=0.4, seed=3)  # seeded: the same failures every run
-    settings = make_settings(url, route={"teacher": {"max_retries": 6, "backoff_base_s": 0.005}})
+    settings = make_settings(url, route={"teacher": {"max_retries": 6, "backoff_base_s": 0.005,
+                                                         "client": teacher_client}})
     with UvicornThread(create_app(settings)) as server:
         client = sdk(server.url)
         answers = [client.chat.completions.create(model=ROUTE, messages=MESSAGES, stream=False)
@@ -66,11 +71,13 @@ def test_flaky_teacher_is_retried_until_it_answers(make_settings: Callable[..., 
 
 
 def test_fallback_teacher_answers_when_the_main_one_fails(make_settings: Callable[..., Settings],
-                                                          teacher_with: Callable[..., tuple[str, CountingApp]]) -> None:
+                                                          teacher_with: Callable[..., tuple[str, CountingApp]],
+                                                          teacher_client: str) -> None:
     broken_url, broken = teacher_with(error_rate=1.0)
     healthy_url, healthy = teacher_with()
     settings = make_settings(broken_url, route={"teacher": {
-        "max_retries": 1, "fallback_model": "openai/replay-fallback", "fallback_api_base": f"{healthy_url}/v1"}})
+        "max_retries": 1, "fallback_model": "openai/replay-fallback", "fallback_api_base": f"{healthy_url}/v1",
+        "client": teacher_client}})
     with UvicornThread(create_app(settings)) as server:
         client = sdk(server.url)
         raw = client.chat.completions.with_raw_response.create(model=ROUTE, messages=MESSAGES)

@@ -1,6 +1,7 @@
 """Upstream limits through real servers on loopback: a provider's retry-after is honoured and
 a teacher 429 reaches the client as a 429 with retry-after (not a 502); concurrent teacher
-calls are capped; each request has an overall deadline, streams included."""
+calls are capped; each request has an overall deadline, streams included. The teacher's
+tests run with both teacher clients (plain httpx, litellm)."""
 
 from __future__ import annotations
 
@@ -56,9 +57,10 @@ def _http_date(seconds_ahead: float) -> str:
 
 
 def test_teacher_429_honours_retry_after_then_reaches_the_client_as_429(
-        make_settings: Callable[..., Settings], teacher_with: Callable[..., tuple[str, CountingApp]]) -> None:
+        make_settings: Callable[..., Settings], teacher_with: Callable[..., tuple[str, CountingApp]],
+        teacher_client: str) -> None:
     url, counter = teacher_with(error_rate=1.0, error_status=429, retry_after_s=1)
-    settings = make_settings(url, route={"teacher": {"max_retries": 2, "backoff_base_s": 0.01}})
+    settings = make_settings(url, route={"teacher": {"max_retries": 2, "backoff_base_s": 0.01, "client": teacher_client}})
     with UvicornThread(create_app(settings)) as server:
         started = time.monotonic()
         with pytest.raises(openai.RateLimitError) as limited:
@@ -74,9 +76,11 @@ def test_teacher_429_honours_retry_after_then_reaches_the_client_as_429(
 
 
 def test_a_retry_after_longer_than_we_honour_is_passed_on_at_once(
-        make_settings: Callable[..., Settings], teacher_with: Callable[..., tuple[str, CountingApp]]) -> None:
+        make_settings: Callable[..., Settings], teacher_with: Callable[..., tuple[str, CountingApp]],
+        teacher_client: str) -> None:
     url, counter = teacher_with(error_rate=1.0, error_status=429, retry_after_s=30)
-    settings = make_settings(url, route={"teacher": {"max_retries": 3, "max_retry_after_s": 5}})
+    settings = make_settings(url, route={"teacher": {"max_retries": 3, "max_retry_after_s": 5,
+                                                          "client": teacher_client}})
     with UvicornThread(create_app(settings)) as server:
         started = time.monotonic()
         response = httpx.post(f"{server.url}/v1/chat/completions", json=CHAT, timeout=30)
@@ -85,9 +89,11 @@ def test_a_retry_after_longer_than_we_honour_is_passed_on_at_once(
 
 
 def test_concurrent_teacher_calls_are_capped(make_settings: Callable[..., Settings],
-                                             teacher_with: Callable[..., tuple[str, CountingApp]]) -> None:
+                                             teacher_with: Callable[..., tuple[str, CountingApp]],
+                                             teacher_client: str) -> None:
     url, counter = teacher_with(latency_ms=3000)  # long enough that all three overlap on a loaded machine
-    settings = make_settings(url, route={"teacher": {"max_concurrency": 1, "queue_timeout_s": 0.3}})
+    settings = make_settings(url, route={"teacher": {"max_concurrency": 1, "queue_timeout_s": 0.3,
+                                                          "client": teacher_client}})
     with UvicornThread(create_app(settings)) as server, concurrent.futures.ThreadPoolExecutor(3) as pool:
         responses = list(pool.map(lambda _: httpx.post(f"{server.url}/v1/chat/completions", json=CHAT, timeout=30),
                                   range(3)))
@@ -117,12 +123,14 @@ def _slow_stream_teacher() -> FastAPI:
 
 
 def test_every_request_has_an_overall_deadline_streams_included(
-        make_settings: Callable[..., Settings], teacher_with: Callable[..., tuple[str, CountingApp]]) -> None:
+        make_settings: Callable[..., Settings], teacher_with: Callable[..., tuple[str, CountingApp]],
+        teacher_client: str) -> None:
     slow_url, _ = teacher_with(latency_ms=5000)
     with UvicornThread(_slow_stream_teacher()) as stalling:
         for url, stream in ((slow_url, False), (slow_url, True), (stalling.url, True)):
             settings = make_settings(url, server={"request_timeout_s": 1.0},
-                                     route={"teacher": {"timeout_s": 30, "max_retries": 0}})
+                                     route={"teacher": {"timeout_s": 30, "max_retries": 0,
+                                                        "client": teacher_client}})
             with UvicornThread(create_app(settings)) as server:
                 started = time.monotonic()
                 response = httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, "stream": stream}, timeout=30)

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from core.upstream import Completion, UpstreamFailure
+from gateway.upstream.openai_wire import parse_completion, parse_sse_line
 
 # Per message, what a chat template may add around the content (role markers, separators),
 # and once per prompt (the system prompt's frame, the generation prompt); in tokens.
@@ -55,7 +56,7 @@ class VLLMStudent:
                 status_code=response.status_code,
                 retryable=True,
             )
-        data = _parse_completion(response)
+        data = parse_completion(response, "student")
         usage = data.get("usage") or {}
         return Completion(
             body=data,
@@ -77,7 +78,7 @@ class VLLMStudent:
                         retryable=True,
                     )
                 async for line in response.aiter_lines():
-                    chunk = _parse_sse_line(line)
+                    chunk = parse_sse_line(line, "student")
                     if chunk is not None:
                         yield chunk
         except httpx.PoolTimeout as error:
@@ -146,28 +147,3 @@ def _pool_full(error: httpx.PoolTimeout) -> UpstreamFailure:
     """The gateway's own connection pool is exhausted: not the student server's fault."""
     return UpstreamFailure(f"student connection pool exhausted: {error!r}", timeout=True, retryable=True,
                            server_fault=False)
-
-
-def _parse_completion(response: httpx.Response) -> dict[str, Any]:
-    try:
-        data = response.json()
-    except ValueError as error:
-        raise UpstreamFailure("student returned a body that is not JSON", retryable=True) from error
-    if not isinstance(data, dict) or not isinstance(data.get("choices"), list) or not data["choices"]:
-        raise UpstreamFailure("student returned a malformed completion", retryable=True)
-    return data
-
-
-def _parse_sse_line(line: str) -> dict[str, Any] | None:
-    if not line.startswith("data:"):
-        return None
-    data = line[5:].strip()
-    if not data or data == "[DONE]":
-        return None
-    try:
-        chunk = json.loads(data)
-    except ValueError as error:
-        raise UpstreamFailure("student streamed a chunk that is not JSON", retryable=True) from error
-    if "error" in chunk:
-        raise UpstreamFailure(f"student stream error: {chunk['error']}", retryable=True)
-    return chunk
