@@ -179,6 +179,10 @@ def test_served_agreement_gate_needs_a_served_share() -> None:
     assert gate(result(0.3, 0.95), None, config).passed
     assert not gate(result(0.3, 0.85), None, config).passed  # what it would serve is not good enough
     assert "served share" in gate(result(0.02, 1.0), None, config).reason  # serves too little to judge
+    # Against live: the same agreement on a smaller share is a worse version (tolerance 0.01).
+    assert gate(result(0.705, 0.95), result(0.71, 0.95), config).passed
+    shrunk = gate(result(0.66, 0.95), result(0.71, 0.95), config)
+    assert not shrunk.passed and "below live" in shrunk.reason
 
 
 def test_evaluation_reports_the_cascade_share(trained: dict[str, Any], student_base_dir: Path) -> None:
