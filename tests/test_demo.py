@@ -159,8 +159,18 @@ def test_the_demo_gateway_uses_its_own_keys_whatever_the_callers_environment(
         assert httpx.get(admin, headers=users_admin).status_code == 401
         # The caller's metrics token did not reach the demo's gateway either.
         assert httpx.get(f"{stack.gateway_url}/metrics").status_code == 200
+        # The held-out queries' key answers too, but nothing it sends becomes training data.
+        evaluation = openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key=stack.credentials.evaluation_key,
+                                   max_retries=0)
+        assert evaluation.chat.completions.create(
+            model=stack.settings.routes[0].name,
+            messages=[{"role": "user", "content": "how do i transfer money"}]).choices[0].message.content
     finally:
         stack.stop()
+    with sqlite3.connect(stack.settings.store.path) as connection:
+        trusted = dict(connection.execute("select json_extract(request_json, '$.messages[0].content'), train_trusted "
+                                          "from requests").fetchall())
+    assert trusted == {"what is my bank balance": 1, "how do i transfer money": 0}
 
 
 # -- integration tier: `distillgate demo --quick` end to end -------------------------------------

@@ -173,20 +173,25 @@ async def _run(options: DemoOptions, console: Console) -> dict[str, Any]:
     stack = await asyncio.to_thread(start_stack, options, progress=console.log)
     route = stack.settings.routes[0]
     try:
-        # The demo's own key, and no proxy or other setting taken from the caller's shell.
-        client = openai.AsyncOpenAI(base_url=f"{stack.gateway_url}/v1", api_key=stack.credentials.client_key,
-                                    max_retries=0, timeout=120,
-                                    http_client=openai.DefaultAsyncHttpxClient(trust_env=False))
+        client = _client(stack.gateway_url, stack.credentials.client_key)
         started = time.monotonic()
         outcomes = await _stream_with_progress(client, route.name, system_prompt, stream, options, console)
         stream_end, stream_wall_s = time.time(), time.monotonic() - started
         console.log(f"stream done in {stream_wall_s:.0f}s; evaluating on {len(heldout)} held-out queries")
-        heldout_outcomes = await send_all(client, route.name, system_prompt, heldout, options.concurrency)
+        # With the key not trusted for training: no version is trained on the held-out queries.
+        evaluation = _client(stack.gateway_url, stack.credentials.evaluation_key)
+        heldout_outcomes = await send_all(evaluation, route.name, system_prompt, heldout, options.concurrency)
         references = await _references(stack.reference_url, stream + heldout, route.teacher.prices, system_prompt)
     finally:
         stack.stop()
     result = _assemble(options, stack.settings, outcomes, heldout_outcomes, references, stream_end)
     return {"stream_wall_s": round(stream_wall_s, 1), **result}
+
+
+def _client(gateway_url: str, key: str) -> openai.AsyncOpenAI:
+    """A client with one of the demo's keys, and no proxy or other setting from the caller's shell."""
+    return openai.AsyncOpenAI(base_url=f"{gateway_url}/v1", api_key=key, max_retries=0, timeout=120,
+                              http_client=openai.DefaultAsyncHttpxClient(trust_env=False))
 
 
 def _fresh_store(path: Path) -> None:

@@ -27,16 +27,23 @@ from harness.demo.options import DemoOptions
 ENV_PREFIX = "DISTILLGATE_"
 
 
+# The held-out queries are sent with a key not trusted for training: they measure the
+# versions the stream produced, and no version is trained on them while they run.
+EVALUATION_KEY_ENV = "DISTILLGATE_DEMO_EVALUATION_KEY"
+
+
 @dataclass(frozen=True)
 class Credentials:
-    """The client key and admin token of the demo's gateway, made for one run."""
+    """The client keys and admin token of the demo's gateway, made for one run."""
 
     client_key: str
     admin_token: str
+    evaluation_key: str
 
     @classmethod
     def generate(cls) -> Credentials:
-        return cls(client_key=f"demo-{secrets.token_urlsafe(18)}", admin_token=secrets.token_urlsafe(24))
+        return cls(client_key=f"demo-{secrets.token_urlsafe(18)}", admin_token=secrets.token_urlsafe(24),
+                   evaluation_key=f"demo-eval-{secrets.token_urlsafe(18)}")
 
 
 @dataclass
@@ -68,9 +75,9 @@ def demo_config(options: DemoOptions, gateway_port: int, teacher_port: int, vllm
     training["interval_minutes"] = options.interval_minutes
     if options.min_new_examples is not None:
         training["min_new_examples"] = options.min_new_examples
-    # Only the demo's own key: keys with policies from the base config name variables the
+    # Only the demo's own keys: keys with policies from the base config name variables the
     # caller's shell may or may not hold.
-    base.setdefault("auth", {})["keys"] = []
+    base.setdefault("auth", {})["keys"] = [{"key_env": EVALUATION_KEY_ENV, "trusted_for_training": False}]
     # The demo's key is its own app's: what it sends is what the student should learn.
     base["auth"]["client_keys_trusted_for_training"] = True
     base.setdefault("server", {})["port"] = gateway_port
@@ -90,7 +97,8 @@ def demo_config(options: DemoOptions, gateway_port: int, teacher_port: int, vllm
 def gateway_environment(settings: Settings, credentials: Credentials) -> dict[str, str]:
     """The auth variables the demo's gateway reads, set to this run's credentials."""
     return {settings.auth.client_keys_env: credentials.client_key,
-            settings.auth.admin_token_env: credentials.admin_token}
+            settings.auth.admin_token_env: credentials.admin_token,
+            EVALUATION_KEY_ENV: credentials.evaluation_key}
 
 
 def ensure_student_base(config_path: Path, settings: Settings, log_path: Path) -> bool:
