@@ -187,7 +187,8 @@ def _add_served(result: EvalResult, holdout: Sequence[Example], answers: Sequenc
 
 
 def gate(candidate: EvalResult, live: EvalResult | None, config: GateConfig) -> GateDecision:
-    """Promote only if the metric meets the minimum and is not worse than live beyond the tolerance."""
+    """Promote only if the metric meets the minimum and is not worse than live beyond the
+    tolerance (on ``served_agreement``: nor the served share)."""
     value = candidate.metric(config.metric)
     live_value = live.metric(config.metric) if live is not None else None
     if candidate.examples == 0:
