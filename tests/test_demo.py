@@ -27,7 +27,7 @@ from harness.demo import report
 from harness.demo.goals import MET, NOT_MET, UNDEFINED, full_goals, goals, quick_goals
 from harness.demo.options import DemoOptions
 from harness.demo.savings import TrainingCharge, break_even, timeline
-from harness.demo.stack import start_stack
+from harness.demo.stack import EVALUATION_KEY_ENV, Credentials, demo_config, gateway_environment, start_stack
 from harness.demo.traffic import Outcome, Query
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,6 +135,24 @@ def test_training_is_priced_by_device() -> None:
     costs = CostsConfig(training_per_cpu_hour=0.2, training_per_gpu_hour=4.0)
     assert costs.training_cost(1800, "cpu") == pytest.approx(0.1)
     assert costs.training_cost(900, "cuda:0") == pytest.approx(1.0)
+
+
+def test_held_out_queries_have_a_key_of_their_own_that_is_not_trusted_for_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.config import parse_settings
+    from gateway.auth import key_id
+    from gateway.keys import KeyPolicies
+
+    options = DemoOptions.quick_defaults(out=tmp_path)
+    settings = parse_settings(demo_config(options, 8000, 8200, 8100), options.config)
+    credentials = Credentials.generate()
+    environment = gateway_environment(settings, credentials)
+    assert environment[EVALUATION_KEY_ENV] == credentials.evaluation_key != credentials.client_key
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    policies = KeyPolicies(settings.auth)
+    assert policies.trusted_for_training(key_id(credentials.client_key))
+    assert not policies.trusted_for_training(key_id(credentials.evaluation_key))
 
 
 # -- integration tier: the demo's own gateway, with the caller's shell set -----------------------
