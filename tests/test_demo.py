@@ -27,7 +27,13 @@ from harness.demo import report
 from harness.demo.goals import MET, NOT_MET, UNDEFINED, full_goals, goals, quick_goals
 from harness.demo.options import DemoOptions
 from harness.demo.savings import TrainingCharge, break_even, timeline
-from harness.demo.stack import EVALUATION_KEY_ENV, Credentials, demo_config, gateway_environment, start_stack
+from harness.demo.stack import (
+    EVALUATION_KEY_ENV,
+    Credentials,
+    demo_config,
+    gateway_environment,
+    start_stack,
+)
 from harness.demo.traffic import Outcome, Query
 
 ROOT = Path(__file__).resolve().parents[1]
