@@ -104,13 +104,15 @@ def _print_versions_table(route: str, versions: list[Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"student versions of {route}")
-    for column in ("version", "status", "parent", "agreement", "live agreement", "train", "holdout", "note"):
+    for column in ("version", "status", "parent", "gate metric", "live", "served share", "threshold", "train",
+                   "holdout", "note"):
         table.add_column(column)
     for version in versions:
-        gate = version.metrics.get("gate", {})
+        gate, candidate = version.metrics.get("gate", {}), version.metrics.get("candidate") or {}
         table.add_row(version.version, version.status, version.parent or "-", _fmt(gate.get("candidate")),
-                      _fmt(gate.get("live")), str(version.train_examples), str(version.holdout_examples),
-                      (version.note or "")[:60])
+                      _fmt(gate.get("live")), _fmt(candidate.get("served_share")),
+                      _fmt(candidate.get("confidence_threshold")), str(version.train_examples),
+                      str(version.holdout_examples), (version.note or "")[:60])
     Console().print(table)
 
 

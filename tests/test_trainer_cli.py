@@ -38,7 +38,7 @@ def config(tmp_path: Path, student_base_dir: Path, clinc_path: Path) -> Path:
         "server": {"port": 8999},
         "vllm": {"model_dir": str(student_base_dir)},
         "routes": [{"name": ROUTE, "teacher": {"model": "openai/replay-teacher"}, "labels_dataset": str(clinc_path),
-                    "student": {"system_prompt": "Intent label:"},
+                    "student": {"system_prompt": "Intent label:"}, "confidence_threshold": -0.5,
                     "training": {"holdout_fraction": 0.2}}],
     }
     path = tmp_path / "config.yaml"
@@ -66,6 +66,7 @@ def test_train_then_versions(config: Path, tmp_path: Path, clinc_path: Path,
     assert run_cli(["versions", "--config", str(config), "--route", ROUTE, "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [item["version"] for item in listed] == ["v1"]
+    assert listed[0]["metrics"]["candidate"]["confidence_threshold"] == -0.5  # what the cascade serves it at
     assert run_cli(["versions", "--config", str(config), "--route", ROUTE]) == 0
     assert "v1" in capsys.readouterr().out
 
