@@ -100,6 +100,17 @@ def tool_calling_student(request: httpx.Request) -> httpx.Response:
         "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}})
 
 
+def completion_with_logprob(model: str, logprob: float, content: str = "student-answer") -> httpx.Response:
+    """A student's whole answer as one token with ``logprob``: what the cascade judges."""
+    return httpx.Response(200, json={
+        "id": "x", "object": "chat.completion", "created": 1, "model": model,
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content},
+                     "logprobs": {"content": [{"token": content, "logprob": logprob, "bytes": None,
+                                               "top_logprobs": []}]}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+    })
+
+
 def breaking_student(request: httpx.Request) -> httpx.Response:
     first = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "trans"}}]}
     return httpx.Response(200, text=f"data: {json.dumps(first)}\n\ndata: {{broken\n\n",

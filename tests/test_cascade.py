@@ -15,7 +15,7 @@ from core.config import Settings
 from gateway.app import Components, create_app
 from gateway.upstream.student import VLLMStudent
 from router.decision import Decision, RoutePolicy
-from tests.helpers import UTTERANCE, UvicornThread, log_rows, sdk
+from tests.helpers import UTTERANCE, UvicornThread, completion_with_logprob, log_rows, sdk
 
 
 class CascadeRouter:
@@ -28,27 +28,24 @@ def student_answer(request: httpx.Request) -> httpx.Response:
     assert body["logprobs"] is True  # the cascade asks for them
     unsure = "unsure" in body["messages"][-1]["content"] or body["messages"][-1]["content"] == UTTERANCE
     logprob = -2.0 if unsure else -0.01
-    return httpx.Response(200, json={
-        "id": "x", "object": "chat.completion", "created": 1, "model": body["model"],
-        "choices": [{"index": 0, "finish_reason": "stop",
-                     "message": {"role": "assistant", "content": "student-answer"},
-                     "logprobs": {"content": [{"token": "student-answer", "logprob": logprob, "bytes": None,
-                                               "top_logprobs": []}]}}],
-        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
-    })
+    return completion_with_logprob(body["model"], logprob)
+
+
+def ask_in_turn(settings: Settings, router: Any, contents: list[str]) -> list[Any]:
+    """Each prompt through the gateway (under uvicorn, ``router`` deciding, the mock student
+    answering), as the SDK's raw responses."""
+    student = VLLMStudent("http://student.invalid", transport=httpx.MockTransport(student_answer))
+    with UvicornThread(create_app(settings, Components(student=student, router=router))) as server:
+        client = sdk(server.url)
+        return [client.chat.completions.with_raw_response.create(
+            model="clinc-intents", messages=[{"role": "user", "content": content}]) for content in contents]
 
 
 def test_confident_student_serves_and_unsure_goes_to_teacher(make_settings: Callable[..., Settings],
                                                               replay_teacher: str) -> None:
     settings = make_settings(replay_teacher, route={"confidence_threshold": -0.5,
                                                     "student": {"serve_base_model": True}})
-    student = VLLMStudent("http://student.invalid", transport=httpx.MockTransport(student_answer))
-    with UvicornThread(create_app(settings, Components(student=student, router=CascadeRouter()))) as server:
-        client = sdk(server.url)
-        confident = client.chat.completions.with_raw_response.create(
-            model="clinc-intents", messages=[{"role": "user", "content": "sure thing"}])
-        unsure = client.chat.completions.with_raw_response.create(
-            model="clinc-intents", messages=[{"role": "user", "content": f"unsure {UTTERANCE}"}])
+    confident, unsure = ask_in_turn(settings, CascadeRouter(), ["sure thing", f"unsure {UTTERANCE}"])
     assert confident.headers["x-distillgate-target"] == "student"
     assert confident.parse().choices[0].message.content == "student-answer"
     assert confident.parse().choices[0].logprobs is None
@@ -142,13 +139,7 @@ def test_a_confident_answer_its_neighbours_dispute_goes_to_the_teacher(make_sett
     settings = make_settings(replay_teacher, route={"confidence_threshold": -0.5,
                                                     "cascade": {"disagreement_penalty": 1.0},
                                                     "student": {"serve_base_model": True}})
-    student = VLLMStudent("http://student.invalid", transport=httpx.MockTransport(student_answer))
-    with UvicornThread(create_app(settings, Components(student=student, router=NeighbourRouter()))) as server:
-        client = sdk(server.url)
-        agreed = client.chat.completions.with_raw_response.create(
-            model="clinc-intents", messages=[{"role": "user", "content": "agreed by the neighbours"}])
-        disputed = client.chat.completions.with_raw_response.create(
-            model="clinc-intents", messages=[{"role": "user", "content": f"disputed {UTTERANCE}"}])
+    agreed, disputed = ask_in_turn(settings, NeighbourRouter(), ["agreed by the neighbours", f"disputed {UTTERANCE}"])
     assert agreed.headers["x-distillgate-target"] == "student"  # logprob -0.01, no dissent
     assert disputed.headers["x-distillgate-target"] == "teacher"  # same logprob, five dissents: -1.01
     reasons = [reason for row in log_rows(settings, 2) for reason in json.loads(row["decision_reasons"])]

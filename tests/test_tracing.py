@@ -25,7 +25,7 @@ from gateway.app import Components, create_app
 from gateway.tracing import Tracing, setup_tracing, traces_url
 from gateway.upstream.student import VLLMStudent
 from router.decision import Decision, RoutePolicy
-from tests.helpers import ROOT, UTTERANCE, UvicornThread, sdk
+from tests.helpers import ROOT, UTTERANCE, UvicornThread, completion_with_logprob, sdk
 
 THRESHOLD = -0.5
 
@@ -41,14 +41,7 @@ def student_answer(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={})  # the gateway's own calls (adapter unloads at shutdown)
     body = json.loads(request.content)
     logprob = -2.0 if "unsure" in body["messages"][-1]["content"] else -0.01
-    return httpx.Response(200, json={
-        "id": "x", "object": "chat.completion", "created": 1, "model": body["model"],
-        "choices": [{"index": 0, "finish_reason": "stop",
-                     "message": {"role": "assistant", "content": "student-answer"},
-                     "logprobs": {"content": [{"token": "student-answer", "logprob": logprob, "bytes": None,
-                                               "top_logprobs": []}]}}],
-        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
-    })
+    return completion_with_logprob(body["model"], logprob)
 
 
 def cascade_settings(make_settings: Callable[..., Settings], replay_teacher: str) -> Settings:
