@@ -23,11 +23,13 @@ class Queryable(Protocol):
     def query(self, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> list[dict[str, Any]]: ...
 
 
-_SUMMARY_SQL = """
-select route,
+# The counts every summary starts with, by route or by client key.
+_REQUEST_COUNTS = """
        count(*) as requests,
        coalesce(sum(status_code >= 400), 0) as errors,
-       coalesce(sum(target = 'student'), 0) as student_requests,
+       coalesce(sum(target = 'student'), 0) as student_requests,"""
+_SUMMARY_SQL = """
+select route,""" + _REQUEST_COUNTS + """
        coalesce(sum(fallback), 0) as fallbacks,
        coalesce(sum(prompt_tokens), 0) as prompt_tokens,
        coalesce(sum(completion_tokens), 0) as completion_tokens,
@@ -93,10 +95,7 @@ from training_runs group by route, coalesce(outcome, 'unknown')
 """
 # Per client key (null: requests without a key, an open gateway's).
 _KEY_SUMMARY_SQL = """
-select client_key_id,
-       count(*) as requests,
-       coalesce(sum(status_code >= 400), 0) as errors,
-       coalesce(sum(target = 'student'), 0) as student_requests,
+select client_key_id,""" + _REQUEST_COUNTS + """
        coalesce(sum(cost_usd), 0.0) as cost_usd,
        coalesce(sum(teacher_cost_usd), 0.0) as teacher_cost_usd
 from requests where created_at >= ? group by client_key_id order by cost_usd desc, client_key_id
