@@ -35,6 +35,7 @@ from harness.demo.stack import (
     start_stack,
 )
 from harness.demo.traffic import Outcome, Query
+from tests.helpers import log_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a user running the gateway has in their shell; the demo must work regardless.
@@ -189,11 +190,12 @@ def test_the_demo_gateway_uses_its_own_keys_whatever_the_callers_environment(
         assert evaluation.chat.completions.create(
             model=stack.settings.routes[0].name,
             messages=[{"role": "user", "content": "how do i transfer money"}]).choices[0].message.content
+        # Read while the gateway runs: its writer logs in batches (a loaded machine may stop it
+        # only after its grace period, with the batch still spooled).
+        rows = log_rows(stack.settings, 2, timeout_s=30)
     finally:
         stack.stop()
-    with sqlite3.connect(stack.settings.store.path) as connection:
-        trusted = dict(connection.execute("select json_extract(request_json, '$.messages[0].content'), train_trusted "
-                                          "from requests").fetchall())
+    trusted = {json.loads(row["request_json"])["messages"][0]["content"]: row["train_trusted"] for row in rows}
     assert trusted == {"what is my bank balance": 1, "how do i transfer money": 0}
 
 
