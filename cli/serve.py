@@ -21,7 +21,6 @@ from typing import Any
 
 from cli import security
 from core.config import Settings, settings_for_command
-from gateway.vllm_process import VLLMStartError
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +54,17 @@ def _start_replay_teacher(settings: Settings, log_dir: Path) -> subprocess.Popen
         raise StrayServer(f"replay_teacher.port {options.port} is already in use (a stray replay teacher from an "
                           "earlier run?); stop it or choose another port")
     logger.info("starting the replay teacher (stand-in for the frontier API)", extra={"port": options.port})
-    return _child(command, log_dir / "replay-teacher.log")
+    child = _child(command, log_dir / "replay-teacher.log")
+    # The stand-in for an API that is always up: the gateway is not ready before it answers
+    # (a first request routed to it before then failed all its retries in a loaded test run).
+    from harness.children import wait_ready
+
+    try:
+        wait_ready(child, f"http://127.0.0.1:{options.port}/health", log_dir / "replay-teacher.log", timeout_s=120)
+    except RuntimeError:
+        _stop(child)
+        raise
+    return child
 
 
 def _ensure_student_base(config_path: Path, settings: Settings) -> None:
@@ -134,7 +143,7 @@ def serve(args: argparse.Namespace) -> int:
         try:
             children += [child for child in (_start_replay_teacher(settings, log_dir),) if child is not None]
             vllm = _start_vllm(settings, log_dir)
-        except (StrayServer, VLLMStartError) as error:
+        except RuntimeError as error:  # StrayServer, VLLMStartError, a replay teacher that never answered
             print(f"distillgate serve: {error}", file=sys.stderr, flush=True)
             return 2
         if vllm is not None:

@@ -26,6 +26,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_ready(process: subprocess.Popen[bytes], ready_url: str, log_path: Path, timeout_s: float) -> None:
+    """Return once ``ready_url`` answers (any status under 500); RuntimeError, with the log's
+    tail, when the process exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r:.120} exited: {log_path.read_text()[-2000:]}")
+        try:
+            if httpx.get(ready_url, timeout=1.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{process.args!r:.120} not ready after {timeout_s}s: {log_path.read_text()[-2000:]}")
+
+
 class Child:
     """A server in its own process group, stopped (and its children) on exit."""
 
@@ -44,17 +60,8 @@ class Child:
         with self.log_path.open("wb") as log_file:
             self.process = subprocess.Popen(self.args, stdout=log_file, stderr=subprocess.STDOUT, env=self.env,
                                             cwd=ROOT, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.args[:4]} exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.ready_url, timeout=1.0).status_code < 500:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.args[:4]} not ready after {timeout_s}s: {self.log_path.read_text()[-2000:]}")
+        wait_ready(self.process, self.ready_url, self.log_path, timeout_s)
+        return self
 
     def rss_mb(self) -> float:
         assert self.process is not None
