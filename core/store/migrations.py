@@ -1,18 +1,72 @@
-"""Ordered schema migrations, each recorded in ``_migrations`` once applied.
+"""Ordered schema migrations shared by both back-ends, each recorded in ``_migrations`` once
+applied.
 
-Every schema change is a new function appended to ``MIGRATIONS``; never edit an old one.
+Every schema change is a new function appended to ``MIGRATIONS``; never edit an old one. A
+migration describes tables through a :class:`Schema` (types as Python types); the dialect
+(core/store/dialect.py) turns that into SQLite's or PostgreSQL's DDL, so one list serves both.
+Why not Alembic: it would bring SQLAlchemy for seven small table definitions, and its version
+table would not know the ``_migrations`` rows that existing SQLite stores already carry.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
-import sqlite_utils
+from core.store.dialect import Dialect
 
 
-def m001_requests(db: sqlite_utils.Database) -> None:
-    db["requests"].create(
+class Connection(Protocol):
+    """What the runner needs from a back-end's connection."""
+
+    dialect: Dialect
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
+
+    def transaction(self) -> contextlib.AbstractContextManager[None]: ...
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Held while migrating: two processes starting at once never migrate twice."""
+        ...
+
+
+class Schema:
+    """What a migration may do, in portable terms."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.dialect = connection.dialect
+
+    def create_table(self, name: str, columns: dict[str, type], pk: str | tuple[str, ...]) -> None:
+        """``pk`` a single ``int`` column: a key the database numbers itself."""
+        serial = isinstance(pk, str) and columns[pk] is int
+        parts = []
+        for column, python_type in columns.items():
+            kind = self.dialect.serial_key if serial and column == pk else self.dialect.column_type(python_type)
+            if not serial and column == pk:
+                kind += " PRIMARY KEY"
+            parts.append(f'"{column}" {kind}')
+        if isinstance(pk, tuple):
+            parts.append(f"PRIMARY KEY ({_quoted(pk)})")
+        self.execute(f'CREATE TABLE "{name}" ({", ".join(parts)})')
+
+    def create_index(self, table: str, columns: list[str]) -> None:
+        # sqlite-utils' naming, so that stores created before the port have the same indexes.
+        name = f"idx_{table}_{'_'.join(columns)}"
+        self.execute(f'CREATE INDEX "{name}" ON "{table}" ({_quoted(columns)})')
+
+    def add_column(self, table: str, column: str, python_type: type) -> None:
+        self.execute(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {self.dialect.column_type(python_type)}')
+
+    def execute(self, sql: str) -> None:
+        """Portable SQL (no placeholders)."""
+        self.connection.execute(sql)
+
+
+def m001_requests(db: Schema) -> None:
+    db.create_table("requests",
         {
             "id": str,
             "created_at": float,
@@ -36,14 +90,14 @@ def m001_requests(db: sqlite_utils.Database) -> None:
             "teacher_model": str,
             "client_key_id": str,
         },
-        pk="id",
+        "id",
     )
-    db["requests"].create_index(["route", "created_at"])
-    db["requests"].create_index(["route", "target", "created_at"])
+    db.create_index("requests", ["route", "created_at"])
+    db.create_index("requests", ["route", "target", "created_at"])
 
 
-def m002_shadow(db: sqlite_utils.Database) -> None:
-    db["shadow_results"].create(
+def m002_shadow(db: Schema) -> None:
+    db.create_table("shadow_results",
         {
             "id": int,
             "request_id": str,
@@ -57,16 +111,16 @@ def m002_shadow(db: sqlite_utils.Database) -> None:
             "agree": int,
             "cost_usd": float,
         },
-        pk="id",
+        "id",
     )
-    db["shadow_results"].create_index(["route", "created_at"])
+    db.create_index("shadow_results", ["route", "created_at"])
 
 
-def m003_route_settings(db: sqlite_utils.Database) -> None:
-    db["route_overrides"].create(
-        {"route": str, "field": str, "value_json": str, "updated_at": float}, pk=("route", "field")
+def m003_route_settings(db: Schema) -> None:
+    db.create_table("route_overrides",
+        {"route": str, "field": str, "value_json": str, "updated_at": float}, ("route", "field")
     )
-    db["route_audit"].create(
+    db.create_table("route_audit",
         {
             "id": int,
             "route": str,
@@ -76,12 +130,12 @@ def m003_route_settings(db: sqlite_utils.Database) -> None:
             "new_json": str,
             "at": float,
         },
-        pk="id",
+        "id",
     )
 
 
-def m004_versions(db: sqlite_utils.Database) -> None:
-    db["student_versions"].create(
+def m004_versions(db: Schema) -> None:
+    db.create_table("student_versions",
         {
             "route": str,
             "version": str,
@@ -96,9 +150,9 @@ def m004_versions(db: sqlite_utils.Database) -> None:
             "promoted_at": float,
             "note": str,
         },
-        pk=("route", "version"),
+        ("route", "version"),
     )
-    db["training_runs"].create(
+    db.create_table("training_runs",
         {
             "id": int,
             "route": str,
@@ -108,29 +162,29 @@ def m004_versions(db: sqlite_utils.Database) -> None:
             "version": str,
             "detail_json": str,
         },
-        pk="id",
+        "id",
     )
 
 
-def m005_version_reservations(db: sqlite_utils.Database) -> None:
+def m005_version_reservations(db: Schema) -> None:
     """Version numbers taken by training runs still going (see SQLiteStore.reserve_version_number)."""
-    db["version_reservations"].create(
-        {"route": str, "number": int, "host": str, "pid": int, "reserved_at": float}, pk=("route", "number")
+    db.create_table("version_reservations",
+        {"route": str, "number": int, "host": str, "pid": int, "reserved_at": float}, ("route", "number")
     )
 
 
-def m006_sec_train_trusted(db: sqlite_utils.Database) -> None:
+def m006_sec_train_trusted(db: Schema) -> None:
     """Which rows may become training data (the caller's key is trusted for training). Rows
     logged before this existed count as trusted only when no key sent them (an open gateway)."""
-    db["requests"].add_column("train_trusted", int)
-    db.execute("update requests set train_trusted = (client_key_id is null)")
+    db.add_column("requests", "train_trusted", int)
+    db.execute("update requests set train_trusted = case when client_key_id is null then 1 else 0 end")
 
 
-def m007_feedback(db: sqlite_utils.Database) -> None:
+def m007_feedback(db: Schema) -> None:
     """Client feedback on logged requests: ratings, scores and corrected answers. ``route`` and
     ``target`` are copied from the request so that reports and retention need no join, and
     ``train_trusted`` is the giving key's trust: only a trusted key's correction is trained on."""
-    db["feedback"].create(
+    db.create_table("feedback",
         {
             "id": int,
             "request_id": str,
@@ -144,13 +198,13 @@ def m007_feedback(db: sqlite_utils.Database) -> None:
             "comment": str,
             "created_at": float,
         },
-        pk="id",
+        "id",
     )
-    db["feedback"].create_index(["request_id"])
-    db["feedback"].create_index(["route", "created_at"])
+    db.create_index("feedback", ["request_id"])
+    db.create_index("feedback", ["route", "created_at"])
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+MIGRATIONS: list[Callable[[Schema], None]] = [
     m001_requests,
     m002_shadow,
     m003_route_settings,
@@ -161,16 +215,24 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
 ]
 
 
-def migrate(db: sqlite_utils.Database) -> list[str]:
-    """Apply pending migrations in order; returns the names applied now."""
-    db["_migrations"].create({"name": str, "applied_at": float}, pk="name", if_not_exists=True)
-    done = {row["name"] for row in db["_migrations"].rows}
-    applied = []
-    for migration in MIGRATIONS:
-        if migration.__name__ in done:
-            continue
-        with db.atomic():
-            migration(db)
-            db["_migrations"].insert({"name": migration.__name__, "applied_at": time.time()})
-        applied.append(migration.__name__)
+def migrate(connection: Connection) -> list[str]:
+    """Apply pending migrations in order, each in its own transaction; returns the names applied now."""
+    placeholder = connection.dialect.placeholder
+    float_type = connection.dialect.column_type(float)
+    with connection.exclusive():
+        connection.execute(f'CREATE TABLE IF NOT EXISTS "_migrations" ("name" TEXT PRIMARY KEY, "applied_at" {float_type})')
+        done = {row[0] for row in connection.execute('SELECT "name" FROM "_migrations"')}
+        applied = []
+        for migration in MIGRATIONS:
+            if migration.__name__ in done:
+                continue
+            with connection.transaction():
+                migration(Schema(connection))
+                connection.execute(f'INSERT INTO "_migrations" ("name", "applied_at") VALUES ({placeholder}, {placeholder})',
+                                   [migration.__name__, time.time()])
+            applied.append(migration.__name__)
     return applied
+
+
+def _quoted(columns: Sequence[str]) -> str:
+    return ", ".join(f'"{column}"' for column in columns)

@@ -5,26 +5,34 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
+from core.store.common import (
+    PURGED_TABLES,
+    check_status,
+    json_or_raw,
+    reservation_is_free,
+    this_process,
+    version_number,
+)
+from core.store.dialect import SQLITE
+from core.store.leader import AlwaysLeader
 from core.store.migrations import migrate
 
 IN_MEMORY = ":memory:"  # SQLite's name for a database that is never a file
-VERSION_STATUSES = ("candidate", "live", "retired", "rejected", "failed")
-# A reservation older than this is free whoever holds it (a host that never came back).
-RESERVATION_MAX_AGE_S = 86_400.0
 
 
 class SQLiteStore:
     """All persistence for one deployment. Thread-safe: one connection behind a lock."""
+
+    dialect = SQLITE
 
     def __init__(self, path: str | Path, *, busy_timeout_ms: int = 5_000, durable_commits: bool = False) -> None:
         self.path = Path(path)
@@ -44,7 +52,7 @@ class SQLiteStore:
         self.db.execute(f"PRAGMA synchronous={'FULL' if durable_commits else 'NORMAL'}")
         self._lock = threading.RLock()
         with self._lock:
-            migrate(self.db)
+            migrate(_MigrationConnection(self.db))
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -131,7 +139,7 @@ class SQLiteStore:
     def route_overrides(self, route: str) -> dict[str, Any]:
         with self._lock:
             rows = self.db["route_overrides"].rows_where("route = ?", [route])
-            return {row["field"]: _json_or_raw(row["value_json"]) for row in rows}
+            return {row["field"]: json_or_raw(row["value_json"]) for row in rows}
 
     def set_route_overrides(self, route: str, changes: dict[str, Any], actor: str) -> None:
         now = time.time()
@@ -176,8 +184,7 @@ class SQLiteStore:
 
     # -- student registry --------------------------------------------------------------------
     def upsert_version(self, row: dict[str, Any]) -> None:
-        if row.get("status") and row["status"] not in VERSION_STATUSES:
-            raise ValueError(f"unknown version status {row['status']!r}")
+        check_status(row)
         with self._transaction():
             self.db["student_versions"].upsert(row, pk=("route", "version"))
 
@@ -217,14 +224,14 @@ class SQLiteStore:
         one) never take the same number. A reservation whose process is gone is free again,
         so a rerun after a crash takes the crashed run's number (and resumes its checkpoint).
         One ``BEGIN IMMEDIATE`` transaction: concurrent processes serialize on it."""
-        host, pid = socket.gethostname(), os.getpid()
+        host, pid = this_process()
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
-                self._drop_stale_reservations(route, host, pid)
+                self._drop_stale_reservations(route)
                 taken = [row[0] for row in self.db.execute(
                     "select number from version_reservations where route = ?", [route]).fetchall()]
-                taken += [_version_number(row[0]) for row in self.db.execute(
+                taken += [version_number(row[0]) for row in self.db.execute(
                     "select version from student_versions where route = ?", [route]).fetchall()]
                 number = max(taken, default=0) + 1
                 self.db.execute("insert into version_reservations (route, number, host, pid, reserved_at) "
@@ -235,13 +242,11 @@ class SQLiteStore:
             self.db.execute("COMMIT")
         return number
 
-    def _drop_stale_reservations(self, route: str, host: str, pid: int) -> None:
+    def _drop_stale_reservations(self, route: str) -> None:
         rows = self.db.execute("select number, host, pid, reserved_at from version_reservations where route = ?",
                                [route]).fetchall()
         for number, holder_host, holder_pid, reserved_at in rows:
-            mine = holder_host == host and holder_pid == pid
-            gone = holder_host == host and not _pid_alive(holder_pid)
-            if mine or gone or time.time() - reserved_at > RESERVATION_MAX_AGE_S:
+            if reservation_is_free(holder_host, holder_pid, reserved_at):
                 self.db.execute("delete from version_reservations where route = ? and number = ?", [route, number])
 
     def record_training_run(self, row: dict[str, Any]) -> int:
@@ -253,7 +258,7 @@ class SQLiteStore:
             return list(self.db["training_runs"].rows_where("route = ?", [route], order_by="id desc"))
 
     # -- retention (store.retention_days; ``distillgate purge``) -----------------------------
-    PURGED_TABLES = ("requests", "shadow_results", "feedback")
+    PURGED_TABLES = PURGED_TABLES
 
     def count_before(self, cutoff: float) -> dict[str, int]:
         """Rows logged before ``cutoff`` (epoch seconds), per table."""
@@ -290,36 +295,38 @@ class SQLiteStore:
         finally:
             connection.close()
 
+    def leader_lock(self, name: str) -> AlwaysLeader:
+        """One machine's store: every process leads (as before PostgreSQL was supported)."""
+        return AlwaysLeader()
+
     def close(self) -> None:
         with self._lock:
             self.db.conn.close()
 
 
-def _version_number(version: str) -> int:
-    return int(version[1:]) if version.startswith("v") and version[1:].isdigit() else 0
+class _MigrationConnection:
+    """The migration runner's view of a SQLite database (core/store/migrations.py)."""
 
+    dialect = SQLITE
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
+    def __init__(self, db: sqlite_utils.Database) -> None:
+        self.db = db
 
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self.db.execute(sql, list(params)).fetchall()
 
-def _json_or_raw(text: str) -> Any:
-    """A stored JSON value, or the raw text when it does not parse (the caller reports it)."""
-    try:
-        return json.loads(text)
-    except (TypeError, ValueError):
-        return text
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        return self.db.atomic()
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # as before the port: SQLite's own locks
 
 
 class ReadOnlyStore:
     """A read-only view of a store file another process writes (the demo, while the gateway
     runs): reporting queries only, never a migration or a write."""
+
+    dialect = SQLITE
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
