@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import sqlite3
 import sys
 import tempfile
 import time
@@ -32,6 +31,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import CLINC, ROOT, Child, LoadResult, free_port, python_module
+from core.store import reporting
+from core.store.sqlite import ReadOnlyStore
 
 UTTERANCES = ["transfer $20000 from my savings account to checking account", "what is my balance",
               "how do i reset my pin", "book a table for two at 7", "what's the weather like tomorrow"]
@@ -143,9 +144,7 @@ def start_vllm(workdir: Path) -> Any:
 
 
 def logged_rows(store_path: Path) -> dict[str, int]:
-    with sqlite3.connect(store_path) as connection:
-        rows = connection.execute("select status_code, count(*) from requests group by status_code").fetchall()
-    return {str(status): count for status, count in rows}
+    return reporting.status_counts(ReadOnlyStore(store_path))
 
 
 def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:

@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 
+from core.config_base import ConfigError
+
 COMMAND_MODULES = [
     "cli.serve",
     "cli.harness",
@@ -68,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     # Per-call INFO lines from the HTTP and provider libraries drown the gateway's own log.
     for noisy in ("httpx", "httpcore", "LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as error:  # e.g. a PostgreSQL store whose DSN variable is unset
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

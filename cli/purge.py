@@ -14,7 +14,7 @@ from core.config import settings_for_command
 
 
 def purge(args: argparse.Namespace) -> int:
-    from core.store import SQLiteStore
+    from core.store import open_store
     from gateway.retention import retention_cutoff
 
     settings = settings_for_command(args.config)
@@ -25,7 +25,7 @@ def purge(args: argparse.Namespace) -> int:
         print("no retention period: set store.retention_days in the config or pass --days", flush=True)
         return 2
     cutoff = retention_cutoff(days)
-    store = SQLiteStore(settings.store.path, busy_timeout_ms=settings.store.busy_timeout_ms)
+    store = open_store(settings.store)
     try:
         counts = store.count_before(cutoff) if args.dry_run else store.purge_before(cutoff)
     finally:

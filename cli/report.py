@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 from core.config import ConfigError, Settings, load_settings
@@ -26,11 +25,10 @@ logger = logging.getLogger(__name__)
 
 
 def _open_store(settings: Settings) -> Any:
-    from core.store import SQLiteStore
+    from core.store import open_store
 
-    path = Path(settings.store.path)
     # A report must not create a database as a side effect: no file yet reads as an empty store.
-    return SQLiteStore(path if path.exists() else ":memory:")
+    return open_store(settings.store, create=False)
 
 
 def _live_version(store: Any, settings: Settings, route: str) -> str | None:

@@ -136,13 +136,13 @@ def _costs(store: Any, route: str) -> tuple[float, float]:
 
 def calibrate_command(args: argparse.Namespace) -> int:
     from core.config import settings_for_command
-    from core.store import SQLiteStore
+    from core.store import open_store
     from router.calibration import calibrate, plot
 
     settings = settings_for_command(args.config, args.route)
     if settings is None:
         return 2
-    store = SQLiteStore(settings.store.path)
+    store = open_store(settings.store)
     try:
         pairs = _shadow_pairs(store, args.route) + (_file_pairs(args.pairs) if args.pairs else [])
         teacher_cost, student_cost = _costs(store, args.route)

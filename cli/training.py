@@ -45,14 +45,14 @@ def _register_train(subparsers: Any) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from core.store import SQLiteStore
+    from core.store import open_store
     from trainer.pipeline import NotEnoughData, Trainer
 
     settings = _settings(args)
     if settings is None:
         return 2
     overrides = {"max_steps": args.max_steps} if args.max_steps else {}
-    store = SQLiteStore(settings.store.path)
+    store = open_store(settings.store)
     try:
         trainer = Trainer(settings, store, adapters_root=args.adapters_root,
                           train_overrides=overrides, progress=not args.no_progress,
@@ -82,12 +82,12 @@ def _register_versions(subparsers: Any) -> None:
 
 def _run_versions(args: argparse.Namespace) -> int:
     from core.registry import Registry
-    from core.store import SQLiteStore
+    from core.store import open_store
 
     settings = _settings(args)
     if settings is None:
         return 2
-    store = SQLiteStore(settings.store.path)
+    store = open_store(settings.store)
     try:
         versions = Registry(store).list(args.route)
     finally:

@@ -119,8 +119,19 @@ class SpoolConfig(StrictModel):
 
 
 class StoreConfig(StrictModel):
-    kind: str = Field("sqlite", pattern="^sqlite$")
+    # sqlite: the embedded default, one file at ``path``. postgres: a server database shared by
+    # several gateway replicas, reached with the DSN held by the environment variable
+    # ``dsn_env`` (a secret: never in this file).
+    kind: Literal["sqlite", "postgres"] = "sqlite"
+    # With postgres, ``path`` still places this replica's spool, dead-letter file and admin
+    # token file (see spool_dir and dead_letter_file): they are per process, not shared.
     path: Path = Path("var/distillgate.db")
+    dsn_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    pool_min_size: int = Field(1, ge=0)
+    pool_max_size: int = Field(10, ge=1)
+    # How long startup waits for the database, and a request for a free pooled connection.
+    connect_timeout_s: float = Field(10.0, gt=0)
+    pool_timeout_s: float = Field(5.0, gt=0)
     batch_size: int = Field(128, gt=0)
     flush_interval_s: float = Field(0.05, gt=0)
     queue_max: int = Field(10_000, gt=0)
@@ -134,6 +145,23 @@ class StoreConfig(StrictModel):
     # inside ``serve``); unset keeps them for ever. Training only sees what is kept.
     retention_days: float | None = Field(None, gt=0)
     purge_interval_s: float = Field(3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _postgres_needs_a_dsn(self) -> StoreConfig:
+        if self.kind == "postgres" and not self.dsn_env:
+            raise ValueError("store.kind postgres needs store.dsn_env: the name of the environment variable "
+                             "holding the DSN (e.g. DISTILLGATE_PG_DSN)")
+        if self.pool_min_size > self.pool_max_size:
+            raise ValueError("store.pool_min_size is larger than store.pool_max_size")
+        return self
+
+    def dsn(self) -> str:
+        """The PostgreSQL DSN from the environment; ConfigError naming the variable when unset."""
+        value = os.environ.get(self.dsn_env or "", "").strip()
+        if not value:
+            raise ConfigError(f"store.kind is postgres but the environment variable {self.dsn_env} "
+                              "(store.dsn_env) holding its DSN is not set")
+        return value
 
     def spool_dir(self) -> Path:
         return self.spool.dir or self.path.with_name(self.path.name + ".spool")

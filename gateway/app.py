@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 
 from core.config import Settings
-from core.store import BatchWriter, SQLiteStore, Store
+from core.store import STORE_ERRORS, BatchWriter, Store, open_store
 from core.store.spool import Spool
 from core.store.writer import DeadLetter, write_isolating
 from core.upstream import StudentBackend, TeacherClient
@@ -122,7 +121,7 @@ async def _recovered_spool(settings: Settings, store: Store) -> Spool | None:
     dead_letter = DeadLetter(settings.store.dead_letter_file())
     try:
         await asyncio.to_thread(spool.recover, partial(write_isolating, store.insert_requests, dead_letter=dead_letter))
-    except sqlite3.Error as error:  # segments are kept and replayed at the next start
+    except STORE_ERRORS as error:  # segments are kept and replayed at the next start
         logger.error("spool recovery failed", extra={"error": str(error), "spool": str(spool.directory)})
     return spool
 
@@ -140,8 +139,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = components.store
         if store is None:
             spool_config = settings.store.spool
-            store = SQLiteStore(settings.store.path, busy_timeout_ms=settings.store.busy_timeout_ms,
-                                durable_commits=spool_config.enabled and spool_config.fsync)
+            store = await asyncio.to_thread(open_store, settings.store,
+                                            durable_commits=spool_config.enabled and spool_config.fsync)
             stack.callback(store.close)
         writer = await _start_writer(stack, settings, store)
         # After the spool's replay, so that rows a crash left behind count toward budgets.

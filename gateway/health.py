@@ -8,12 +8,12 @@ caller with the admin token, as Envoy keeps its admin detail behind the admin li
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from core.store import STORE_ERRORS
 from gateway.auth import require_admin
 from gateway.errors import GatewayError
 
@@ -40,7 +40,7 @@ async def _store_check(request: Request) -> dict[str, Any]:
         check["spool"] = {"pending_rows": spool.pending, "error": spool.last_error}
     try:
         await asyncio.wait_for(asyncio.to_thread(request.app.state.store.check_writable), STORE_CHECK_TIMEOUT_S)
-    except sqlite3.Error as error:
+    except STORE_ERRORS as error:
         return {**check, "ok": False, "error": f"{type(error).__name__}: {error}"}
     except TimeoutError:
         return {**check, "ok": False, "error": "the store did not take a write in time (locked?)"}

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -41,7 +40,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from core.store import reporting
+from core.store import STORE_ERRORS, reporting
 from gateway.auth import bearer_token, constant_time_in
 from gateway.chat.record import RequestRecord
 from gateway.errors import AuthenticationFailed
@@ -162,7 +161,7 @@ class _StateCollector(Collector):
             try:
                 yield from self._shadow_families()
                 yield from self._training_families()
-            except sqlite3.Error as error:  # a locked or broken store must not break the scrape
+            except STORE_ERRORS as error:  # a locked or broken store must not break the scrape
                 logger.warning("metrics could not read the store", extra={"error": str(error)})
 
     def _route_families(self) -> Iterator[Metric]:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 
 from core.config import StoreConfig
+from core.store import STORE_ERRORS
 from core.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class RetentionTask:
             cutoff = retention_cutoff(self._config.retention_days)
             try:
                 self.last_deleted = await asyncio.to_thread(self._store.purge_before, cutoff)  # type: ignore[attr-defined]
-            except sqlite3.Error as error:
+            except STORE_ERRORS as error:
                 logger.error("retention purge failed", extra={"error": str(error)})
             else:
                 if any(self.last_deleted.values()):

@@ -1,7 +1,8 @@
 """The ``Store`` seam: what the gateway, router and trainer need from persistence.
 
-SQLite (via sqlite-utils) is the embedded default; a server database (PostgreSQL) for
-several gateway replicas implements the same protocol.
+SQLite (via sqlite-utils, core/store/sqlite.py) is the embedded default; PostgreSQL
+(core/store/postgres.py) serves several gateway replicas through the same protocol.
+``core.store.factory.open_store`` opens the one ``store.kind`` names.
 """
 
 from __future__ import annotations
@@ -9,8 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
+from core.store.dialect import Dialect
+from core.store.leader import LeaderLock
+
 
 class Store(Protocol):
+    dialect: Dialect
+
     def insert_requests(self, rows: list[dict[str, Any]]) -> None: ...
 
     def insert_shadow_results(self, rows: list[dict[str, Any]]) -> None: ...
@@ -36,6 +42,7 @@ class Store(Protocol):
     def set_route_overrides(self, route: str, changes: dict[str, Any], actor: str) -> None: ...
 
     def clear_route_overrides(self, route: str, fields: list[str], actor: str) -> None: ...
+
     def record_route_event(self, route: str, actor: str, action: str, old: Any, new: Any) -> None: ...
 
     def route_audit(self, route: str) -> list[dict[str, Any]]: ...
@@ -54,7 +61,19 @@ class Store(Protocol):
 
     def training_runs(self, route: str) -> list[dict[str, Any]]: ...
 
+    def query(self, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """Read-only reporting SQL (core/store/reporting.py), ``?`` placeholders in both dialects."""
+        ...
+
+    def count_before(self, cutoff: float) -> dict[str, int]: ...
+
+    def purge_before(self, cutoff: float, batch: int = 5_000) -> dict[str, int]: ...
+
     def check_writable(self) -> None: ...
+
+    def leader_lock(self, name: str) -> LeaderLock:
+        """The lock that makes one process (of the replicas sharing this store) the leader."""
+        ...
 
     def close(self) -> None: ...
 

@@ -1,5 +1,7 @@
 """Reporting queries over the store, shared by the dashboard, ``distillgate report`` and the
-metrics collectors. Every reporting SQL string lives in this module.
+metrics collectors. Every reporting SQL string lives in this module, written once in the SQL
+that SQLite and PostgreSQL both accept (``?`` placeholders; the one expression they write
+differently comes from the store's dialect).
 
 All figures are computed from the request log and the shadow results: ``cost_usd`` is what
 a request actually cost, ``teacher_cost_usd`` what the same request would have cost on the
@@ -17,17 +19,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from core.config import CostsConfig
+from core.store.dialect import Dialect
 
 
 class Queryable(Protocol):
+    dialect: Dialect
+
     def query(self, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> list[dict[str, Any]]: ...
 
 
 # The counts every summary starts with, by route or by client key.
 _REQUEST_COUNTS = """
        count(*) as requests,
-       coalesce(sum(status_code >= 400), 0) as errors,
-       coalesce(sum(target = 'student'), 0) as student_requests,"""
+       coalesce(sum(case when status_code >= 400 then 1 else 0 end), 0) as errors,
+       coalesce(sum(case when target = 'student' then 1 else 0 end), 0) as student_requests,"""
 _SUMMARY_SQL = """
 select route,""" + _REQUEST_COUNTS + """
        coalesce(sum(fallback), 0) as fallbacks,
@@ -45,8 +50,9 @@ from shadow_results where created_at >= ? group by route
 # Feedback rows (POST /v1/feedback) on answers the student served: how many, how many rated,
 # how many rated down. Rows, not requests: a request rated twice counts twice.
 _STUDENT_FEEDBACK_SQL = """
-select route, count(*) as student_feedback, coalesce(sum(rating is not null), 0) as student_ratings,
-       coalesce(sum(rating = 'down'), 0) as student_thumbs_down
+select route, count(*) as student_feedback,
+       coalesce(sum(case when rating is not null then 1 else 0 end), 0) as student_ratings,
+       coalesce(sum(case when rating = 'down' then 1 else 0 end), 0) as student_thumbs_down
 from feedback where created_at >= ? and target = 'student' group by route
 """
 _TRAINING_RUNS_SQL = """
@@ -68,10 +74,11 @@ select latency_ms from requests
 where route = ? and (? = 'all' or coalesce(target, 'none') = ?) and created_at >= ? and latency_ms is not null
 order by latency_ms limit 1 offset ?
 """
+# ``{bucket}``: the time bucket's number, written per dialect (core/store/dialect.py).
 _COST_SERIES_SQL = """
-select cast(created_at / ? as integer) * ? as bucket,
+select {bucket} * ? as bucket,
        count(*) as requests,
-       coalesce(sum(target = 'student'), 0) as student_requests,
+       coalesce(sum(case when target = 'student' then 1 else 0 end), 0) as student_requests,
        coalesce(sum(cost_usd), 0.0) as cost_usd,
        coalesce(sum(teacher_cost_usd), 0.0) as teacher_cost_usd
 from requests where route = ? and created_at >= ? group by bucket order by bucket
@@ -308,7 +315,8 @@ def cost_series(store: Queryable, route: str, since_s: float | None = None,
         return []
     width = _bucket_seconds(now - max(start, first))
     points, cost, teacher_cost = [], 0.0, 0.0
-    for row in store.query(_COST_SERIES_SQL, [width, width, route, start]):
+    query = _COST_SERIES_SQL.format(bucket=store.dialect.floor_div("created_at", "?"))
+    for row in store.query(query, [width, width, route, start]):
         cost += row["cost_usd"]
         teacher_cost += row["teacher_cost_usd"]
         points.append({**row, "bucket_s": width, "cumulative_cost_usd": cost,
@@ -354,6 +362,12 @@ def average_costs(store: Queryable, route: str) -> tuple[float | None, float | N
 def request_costs(store: Queryable) -> dict[str, float]:
     """Each logged request's cost, by request id."""
     return {row["id"]: row["cost_usd"] for row in store.query("select id, cost_usd from requests")}
+
+
+def status_counts(store: Queryable) -> dict[str, int]:
+    """Logged requests per HTTP status (as text)."""
+    return {str(row["status_code"]): int(row["n"])
+            for row in store.query("select status_code, count(*) as n from requests group by status_code")}
 
 
 def loop_tally(store: Queryable) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Handlers ``await writer.log(row)``; a full queue makes them wait (back-pressure) rather
 than drop a row. One task drains the queue in batches and writes each batch in a worker
 thread. A batch that fails for a transient reason (locked database, disk full:
-``sqlite3.OperationalError``, ``OSError``) is retried with backoff until it is written or the
+``sqlite3.OperationalError``, ``OSError``; on PostgreSQL a lost connection or no pooled one free,
+``psycopg.OperationalError``) is retried with backoff until it is written or the
 writer closes (then the rows are reported as unwritten in the log, loudly).
 
 Any other failure is a *poison* row (an upstream's token count above 2^63 is SQLite's
@@ -23,12 +24,12 @@ import asyncio
 import json
 import logging
 import os
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core.store.common import TRANSIENT_ERRORS
 from core.store.spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -36,8 +37,6 @@ logger = logging.getLogger(__name__)
 WriteBatch = Callable[[list[dict[str, Any]]], None]
 # A queued row and the spool segment holding it (None: not spooled).
 Item = tuple[dict[str, Any], int | None]
-# Failures worth retrying as they are: the database is locked or the disk is full.
-TRANSIENT_ERRORS = (sqlite3.OperationalError, OSError)
 RESTART_BACKOFF_S = (0.1, 0.5, 2.0, 5.0)
 
 

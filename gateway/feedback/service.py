@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from core.route_config import RedactConfig
-from core.store import Store
+from core.store import STORE_ERRORS, Store
 from gateway.chat.record import RequestRecord
 from gateway.errors import NotFound, Unavailable
 from gateway.feedback.protocol import FeedbackRequest
@@ -57,7 +56,7 @@ class FeedbackService:
                 raise NotFound(f"No request with id '{feedback.request_id}'.", param="request_id")
             row = self._row(feedback, owner, client_key_id)
             row["id"] = await asyncio.to_thread(self.store.insert_feedback, row)
-        except sqlite3.Error as error:
+        except STORE_ERRORS as error:
             logger.warning("feedback not stored", extra={"error": str(error)})
             raise Unavailable("Feedback could not be stored right now; try again.",
                               headers={"retry-after": "1"}) from None

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
 import struct
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any, Protocol
 from core.config import RouteConfig
 from core.prompting import student_messages
 from core.registry import ROLLED_BACK_NOTE, CandidateVersion, Registry, VersionStore
+from core.store import STORE_ERRORS
 from core.upstream import UpstreamFailure
 from gateway.route_table import (
     BASE_MODEL_VERSION,
@@ -205,7 +205,7 @@ class Swapper:
         status: the store failed, not the version)."""
         try:
             await asyncio.to_thread(self.registry.set_live, candidate.route, candidate.version)
-        except (sqlite3.Error, OSError) as error:
+        except (*STORE_ERRORS, OSError) as error:
             logger.error("store write failed at promotion; the old version keeps serving",
                          extra={"route": candidate.route, "version": candidate.version, "error": str(error)})
             await self._unload_quietly(name)

@@ -14,7 +14,6 @@ import asyncio
 import json
 import logging
 import shutil
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from rich.live import Live
 from rich.table import Table
 
 from core.config import Prices, Settings
-from core.store import reporting
+from core.store import STORE_ERRORS, reporting
 from core.store.sqlite import ReadOnlyStore
 from harness.demo import report
 from harness.demo.goals import FULL_LAST_WINDOW, goals
@@ -59,7 +58,7 @@ class LiveStats:
     def _cost(self) -> tuple[float, float]:
         try:
             return reporting.total_costs(ReadOnlyStore(self.store_path))
-        except sqlite3.Error:
+        except STORE_ERRORS:
             return 0.0, 0.0
 
     def table(self) -> Table:
