@@ -71,7 +71,7 @@ def replay_teacher() -> Iterator[str]:
 
     with UvicornThread(create_replay_app(ReplayOptions(dataset=CLINC))) as server:
         yield server.url
-pytest_plugins = ["tests.fixtures_processes"]
+pytest_plugins = ["tests.fixtures_processes", "tests.fixtures_postgres"]
 
 
 # Tiers by what a test really runs, read from the fixtures it uses, so a new test lands in the
