@@ -188,6 +188,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.vllm_supervisor = supervisor
         metrics.bind_supervisor(supervisor)
         metrics.bind_drift(training.drift)
+        metrics.bind_scheduler(training.scheduler)
         training.start(restore=supervisor is None)
         stack.push_async_callback(training.stop)
         if supervisor is not None:

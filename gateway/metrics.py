@@ -100,6 +100,10 @@ class GatewayMetrics:
         """The training loop's DriftWatch."""
         self._state.drift = drift
 
+    def bind_scheduler(self, scheduler: Any) -> None:
+        """The training scheduler (None when retraining is not scheduled in this process)."""
+        self._state.scheduler = scheduler
+
     def bind_supervisor(self, supervisor: Any) -> None:
         """The vLLM supervisor (None when the gateway did not launch vLLM)."""
         self._state.supervisor = supervisor
@@ -141,6 +145,7 @@ class _StateCollector(Collector):
         self._breaker: Any = None
         self.supervisor: Any = None
         self.drift: Any = None
+        self.scheduler: Any = None
         self._lock = threading.Lock()
         self._shadow_last_id = 0
         self._shadow_totals: dict[tuple[str, str], list[int]] = {}
@@ -157,6 +162,12 @@ class _StateCollector(Collector):
         yield from self._drift_families()
         yield from self._writer_families()
         yield from self._breaker_families()
+        if self.scheduler is not None:
+            leader = GaugeMetricFamily("distillgate_training_scheduler_leader",
+                                       "1 when this replica schedules training (it holds the store's leader "
+                                       "lock; one replica per PostgreSQL store), else 0.")
+            leader.add_metric([], 1 if self.scheduler.leader else 0)
+            yield leader
         if self._store is not None:
             try:
                 yield from self._shadow_families()

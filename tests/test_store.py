@@ -196,3 +196,18 @@ def test_reopened_sqlite_file_keeps_its_rows(tmp_path: Path) -> None:
     store.insert_requests([row(1)])
     store.close()
     assert SQLiteStore(tmp_path / "s.db").count_requests() == 1
+
+
+def test_leader_lock_admits_one_holder_on_postgres(store_backend: StoreBackend) -> None:
+    first, second = store_backend.open(), store_backend.open()
+    one, other = first.leader_lock("training-scheduler"), second.leader_lock("training-scheduler")
+    if store_backend.kind == "sqlite":  # one machine's store: every process leads, as before
+        assert one.held() and other.held()
+        return
+    assert one.held() and not other.held()
+    assert one.held(), "the holder keeps it"
+    assert not other.held()
+    assert first.leader_lock("another-job").held(), "locks are per name"
+    one.release()
+    assert other.held(), "released: the next to ask takes it"
+    other.release()

@@ -11,6 +11,12 @@ drifted past its configured level, a tick needs only ``drift.min_new_examples`` 
 and a check every ``DRIFT_CHECK_S`` brings the route's next tick forward rather than waiting
 up to ``interval_minutes`` for it.
 
+Replicas: when several gateway processes share one PostgreSQL store, exactly one schedules:
+the one holding the store's leader lock (a PostgreSQL advisory lock, core/store/pg_lock.py).
+Every replica asks for it every ``LEADER_CHECK_S`` and at each tick; a standby's ticks do
+nothing, and when the leader dies its lock goes with its database session, so a standby
+takes over at its next check. On SQLite the lock is always held, as before.
+
 No torch here: the gateway imports this module at startup.
 """
 
@@ -34,6 +40,8 @@ from gateway.training.swap import SwapError, Swapper
 logger = logging.getLogger(__name__)
 
 DRIFT_CHECK_S = 30.0  # a read of a few hundred floats per route: cheap enough to do often
+LEADER_LOCK = "training-scheduler"
+LEADER_CHECK_S = 5.0  # how soon a standby replica notices the leader is gone
 
 
 class TrainingScheduler:
@@ -53,12 +61,17 @@ class TrainingScheduler:
         self.scheduler: Any = None
         self._children: set[asyncio.subprocess.Process] = set()
         self.last_outcome: dict[str, dict[str, Any]] = {}
+        self.leadership = store.leader_lock(LEADER_LOCK)
+        self.leader = False  # as of the last check; metrics show it
+        self.leader_check_s = LEADER_CHECK_S
 
     def start(self) -> None:
         """Add one interval job per route and start the scheduler on the running event loop."""
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
         self.scheduler = AsyncIOScheduler()
+        self.scheduler.add_job(self.check_leadership, "interval", id="leader", seconds=self.leader_check_s,
+                               next_run_time=datetime.now(UTC), max_instances=1, coalesce=True)
         for route in self.settings.routes:
             self.scheduler.add_job(self.tick, "interval", args=[route.name], id=f"train:{route.name}",
                                    minutes=route.training.interval_minutes, max_instances=1, coalesce=True)
@@ -73,6 +86,8 @@ class TrainingScheduler:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
             self.scheduler = None
+        await asyncio.to_thread(self.leadership.release)
+        self.leader = False
         for child in list(self._children):
             if child.returncode is None:
                 child.terminate()
@@ -80,6 +95,15 @@ class TrainingScheduler:
                     await asyncio.wait_for(child.wait(), 10.0)
                 except TimeoutError:
                     child.kill()
+
+    async def check_leadership(self) -> bool:
+        """Whether this process schedules (takes the lock when it is free)."""
+        leader = await asyncio.to_thread(self.leadership.held)
+        if leader != self.leader:
+            logger.info("training scheduler " + ("leads" if leader else "stands by"),
+                        extra={"lock": LEADER_LOCK})
+        self.leader = leader
+        return leader
 
     def new_examples(self, route: str) -> int:
         runs = self.store.training_runs(route)
@@ -91,6 +115,8 @@ class TrainingScheduler:
         config = self.settings.route(route)
         assert config is not None, route
         try:
+            if not await self.check_leadership():
+                return {"action": "standby"}  # another replica schedules; not recorded as an outcome
             outcome = await self._tick(config)
         except Exception as error:  # the job's outer boundary: log it, the next tick retries
             logger.exception("scheduled training failed", extra={"route": route})
@@ -101,7 +127,9 @@ class TrainingScheduler:
     async def check_drift(self) -> list[str]:
         """Bring forward the tick of every route whose drift calls for a cycle it has the new
         answers for; returns those routes. The tick decides again (and counts the cycle)."""
-        pulled = []
+        pulled: list[str] = []
+        if not await self.check_leadership():
+            return pulled
         for config in self.settings.routes:
             if self.drift is None or self.drift.due(config.name) is None:
                 continue
