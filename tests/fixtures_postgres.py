@@ -94,7 +94,11 @@ def postgres_server() -> Iterator[PostgresServer]:
     assert bindir is not None
     root = Path(tempfile.mkdtemp(prefix="distillgate-pg-"))
     if os.geteuid() == 0:
-        user = pwd.getpwnam(SERVER_USER)
+        try:
+            user = pwd.getpwnam(SERVER_USER)
+        except KeyError:
+            shutil.rmtree(root)
+            _unavailable(f"running as root, initdb needs the {SERVER_USER!r} system user (Debian's package creates it)")
         os.chown(root, user.pw_uid, user.pw_gid)
     data, log, port = root / "data", root / "server.log", free_port()
     subprocess.run(_as_server_user([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",

@@ -36,6 +36,7 @@ class PostgresStore(RegistryMixin):
     def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 10, connect_timeout_s: float = 10.0,
                  pool_timeout_s: float = 5.0) -> None:
         self.dsn = dsn
+        self._locks: list[AdvisoryLock] = []
         self._pool = ConnectionPool(dsn, min_size=min_size, max_size=max_size, timeout=pool_timeout_s,
                                     kwargs={"row_factory": dict_row}, check=ConnectionPool.check_connection,
                                     open=False, name="distillgate-store")
@@ -201,9 +202,14 @@ class PostgresStore(RegistryMixin):
 
     def leader_lock(self, name: str) -> AdvisoryLock:
         """A session advisory lock named ``name``, on a connection of its own (see pg_lock.py)."""
-        return AdvisoryLock(self.dsn, lock_key(name))
+        lock = AdvisoryLock(self.dsn, lock_key(name))
+        self._locks.append(lock)
+        return lock
 
     def close(self) -> None:
+        """Close the pool and give up every lock taken through this store."""
+        for lock in self._locks:
+            lock.release()
         self._pool.close()
 
 
