@@ -130,6 +130,8 @@ def serve(args: argparse.Namespace) -> int:
     settings = settings_for_command(args.config)
     if settings is None:
         return 2
+    if settings.store.kind == "postgres":
+        settings.store.dsn()  # an unset DSN variable is a ConfigError now, not a failed startup later
     log_dir = Path(args.log_dir)
     host = args.host or settings.server.host
     app = _secured_app(args, settings, host)

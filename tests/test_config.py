@@ -35,6 +35,9 @@ def test_shipped_configs_are_valid(path: Path) -> None:
         ({"routes": [{**ROUTE, "teacher": {"model": "openai/m", "client": "requests"}}]}, "routes.0.teacher.client"),
         ({"routes": [{**ROUTE, "teacher": {"model": "anthropic/claude-sonnet-4", "client": "httpx"}}]},
          "client httpx speaks OpenAI's wire format only: 'anthropic/claude-sonnet-4'"),
+        ({"routes": [ROUTE], "store": {"kind": "mysql"}}, "store.kind"),
+        ({"routes": [ROUTE], "store": {"kind": "postgres"}}, "store.kind postgres needs store.dsn_env"),
+        ({"routes": [ROUTE], "store": {"kind": "postgres", "dsn_env": "bad-name"}}, "store.dsn_env"),
         ([], "top level must be a mapping"),
     ],
 )
@@ -77,6 +80,22 @@ def test_secrets_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("DISTILLGATE_API_KEYS", " a, b ,,")
     assert settings.routes[0].teacher.api_key() == "sk-123"
     assert settings.auth.client_keys() == ["a", "b"]
+
+
+def test_the_postgres_dsn_comes_from_the_named_variable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from cli.main import main
+
+    data = {"routes": [ROUTE], "store": {"kind": "postgres", "dsn_env": "MY_PG_DSN"}}
+    monkeypatch.delenv("MY_PG_DSN", raising=False)
+    with pytest.raises(ConfigError, match="environment variable MY_PG_DSN"):
+        parse_settings(data).store.dsn()
+    config = tmp_path / "pg.yaml"
+    config.write_text(yaml.safe_dump(data))
+    assert main(["report", "--config", str(config)]) == 2  # says why, no traceback
+    assert "MY_PG_DSN" in capsys.readouterr().err
+    monkeypatch.setenv("MY_PG_DSN", "postgresql://u@db/x")
+    assert parse_settings(data).store.dsn() == "postgresql://u@db/x"
 
 
 # -- configs/default.yaml says what the defaults say, except where a comment says why --------
