@@ -1,11 +1,14 @@
 """Two ``distillgate serve`` processes on one real PostgreSQL store: both answer the official
 ``openai`` SDK and their requests land in the one shared log; exactly one of them schedules
-training (the advisory lock), and when it dies the other takes over."""
+training (the advisory lock), and when it dies the other takes over; ``report`` reads the
+shared log."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import pytest
 import yaml
 
 from core.store.postgres import PostgresStore
-from harness.children import Child, free_port, python_module
+from harness.children import ROOT, Child, free_port, python_module
 from tests.helpers import MESSAGES, sdk
 from tests.operators import scrape, total, wait_for
 
@@ -87,3 +90,10 @@ def test_two_replicas_share_the_log_and_one_schedules(replicas: list[Child], pos
         wait_for(lambda: store.count_requests(ROUTE) == 3, timeout_s=10)
     finally:
         store.close()
+    # The report reads the shared log (reporting SQL on PostgreSQL), from either replica's config.
+    report = subprocess.run(python_module("cli.main", "report", "--config", str(replicas[0].log_path.parent /
+                                          "config.yaml"), "--since", "all", "--json"),
+                            capture_output=True, text=True, timeout=60, check=True, cwd=ROOT,
+                            env={**os.environ, DSN_ENV: postgres_dsn, "PYTHONPATH": str(ROOT)})
+    [route] = [summary for summary in json.loads(report.stdout)["routes"] if summary["route"] == ROUTE]
+    assert route["requests"] == 3 and route["errors"] == 0 and route["student_requests"] == 0

@@ -1,5 +1,5 @@
 """Store faults: a database locked by another connection, a full disk, a spool that cannot
-take a row, a spool left by a crash. Requests keep being served, the error shows in
+take a row, a spool left by a crash (the spool's on both back-ends). Requests keep being served, the error shows in
 ``/readyz`` and ``/metrics``, rows are retried and end up written, never dropped."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from core.config import Settings
 from core.store import BatchWriter, SQLiteStore
 from core.store.spool import Spool
 from gateway.app import Components, create_app
+from tests.fixtures_postgres import StoreBackend
 from tests.helpers import MESSAGES, UvicornThread, log_rows, row, sdk
 from tests.operators import scrape, total, wait_for
 
@@ -93,9 +94,9 @@ def test_full_disk_keeps_serving_and_rows_are_written_when_space_returns(
     store.close()
 
 
-async def test_spool_append_failure_keeps_the_row_in_memory(tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    store = SQLiteStore(tmp_path / "s.db")
+async def test_spool_append_failure_keeps_the_row_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            store_backend: StoreBackend) -> None:
+    store = store_backend.open()
     spool = Spool(tmp_path / "spool")
     writer = BatchWriter(store.insert_requests, flush_interval_s=0.01, spool=spool)
     writer.start()
@@ -113,8 +114,9 @@ async def test_spool_append_failure_keeps_the_row_in_memory(tmp_path: Path,
     assert list((tmp_path / "spool").glob("*.jsonl")) == []
 
 
-async def test_spool_is_replayed_once_and_torn_lines_are_skipped(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "s.db")
+async def test_spool_is_replayed_once_and_torn_lines_are_skipped(tmp_path: Path,
+                                                                 store_backend: StoreBackend) -> None:
+    store = store_backend.open()
     store.insert_requests([row(1)])  # committed and still spooled: written once
     crashed = tmp_path / "spool" / "000000000007.jsonl"
     crashed.parent.mkdir()
