@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -45,15 +46,16 @@ def write_config(directory: Path, teacher_url: str) -> Path:
 @pytest.fixture
 def replicas(tmp_path: Path, replay_teacher: str, postgres_dsn: str) -> Iterator[list[Child]]:
     children = []
+    for index in range(2):
+        port = free_port()
+        config = write_config(tmp_path / f"replica{index}", replay_teacher)
+        args = python_module("cli.main", "serve", "--config", str(config), "--port", str(port),
+                             "--log-dir", str(config.parent))
+        children.append(Child(args, f"http://127.0.0.1:{port}/healthz", config.parent / "serve.log",
+                              env={DSN_ENV: postgres_dsn, "DISTILLGATE_ADMIN_TOKEN": "t"}))
     try:
-        for index in range(2):
-            port = free_port()
-            config = write_config(tmp_path / f"replica{index}", replay_teacher)
-            args = python_module("cli.main", "serve", "--config", str(config), "--port", str(port),
-                                 "--log-dir", str(config.parent))
-            child = Child(args, f"http://127.0.0.1:{port}/healthz", config.parent / "serve.log",
-                          env={DSN_ENV: postgres_dsn, "DISTILLGATE_ADMIN_TOKEN": "t"})
-            children.append(child.start())
+        with ThreadPoolExecutor(len(children)) as starting:  # both start (and migrate) at once
+            list(starting.map(Child.start, children))
         yield children
     finally:
         for child in children:
