@@ -73,6 +73,12 @@ class AdvisoryLock:
             self._connection = None
 
     def release(self) -> None:
-        """Give the lock up (closing the session releases it)."""
+        """Give the lock up. Unlocked explicitly: a closed session frees it too, but only once the
+        server has noticed, and the next replica may ask before that."""
         with self._mutex:
+            if self._holding and self._connection is not None and not self._connection.closed:
+                try:
+                    self._connection.execute("select pg_advisory_unlock(%s)", [self.key])
+                except psycopg.Error:
+                    pass  # the session is gone, and the lock with it
             self._drop()
