@@ -211,3 +211,43 @@ def test_leader_lock_admits_one_holder_on_postgres(store_backend: StoreBackend) 
     one.release()
     assert other.held(), "released: the next to ask takes it"
     other.release()
+
+
+def test_every_reporting_query_answers_alike_on_both(store_backend: StoreBackend) -> None:
+    """Each reporting function, on a small log: the SQL runs on both dialects and the figures
+    (and their Python types) are the same."""
+    from core.store import reporting
+
+    store = store_backend.open()
+    store.insert_requests([{**row(i), "route": "a", "created_at": 100.0 + i, "router_score": i / 10,
+                            "target": "student" if i % 2 else "teacher", "cost_usd": 0.25, "teacher_cost_usd": 1.0,
+                            "client_key_id": "k1"} for i in range(4)])
+    store.insert_shadow_results([{"request_id": "r1", "created_at": 101.0, "route": "a", "router_score": 0.1,
+                                  "agree": 1, "cost_usd": 0.5, "student_version": "v1"},
+                                 {"request_id": "r3", "created_at": 103.0, "route": "a", "router_score": 0.3,
+                                  "agree": 0, "cost_usd": 0.5}])
+    store.insert_feedback({"request_id": "r1", "route": "a", "target": "student", "rating": "down",
+                           "train_trusted": 1, "created_at": 104.0})
+    store.record_training_run({"route": "a", "started_at": 10.0, "finished_at": 3610.0, "outcome": "candidate",
+                               "version": "v1", "detail_json": '{"train": {"device": "cuda"}}'})
+    store.upsert_version({"route": "b", "version": "v1", "status": "live", "created_at": 5.0, "promoted_at": 6.0})
+
+    [summary] = [s for s in reporting.route_summaries(store, [], since_s=None) if s.route == "a"]
+    assert (summary.shadow_comparisons, summary.shadow_agreements, summary.student_thumbs_down) == (2, 1, 1)
+    assert summary.training_hours == 1.0
+    assert reporting.known_routes(store) == ["a", "b"]
+    assert reporting.month_spend_by_key(store, now=200.0) == {"k1": 1.0}
+    scores, shadow = reporting.calibration_scores(store, "a")
+    assert sorted(scores) == [0.0, 0.1, 0.2, 0.3] and sorted(shadow) == [(0.1, 1), (0.3, 0)]
+    assert [(r["route"], r["student_version"], r["comparisons"], r["agreements"])
+            for r in sorted(reporting.shadow_tally_since(store, 0), key=lambda r: r["student_version"])] == \
+        [("a", "none", 1, 0), ("a", "v1", 1, 1)]
+    assert [(r["route"], r["outcome"], r["runs"]) for r in reporting.training_tally(store)] == [("a", "candidate", 1)]
+    assert reporting.total_costs(store) == (1.0, 4.0)
+    assert reporting.average_costs(store, "a") == (1.0, 0.25)
+    assert reporting.request_costs(store) == {f"r{i}": 0.25 for i in range(4)}
+    tally = reporting.loop_tally(store)
+    assert (tally["shadow_requests"], tally["retrains"], tally["swaps"], len(tally["versions"])) == (2, 1, 1, 1)
+    assert [(run["seconds"], run["device"]) for run in reporting.training_compute(store)] == [(3600.0, "cuda")]
+    assert reporting.shadow_costs(store) == [(101.0, 0.5), (103.0, 0.5)]
+    assert all(type(value) is int for value in (summary.requests, summary.errors, summary.shadow_comparisons))
