@@ -15,6 +15,7 @@ from core.config import parse_settings
 from core.store import SQLiteStore
 from gateway.training.schedule import TrainingScheduler, start_training_scheduler
 from gateway.training.swap import SwapResult
+from tests.fixtures_postgres import StoreBackend
 from trainer.seed import seed_teacher_answers
 
 ROUTE = "intents"
@@ -229,3 +230,23 @@ async def test_no_drift_job_without_a_drift_trigger(parts: Any, tmp_path: Path) 
         assert scheduler.scheduler.get_job("drift") is None  # tracked only: nothing to check
     finally:
         await scheduler.shutdown()
+
+
+async def test_only_the_replica_holding_the_lock_schedules(store_backend: StoreBackend, tmp_path: Path) -> None:
+    """Two schedulers on one store: on PostgreSQL one trains and the other stands by until the
+    first lets go; on SQLite (one machine's store) each schedules, as before."""
+    settings = parse_settings({"store": {"path": str(tmp_path / "db.sqlite")},
+                               "routes": [{"name": ROUTE, "teacher": {"model": "openai/x"},
+                                           "training": {"min_new_examples": 5}}]})
+    python = fake_python(tmp_path, {"version": "v1", "status": "rejected"})
+    first, second = (TrainingScheduler(settings, store_backend.open(), FakeSwapper(), config_path="c.yaml",
+                                       python=str(python)) for _ in range(2))
+    seed_teacher_answers(first.store, ROUTE, [(f"hi {index}", "greeting") for index in range(6)])
+    actions = [(await scheduler.tick(ROUTE))["action"] for scheduler in (first, second)]
+    if store_backend.kind == "sqlite":
+        assert actions == ["rejected", "rejected"]
+        return
+    assert actions == ["rejected", "standby"] and (first.leader, second.leader) == (True, False)
+    await first.shutdown()  # gives the lock up
+    assert (await second.tick(ROUTE))["action"] == "rejected" and second.leader
+    await second.shutdown()

@@ -115,9 +115,8 @@ class TrainingScheduler:
         config = self.settings.route(route)
         assert config is not None, route
         try:
-            if not await self.check_leadership():
-                return {"action": "standby"}  # another replica schedules; not recorded as an outcome
-            outcome = await self._tick(config)
+            leader = await self.check_leadership()
+            outcome = await self._tick(config) if leader else {"action": "standby"}  # another replica schedules
         except Exception as error:  # the job's outer boundary: log it, the next tick retries
             logger.exception("scheduled training failed", extra={"route": route})
             outcome = {"action": "error", "error": f"{type(error).__name__}: {error}"}
