@@ -86,8 +86,6 @@ class TrainingScheduler:
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
             self.scheduler = None
-        await asyncio.to_thread(self.leadership.release)
-        self.leader = False
         for child in list(self._children):
             if child.returncode is None:
                 child.terminate()
@@ -95,6 +93,9 @@ class TrainingScheduler:
                     await asyncio.wait_for(child.wait(), 10.0)
                 except TimeoutError:
                     child.kill()
+        # Only now: a standby taking over must not start a run beside this one's still going.
+        await asyncio.to_thread(self.leadership.release)
+        self.leader = False
 
     async def check_leadership(self) -> bool:
         """Whether this process schedules (takes the lock when it is free)."""
