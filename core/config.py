@@ -107,6 +107,47 @@ class AuthConfig(StrictModel):
         return None
 
 
+RATE_LIMIT_SCHEMES = ("redis://", "rediss://", "redis+unix://")
+
+
+class RateLimitConfig(StrictModel):
+    """Where the per-key rate-limit buckets live (gateway/rate_limits.py)."""
+
+    # Unset: in this process (each ``serve`` replica enforces the whole limit on its own).
+    # A Redis URL (redis://host:6379/0, rediss:// for TLS): one budget shared by every replica.
+    # ``storage_env`` names a variable holding the URL instead, for a URL with a password.
+    storage: str | None = None
+    storage_env: str | None = None
+    # When Redis cannot be reached: ``allow`` serves the request unlimited (fail open),
+    # ``refuse`` answers 503 (fail closed). Either way it is logged and counted in /metrics.
+    on_storage_error: Literal["allow", "refuse"] = "allow"
+    # Connect and command timeout: a Redis that hangs delays each limited request this long at most.
+    timeout_s: float = Field(0.25, gt=0)
+
+    @model_validator(mode="after")
+    def _one_storage(self) -> RateLimitConfig:
+        if self.storage is not None and self.storage_env is not None:
+            raise ValueError("set rate_limit.storage or rate_limit.storage_env, not both")
+        if self.storage is not None:
+            check_redis_url(self.storage)
+        return self
+
+    def storage_url(self) -> str | None:
+        """The Redis URL, or None for in-process buckets."""
+        url = os.environ.get(self.storage_env, "").strip() if self.storage_env else self.storage
+        if self.storage_env and not url:
+            raise ConfigError(f"rate_limit.storage_env names {self.storage_env}, which is not set")
+        if url:
+            check_redis_url(url)
+        return url or None
+
+
+def check_redis_url(url: str) -> None:
+    if not url.startswith(RATE_LIMIT_SCHEMES):
+        raise ValueError(f"rate_limit storage must be a Redis URL ({', '.join(RATE_LIMIT_SCHEMES)}); "
+                         f"got one starting {url.split(':', 1)[0]!r}")
+
+
 class SpoolConfig(StrictModel):
     """The request log's write-ahead spool (see gateway/store/spool.py)."""
 
@@ -245,6 +286,7 @@ class TracingConfig(StrictModel):
 class Settings(StrictModel):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
+    rate_limit: RateLimitConfig = RateLimitConfig()
     store: StoreConfig = StoreConfig()
     vllm: VLLMConfig = VLLMConfig()
     replay_teacher: ReplayTeacherConfig | None = None
@@ -357,7 +399,7 @@ def settings_for_command(path: str | Path, route: str | None = None) -> Settings
 
 __all__ = [
     "REPLAY_TEACHER_MODEL", "AuthConfig", "CascadeConfig", "ClientKeyConfig", "ConfigError", "CostsConfig",
-    "GateConfig", "Prices", "RedactConfig",
+    "GateConfig", "Prices", "RateLimitConfig", "RedactConfig",
     "RouteConfig", "RouterConfig", "Settings", "StoreConfig", "StudentConfig", "TeacherConfig", "TracingConfig",
     "TrainingConfig", "VLLMConfig", "load_settings", "parse_settings", "settings_for_command",
 ]

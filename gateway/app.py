@@ -43,6 +43,7 @@ from gateway.metrics import endpoints as metrics_endpoints
 from gateway.models_api import endpoints as models_endpoints
 from gateway.passthrough.endpoints import endpoints as passthrough_endpoints
 from gateway.passthrough.service import PassthroughService
+from gateway.rate_limits import build_rate_limiter
 from gateway.responses.endpoints import endpoints as responses_endpoints
 from gateway.retention import RetentionTask
 from gateway.route_table import RouteTable
@@ -144,6 +145,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                                 durable_commits=spool_config.enabled and spool_config.fsync)
             stack.callback(store.close)
         writer = await _start_writer(stack, settings, store)
+        stack.push_async_callback(app.state.key_policies.limiter.aclose)
         # After the spool's replay, so that rows a crash left behind count toward budgets.
         budgets: KeyBudgets = app.state.budgets
         await asyncio.to_thread(budgets.seed, store)
@@ -220,7 +222,7 @@ def create_app(settings: Settings, components: Components | None = None) -> Fast
                   description="OpenAI-compatible gateway with online distillation.")
     app.state.settings = settings
     app.state.components = components or Components()
-    app.state.key_policies = KeyPolicies(settings.auth)
+    app.state.key_policies = KeyPolicies(settings.auth, build_rate_limiter(settings.rate_limit))
     app.state.budgets = KeyBudgets(settings.auth)
     app.state.key_names = key_names(settings.auth)  # key id -> key_env, for the dashboard
     app.state.client_keys = settings.auth.client_keys() + app.state.key_policies.keys
@@ -230,6 +232,7 @@ def create_app(settings: Settings, components: Components | None = None) -> Fast
     app.state.sessions, app.state.sign_in_limiter = dashboard_sessions.build(settings.auth)
     app.state.started_at = int(time.time())
     app.state.metrics = GatewayMetrics(scrape_token=scrape_token_from_env())
+    app.state.metrics.bind_rate_limiter(app.state.key_policies.limiter)
     app.state.error_envelopes = {"/v1/messages": anthropic_error_response}
     install_error_handlers(app)
     app.state.tracing = app.state.components.tracing or setup_tracing(settings.tracing)

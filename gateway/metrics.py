@@ -101,6 +101,10 @@ class GatewayMetrics:
         """The training loop's DriftWatch."""
         self._state.drift = drift
 
+    def bind_rate_limiter(self, limiter: Any) -> None:
+        """Where the per-key rate limits live (gateway/rate_limits.py)."""
+        self._state.rate_limiter = limiter
+
     def bind_supervisor(self, supervisor: Any) -> None:
         """The vLLM supervisor (None when the gateway did not launch vLLM)."""
         self._state.supervisor = supervisor
@@ -142,6 +146,7 @@ class _StateCollector(Collector):
         self._breaker: Any = None
         self.supervisor: Any = None
         self.drift: Any = None
+        self.rate_limiter: Any = None
         self._lock = threading.Lock()
         self._shadow_last_id = 0
         self._shadow_totals: dict[tuple[str, str], list[int]] = {}
@@ -158,6 +163,7 @@ class _StateCollector(Collector):
         yield from self._drift_families()
         yield from self._writer_families()
         yield from self._breaker_families()
+        yield from self._rate_limit_families()
         if self._store is not None:
             try:
                 yield from self._shadow_families()
@@ -223,6 +229,19 @@ class _StateCollector(Collector):
                                            "Times the supervised vLLM server was restarted.")
             restarts.add_metric([], self.supervisor.restarts)
             yield from (up, restarts)
+
+    def _rate_limit_families(self) -> Iterator[Metric]:
+        if self.rate_limiter is None:
+            return
+        errors = CounterMetricFamily("distillgate_rate_limit_storage_errors",
+                                     "Failed calls to the shared rate-limit storage (Redis).", labels=["storage"])
+        errors.add_metric([self.rate_limiter.storage], self.rate_limiter.storage_errors)
+        unchecked = CounterMetricFamily("distillgate_rate_limit_unchecked",
+                                        "Rate-limited requests decided without the storage (it was unreachable): "
+                                        "allowed (fail open) or refused (fail closed).", labels=["outcome"])
+        for outcome in ("allowed", "refused"):
+            unchecked.add_metric([outcome], self.rate_limiter.unchecked[outcome])
+        yield from (errors, unchecked)
 
     def _writer_families(self) -> Iterator[Metric]:
         pending = GaugeMetricFamily("distillgate_store_pending_rows", "Rows queued for the store.", labels=["writer"])
