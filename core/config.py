@@ -24,6 +24,7 @@ from core.route_config import (
     TeacherConfig,
     TrainingConfig,
 )
+from core.vllm_config import BreakerConfig, SuperviseConfig, VLLMConfig
 
 
 class ServerConfig(StrictModel):
@@ -181,47 +182,6 @@ class StoreConfig(StrictModel):
 
     def dead_letter_file(self) -> Path:
         return self.dead_letter_path or self.path.with_name(self.path.name + ".deadletter.jsonl")
-
-
-class BreakerConfig(StrictModel):
-    """The student server's circuit breaker (see gateway/upstream/breaker.py)."""
-
-    enabled: bool = True
-    # Consecutive student server faults (5xx, timeout, connection error, malformed answer)
-    # that open the breaker; a 4xx (the request's fault) never counts.
-    failure_threshold: int = Field(5, ge=1)
-    probe_interval_s: float = Field(2.0, gt=0)
-    probe_timeout_s: float = Field(5.0, gt=0)
-    # Half-open admits one trial request; one that never reports back frees the slot after this.
-    trial_timeout_s: float = Field(30.0, gt=0)
-
-
-class SuperviseConfig(StrictModel):
-    """Restarting a vLLM that ``serve`` launched (see gateway/vllm_supervisor.py)."""
-
-    enabled: bool = True
-    poll_interval_s: float = Field(1.0, gt=0)
-    backoff_initial_s: float = Field(1.0, ge=0)
-    backoff_max_s: float = Field(60.0, ge=0)
-    # A server that stayed up this long resets the backoff.
-    stable_after_s: float = Field(60.0, ge=0)
-    ready_timeout_s: float = Field(300.0, gt=0)
-
-
-class VLLMConfig(StrictModel):
-    """The student server. ``launch`` starts it as a child of ``distillgate serve``."""
-
-    url: str = "http://127.0.0.1:8100"
-    launch: bool = True
-    python: Path = Path(".venv-vllm/bin/python")
-    model_dir: Path = Path("var/models/base")
-    served_model_name: str = "base"
-    max_model_len: int = 512
-    max_lora_rank: int = 128  # >= training.lora_rank; vLLM 0.32 accepts 1,8,16,32,64,128,256,320,512
-    max_loras: int = 2
-    extra_args: list[str] = []
-    breaker: BreakerConfig = BreakerConfig()
-    supervise: SuperviseConfig = SuperviseConfig()
 
 
 class ReplayTeacherConfig(StrictModel):
@@ -398,8 +358,8 @@ def settings_for_command(path: str | Path, route: str | None = None) -> Settings
 
 
 __all__ = [
-    "REPLAY_TEACHER_MODEL", "AuthConfig", "CascadeConfig", "ClientKeyConfig", "ConfigError", "CostsConfig",
-    "GateConfig", "Prices", "RateLimitConfig", "RedactConfig",
-    "RouteConfig", "RouterConfig", "Settings", "StoreConfig", "StudentConfig", "TeacherConfig", "TracingConfig",
-    "TrainingConfig", "VLLMConfig", "load_settings", "parse_settings", "settings_for_command",
+    "REPLAY_TEACHER_MODEL", "AuthConfig", "BreakerConfig", "CascadeConfig", "ClientKeyConfig", "ConfigError",
+    "CostsConfig", "GateConfig", "Prices", "RateLimitConfig", "RedactConfig",
+    "RouteConfig", "RouterConfig", "Settings", "StoreConfig", "StudentConfig", "SuperviseConfig", "TeacherConfig",
+    "TracingConfig", "TrainingConfig", "VLLMConfig", "load_settings", "parse_settings", "settings_for_command",
 ]

@@ -93,9 +93,10 @@ class GatewayMetrics:
         registry.register(self._state)
 
     def bind(self, *, store: Any, routes: Any, writers: Iterable[Any] = (), shadow: Any = None,
-             breaker: Any = None) -> None:
-        """Give the scrape-time collector the live objects (built in the app's lifespan)."""
-        self._state.bind(store=store, routes=routes, writers=list(writers), shadow=shadow, breaker=breaker)
+             students: Any = None) -> None:
+        """Give the scrape-time collector the live objects (built in the app's lifespan);
+        ``students`` is the student's server pool (gateway/upstream/pool.py)."""
+        self._state.bind(store=store, routes=routes, writers=list(writers), shadow=shadow, students=students)
 
     def bind_drift(self, drift: Any) -> None:
         """The training loop's DriftWatch."""
@@ -143,7 +144,7 @@ class _StateCollector(Collector):
         self._routes: Any = None
         self._writers: list[Any] = []
         self._shadow: Any = None
-        self._breaker: Any = None
+        self._students: Any = None
         self.supervisor: Any = None
         self.drift: Any = None
         self.rate_limiter: Any = None
@@ -151,9 +152,9 @@ class _StateCollector(Collector):
         self._shadow_last_id = 0
         self._shadow_totals: dict[tuple[str, str], list[int]] = {}
 
-    def bind(self, *, store: Any, routes: Any, writers: list[Any], shadow: Any, breaker: Any = None) -> None:
+    def bind(self, *, store: Any, routes: Any, writers: list[Any], shadow: Any, students: Any = None) -> None:
         self._store, self._routes, self._writers, self._shadow = store, routes, writers, shadow
-        self._breaker = breaker
+        self._students = students
 
     def describe(self) -> Iterable[Metric]:
         return []  # dynamic families: skip registration-time collection
@@ -213,14 +214,23 @@ class _StateCollector(Collector):
         yield from (window, ood, novel, retrains)
 
     def _breaker_families(self) -> Iterator[Metric]:
-        if self._breaker is None:
+        if self._students is None:
             return
+        labels = ["server"]
         state = GaugeMetricFamily("distillgate_student_breaker_state",
-                                  "The student server's circuit breaker: 0 closed, 1 half-open, 2 open.")
-        state.add_metric([], int(self._breaker.state))
-        opened = CounterMetricFamily("distillgate_student_breaker_opened", "Times the student breaker opened.")
-        opened.add_metric([], self._breaker.opened_total)
-        yield from (state, opened)
+                                  "Each student server's circuit breaker: 0 closed, 1 half-open, 2 open.", labels=labels)
+        opened = CounterMetricFamily("distillgate_student_breaker_opened", "Times the server's breaker opened.",
+                                     labels=labels)
+        sent = CounterMetricFamily("distillgate_student_server_requests",
+                                   "Requests sent to each student server (the balance).", labels=labels)
+        outstanding = GaugeMetricFamily("distillgate_student_server_outstanding",
+                                        "Requests to each student server not yet answered.", labels=labels)
+        for server in self._students.servers:
+            state.add_metric([server.url], int(server.breaker.state))
+            opened.add_metric([server.url], server.breaker.opened_total)
+            sent.add_metric([server.url], server.requests)
+            outstanding.add_metric([server.url], server.outstanding)
+        yield from (state, opened, sent, outstanding)
         if self.supervisor is not None:
             up = GaugeMetricFamily("distillgate_student_server_up",
                                    "1 while the supervised vLLM server is ready (adapters reloaded).")
