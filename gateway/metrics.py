@@ -222,7 +222,8 @@ class _StateCollector(Collector):
         opened = CounterMetricFamily("distillgate_student_breaker_opened", "Times the server's breaker opened.",
                                      labels=labels)
         sent = CounterMetricFamily("distillgate_student_server_requests",
-                                   "Requests sent to each student server (the balance).", labels=labels)
+                                   "Requests tried on each student server (the balance; a refused connection, then "
+                                   "retried on another server, counts for both).", labels=labels)
         outstanding = GaugeMetricFamily("distillgate_student_server_outstanding",
                                         "Requests to each student server not yet answered.", labels=labels)
         for server in self._students.servers:

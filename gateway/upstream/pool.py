@@ -12,8 +12,10 @@
   any other failure goes back to the caller, which serves it from the teacher.
 * Recovery: before a server whose breaker opened takes traffic again, the live adapters
   are loaded into it (``adapters``, the swapper's view of what is live). A server that
-  answers 404 for a live adapter has restarted without its adapters: it is taken out of
-  service the same way, and the probe brings it back once they are loaded.
+  answers 404 for a live adapter restarted too quickly for its breaker to notice: the live
+  adapters are loaded into it again in the background (at most every ``RELOAD_INTERVAL_S``),
+  and meanwhile the request is tried on another server. A 404 is not a server fault: the
+  breaker stays closed (a route pointing at a version no server has must not open it).
 
 One server is the one-server case of the same code (``vllm.url``).
 """
@@ -23,16 +25,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
 from core.config import BreakerConfig
+from core.tasks import cancel_and_wait
 from core.upstream import Completion, StudentBackend, UpstreamFailure
 from gateway.upstream.breaker import BreakerState, StudentBreaker
 
 logger = logging.getLogger(__name__)
+
+RELOAD_INTERVAL_S = 5.0
 
 
 class LiveAdapters(Protocol):
@@ -64,6 +70,8 @@ class StudentServer:
     breaker: StudentBreaker
     outstanding: int = 0  # requests from this gateway not yet answered
     requests: int = 0  # requests sent, for the balance (metrics, /readyz)
+    reloading: asyncio.Task[bool] | None = None  # live adapters being loaded again after a 404
+    reloaded_at: float = float("-inf")
 
     def describe(self) -> dict[str, Any]:
         return {**self.breaker.describe(), "outstanding": self.outstanding, "requests": self.requests}
@@ -110,10 +118,30 @@ class StudentPool:
         # Not a server fault of its own: every server is already out of service.
         return UpstreamFailure("no student server is available: every server's breaker is open", server_fault=False)
 
-    def _failed(self, server: StudentServer, model: str, failure: UpstreamFailure) -> None:
+    @property
+    def max_model_len(self) -> int | None:
+        """The servers' context length (they serve one base model)."""
+        return getattr(self.servers[0].client, "max_model_len", None)
+
+    def _failed(self, server: StudentServer, model: str, failure: UpstreamFailure) -> bool:
+        """Record a failed call; True when another server may take the request (nothing was
+        sent, or the server lacks a live adapter: it restarted)."""
         server.breaker.record_failure(str(failure), server_fault=failure.server_fault)
-        if failure.status_code == 404 and self.adapters is not None and model in self.adapters.live_adapter_names():
-            server.breaker.force_open(f"the server does not have the live adapter {model} (restarted?)")
+        lost = (failure.status_code == 404 and self.adapters is not None
+                and model in self.adapters.live_adapter_names())
+        if lost:
+            self._reload_soon(server)
+        return failure.unreached or lost
+
+    def _reload_soon(self, server: StudentServer) -> None:
+        if server.reloading is not None and not server.reloading.done():
+            return
+        if time.monotonic() - server.reloaded_at < RELOAD_INTERVAL_S:
+            return
+        server.reloaded_at = time.monotonic()
+        logger.warning("student server lacks a live adapter (restarted?): loading the live adapters again",
+                       extra={"server": server.url})
+        server.reloading = asyncio.create_task(self._recover(server), name=f"reload-adapters {server.url}")
 
     # -- the StudentBackend calls --------------------------------------------------------
     async def chat(self, model: str, body: dict[str, Any], timeout_s: float) -> Completion:
@@ -126,10 +154,9 @@ class StudentPool:
             try:
                 completion = await server.client.chat(model, body, timeout_s)
             except UpstreamFailure as failure:
-                self._failed(server, model, failure)
-                if not failure.unreached:
+                if not self._failed(server, model, failure):
                     raise
-                unreached = failure  # nothing was sent: the next server may answer
+                unreached = failure  # the next server may answer
                 continue
             finally:
                 server.outstanding -= 1
@@ -153,8 +180,7 @@ class StudentPool:
                             server.breaker.record_success()
                         yield chunk
             except UpstreamFailure as failure:
-                self._failed(server, model, failure)
-                if chunks > 0 or not failure.unreached:
+                if not self._failed(server, model, failure) or chunks > 0:
                     raise
                 unreached = failure
                 continue
@@ -225,6 +251,7 @@ class StudentPool:
     async def close(self) -> None:
         for server in self.servers:
             await server.breaker.close()
+            await cancel_and_wait(server.reloading)
 
     async def aclose(self) -> None:
         for server in self.servers:
