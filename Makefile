@@ -8,7 +8,7 @@ VLLM_VENV := .venv-vllm
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install browser postgres serve test test-fast demo bench lint clean
+.PHONY: install browser postgres redis serve test test-fast demo bench lint clean
 
 install: $(VENV)/.installed $(VLLM_VENV)/.installed
 
@@ -32,7 +32,7 @@ $(VLLM_VENV)/.installed:
 serve: install
 	$(VENV)/bin/distillgate serve --config configs/default.yaml
 
-test: install browser postgres
+test: install browser postgres redis
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # In-process tests only (no child process, no vLLM, no model building): the edit-run loop.
@@ -49,6 +49,11 @@ browser:
 postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 		(apt-get update -qq && apt-get install -y -qq postgresql)
+
+# The shared rate-limit tests run a real Redis: Debian's redis-server (started by the test fixture).
+redis:
+	@command -v redis-server >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq redis-server)
 
 demo: install
 	$(VENV)/bin/distillgate demo --quick --out var/demo

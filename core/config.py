@@ -24,6 +24,7 @@ from core.route_config import (
     TeacherConfig,
     TrainingConfig,
 )
+from core.vllm_config import BreakerConfig, SuperviseConfig, VLLMConfig
 
 
 class ServerConfig(StrictModel):
@@ -107,6 +108,47 @@ class AuthConfig(StrictModel):
         return None
 
 
+RATE_LIMIT_SCHEMES = ("redis://", "rediss://", "redis+unix://")
+
+
+class RateLimitConfig(StrictModel):
+    """Where the per-key rate-limit buckets live (gateway/rate_limits.py)."""
+
+    # Unset: in this process (each ``serve`` replica enforces the whole limit on its own).
+    # A Redis URL (redis://host:6379/0, rediss:// for TLS): one budget shared by every replica.
+    # ``storage_env`` names a variable holding the URL instead, for a URL with a password.
+    storage: str | None = None
+    storage_env: str | None = None
+    # When Redis cannot be reached: ``allow`` serves the request unlimited (fail open),
+    # ``refuse`` answers 503 (fail closed). Either way it is logged and counted in /metrics.
+    on_storage_error: Literal["allow", "refuse"] = "allow"
+    # Connect and command timeout: a Redis that hangs delays each limited request this long at most.
+    timeout_s: float = Field(0.25, gt=0)
+
+    @model_validator(mode="after")
+    def _one_storage(self) -> RateLimitConfig:
+        if self.storage is not None and self.storage_env is not None:
+            raise ValueError("set rate_limit.storage or rate_limit.storage_env, not both")
+        if self.storage is not None:
+            check_redis_url(self.storage)
+        return self
+
+    def storage_url(self) -> str | None:
+        """The Redis URL, or None for in-process buckets."""
+        url = os.environ.get(self.storage_env, "").strip() if self.storage_env else self.storage
+        if self.storage_env and not url:
+            raise ConfigError(f"rate_limit.storage_env names {self.storage_env}, which is not set")
+        if url:
+            check_redis_url(url)
+        return url or None
+
+
+def check_redis_url(url: str) -> None:
+    if not url.startswith(RATE_LIMIT_SCHEMES):
+        raise ValueError(f"rate_limit storage must be a Redis URL ({', '.join(RATE_LIMIT_SCHEMES)}); "
+                         f"got one starting {url.split(':', 1)[0]!r}")
+
+
 class SpoolConfig(StrictModel):
     """The request log's write-ahead spool (see gateway/store/spool.py)."""
 
@@ -168,47 +210,6 @@ class StoreConfig(StrictModel):
 
     def dead_letter_file(self) -> Path:
         return self.dead_letter_path or self.path.with_name(self.path.name + ".deadletter.jsonl")
-
-
-class BreakerConfig(StrictModel):
-    """The student server's circuit breaker (see gateway/upstream/breaker.py)."""
-
-    enabled: bool = True
-    # Consecutive student server faults (5xx, timeout, connection error, malformed answer)
-    # that open the breaker; a 4xx (the request's fault) never counts.
-    failure_threshold: int = Field(5, ge=1)
-    probe_interval_s: float = Field(2.0, gt=0)
-    probe_timeout_s: float = Field(5.0, gt=0)
-    # Half-open admits one trial request; one that never reports back frees the slot after this.
-    trial_timeout_s: float = Field(30.0, gt=0)
-
-
-class SuperviseConfig(StrictModel):
-    """Restarting a vLLM that ``serve`` launched (see gateway/vllm_supervisor.py)."""
-
-    enabled: bool = True
-    poll_interval_s: float = Field(1.0, gt=0)
-    backoff_initial_s: float = Field(1.0, ge=0)
-    backoff_max_s: float = Field(60.0, ge=0)
-    # A server that stayed up this long resets the backoff.
-    stable_after_s: float = Field(60.0, ge=0)
-    ready_timeout_s: float = Field(300.0, gt=0)
-
-
-class VLLMConfig(StrictModel):
-    """The student server. ``launch`` starts it as a child of ``distillgate serve``."""
-
-    url: str = "http://127.0.0.1:8100"
-    launch: bool = True
-    python: Path = Path(".venv-vllm/bin/python")
-    model_dir: Path = Path("var/models/base")
-    served_model_name: str = "base"
-    max_model_len: int = 512
-    max_lora_rank: int = 128  # >= training.lora_rank; vLLM 0.32 accepts 1,8,16,32,64,128,256,320,512
-    max_loras: int = 2
-    extra_args: list[str] = []
-    breaker: BreakerConfig = BreakerConfig()
-    supervise: SuperviseConfig = SuperviseConfig()
 
 
 class ReplayTeacherConfig(StrictModel):
@@ -273,6 +274,7 @@ class TracingConfig(StrictModel):
 class Settings(StrictModel):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
+    rate_limit: RateLimitConfig = RateLimitConfig()
     store: StoreConfig = StoreConfig()
     vllm: VLLMConfig = VLLMConfig()
     replay_teacher: ReplayTeacherConfig | None = None
@@ -384,8 +386,8 @@ def settings_for_command(path: str | Path, route: str | None = None) -> Settings
 
 
 __all__ = [
-    "REPLAY_TEACHER_MODEL", "AuthConfig", "CascadeConfig", "ClientKeyConfig", "ConfigError", "CostsConfig",
-    "GateConfig", "Prices", "RedactConfig",
-    "RouteConfig", "RouterConfig", "Settings", "StoreConfig", "StudentConfig", "TeacherConfig", "TracingConfig",
-    "TrainingConfig", "VLLMConfig", "load_settings", "parse_settings", "settings_for_command",
+    "REPLAY_TEACHER_MODEL", "AuthConfig", "BreakerConfig", "CascadeConfig", "ClientKeyConfig", "ConfigError",
+    "CostsConfig", "GateConfig", "Prices", "RateLimitConfig", "RedactConfig",
+    "RouteConfig", "RouterConfig", "Settings", "StoreConfig", "StudentConfig", "SuperviseConfig", "TeacherConfig",
+    "TracingConfig", "TrainingConfig", "VLLMConfig", "load_settings", "parse_settings", "settings_for_command",
 ]

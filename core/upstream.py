@@ -17,17 +17,20 @@ class UpstreamFailure(Exception):
     error, a malformed answer) rather than the request (4xx: a prompt too long, an unloaded
     adapter) or the gateway's own limits (its connection pool full). Circuit breakers count
     only server faults, as Envoy's outlier detection counts gateway failures.
+    ``unreached`` says the request never reached the server (its connection was refused), so
+    another server may safely be asked instead.
     """
 
     def __init__(self, message: str, *, status_code: int | None = None, timeout: bool = False,
                  retryable: bool = False, server_fault: bool | None = None,
-                 retry_after_s: float | None = None) -> None:
+                 retry_after_s: float | None = None, unreached: bool = False) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.timeout = timeout
         self.retryable = retryable
         self.server_fault = (status_code is None or status_code >= 500) if server_fault is None else server_fault
         self.retry_after_s = retry_after_s
+        self.unreached = unreached
 
 
 @dataclass

@@ -42,13 +42,14 @@ from gateway.metrics import endpoints as metrics_endpoints
 from gateway.models_api import endpoints as models_endpoints
 from gateway.passthrough.endpoints import endpoints as passthrough_endpoints
 from gateway.passthrough.service import PassthroughService
+from gateway.rate_limits import build_rate_limiter
 from gateway.responses.endpoints import endpoints as responses_endpoints
 from gateway.retention import RetentionTask
 from gateway.route_table import RouteTable
 from gateway.shadow import ShadowRunner
 from gateway.tracing import Tracing, setup_tracing
 from gateway.training import TrainingLoop
-from gateway.upstream.breaker import StudentBreaker
+from gateway.upstream.pool import StudentPool, build_student_pool
 from router.decision import PolicyRouter, Router
 
 if TYPE_CHECKING:
@@ -87,10 +88,14 @@ def _build_teachers(settings: Settings) -> dict[str, TeacherBase]:
     return teachers
 
 
-def _build_student(settings: Settings) -> StudentBackend:
-    from gateway.upstream.student import VLLMStudent
-
-    return VLLMStudent(settings.vllm.url, max_model_len=settings.vllm.max_model_len)
+def _student_pool(settings: Settings, student: StudentBackend | None) -> StudentPool:
+    """The student's servers behind one pool: ``vllm.urls`` (or ``url``), or the test's backend."""
+    vllm = settings.vllm
+    if student is None:
+        return build_student_pool(vllm.server_urls, vllm.breaker, vllm.served_model_name, vllm.max_model_len)
+    if isinstance(student, StudentPool):
+        return student
+    return StudentPool([(getattr(student, "base_url", "student"), student)], vllm.breaker, vllm.served_model_name)
 
 
 def _build_router(settings: Settings, store: Store) -> Router:
@@ -143,6 +148,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                                             durable_commits=spool_config.enabled and spool_config.fsync)
             stack.callback(store.close)
         writer = await _start_writer(stack, settings, store)
+        stack.push_async_callback(app.state.key_policies.limiter.aclose)
         # After the spool's replay, so that rows a crash left behind count toward budgets.
         budgets: KeyBudgets = app.state.budgets
         await asyncio.to_thread(budgets.seed, store)
@@ -150,9 +156,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                                     dead_letter_path=settings.store.dead_letter_file())
         shadow_writer.start()
         stack.push_async_callback(shadow_writer.close)
-        student = components.student or _build_student(settings)
+        student = _student_pool(settings, components.student)
         stack.push_async_callback(student.aclose)
-        tracing.instrument_client(getattr(student, "http_client", None))
+        for _url, client in student.members():
+            tracing.instrument_client(getattr(client, "http_client", None))
         teachers = components.teachers
         if not teachers:
             teachers = built = _build_teachers(settings)
@@ -166,24 +173,23 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         shadow = ShadowRunner(student, teachers, shadow_writer)
         shadow.start()
         stack.push_async_callback(shadow.close)
-        breaker = StudentBreaker(student, settings.vllm.breaker, probe_model=settings.vllm.served_model_name)
-        breaker.start()
-        stack.push_async_callback(breaker.close)
-        app.state.breaker = breaker
+        student.start()  # each server's breaker probe
+        stack.push_async_callback(student.close)
         app.state.store, app.state.writer, app.state.routes = store, writer, routes
         app.state.student, app.state.decider, app.state.shadow = student, router, shadow
         metrics: GatewayMetrics = app.state.metrics
-        metrics.bind(store=store, routes=routes, writers=[writer, shadow_writer], shadow=shadow, breaker=breaker)
+        metrics.bind(store=store, routes=routes, writers=[writer, shadow_writer], shadow=shadow, students=student)
         trusted_for_training = app.state.key_policies.trusted_for_training
         app.state.feedback = FeedbackService(store, routes, metrics.count_feedback, trusted_for_training)
         observers = [*components.observers, metrics.observe, budgets.observe, app.state.feedback.remember]
         app.state.chat_service = ChatService(routes, router, student, teachers, writer, shadow, observers,
-                                             breaker=breaker, trusted_for_training=trusted_for_training,
+                                             trusted_for_training=trusted_for_training,
                                              request_timeout_s=settings.server.request_timeout_s, budgets=budgets,
                                              tracing=tracing)
         app.state.passthrough_service = PassthroughService(routes, writer, observers, budgets=budgets)
         training = TrainingLoop(settings, store, student, routes, router, components.config_path)
         app.state.training, app.state.swapper = training, training.swapper
+        student.adapters = training.swapper  # what a returning server is given before it takes traffic
         supervisor = _build_supervisor(settings, components, training)
         app.state.vllm_supervisor = supervisor
         metrics.bind_supervisor(supervisor)
@@ -220,7 +226,7 @@ def create_app(settings: Settings, components: Components | None = None) -> Fast
                   description="OpenAI-compatible gateway with online distillation.")
     app.state.settings = settings
     app.state.components = components or Components()
-    app.state.key_policies = KeyPolicies(settings.auth)
+    app.state.key_policies = KeyPolicies(settings.auth, build_rate_limiter(settings.rate_limit))
     app.state.budgets = KeyBudgets(settings.auth)
     app.state.key_names = key_names(settings.auth)  # key id -> key_env, for the dashboard
     app.state.client_keys = settings.auth.client_keys() + app.state.key_policies.keys
@@ -230,6 +236,7 @@ def create_app(settings: Settings, components: Components | None = None) -> Fast
     app.state.sessions, app.state.sign_in_limiter = dashboard_sessions.build(settings.auth)
     app.state.started_at = int(time.time())
     app.state.metrics = GatewayMetrics(scrape_token=scrape_token_from_env())
+    app.state.metrics.bind_rate_limiter(app.state.key_policies.limiter)
     app.state.error_envelopes = {"/v1/messages": anthropic_error_response}
     install_error_handlers(app)
     app.state.tracing = app.state.components.tracing or setup_tracing(settings.tracing)

@@ -67,7 +67,7 @@ def _cookie_admin(request: Request) -> str | None:
     return session.actor if session is not None else None
 
 
-def require_client(request: Request) -> str | None:
+async def require_client(request: Request) -> str | None:
     """The caller's key id; raises 401 unless the key is configured (open when none are)."""
     keys: list[str] = request.app.state.client_keys
     if not keys and not getattr(request.app.state, "auth_required", False):
@@ -80,7 +80,7 @@ def require_client(request: Request) -> str | None:
     client_key_id = key_id(token)
     policies = getattr(request.app.state, "key_policies", None)
     if policies is not None:
-        policies.admit(client_key_id)  # the key's rate limit: 429 with retry-after
+        await policies.admit(client_key_id)  # the key's rate limit: 429 with retry-after
     return client_key_id
 
 

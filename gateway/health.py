@@ -22,7 +22,8 @@ endpoints = APIRouter()
 # The write check runs on its own connection with a short busy timeout; readiness answers
 # sooner than the store's busy timeout and never holds the store's lock meanwhile.
 STORE_CHECK_TIMEOUT_S = 2.0
-DETAIL_KEYS = ("error", "last_failure", "last_crash", "last_exit", "reloaded")
+# Error text, and the student servers' addresses (the internal topology), are admin detail.
+DETAIL_KEYS = ("error", "last_failure", "last_crash", "last_exit", "reloaded", "url")
 
 
 @endpoints.get("/healthz")
@@ -50,7 +51,9 @@ async def _store_check(request: Request) -> dict[str, Any]:
 
 def _student_check(request: Request, reachable: bool) -> dict[str, Any]:
     state = request.app.state
-    check: dict[str, Any] = {"ok": reachable, "breaker": state.breaker.describe()}
+    pool = state.student.describe()
+    check: dict[str, Any] = {"ok": reachable, "breaker": {k: v for k, v in pool.items() if k != "servers"},
+                             "servers": pool["servers"]}
     supervisor = getattr(state, "vllm_supervisor", None)
     if supervisor is not None:
         check["server"] = supervisor.describe()
@@ -69,6 +72,8 @@ def _without_detail(value: Any) -> Any:
     """The checks without error text: what a caller without the admin token sees."""
     if isinstance(value, dict):
         return {key: _without_detail(item) for key, item in value.items() if key not in DETAIL_KEYS}
+    if isinstance(value, list):
+        return [_without_detail(item) for item in value]
     return value
 
 

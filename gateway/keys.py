@@ -3,24 +3,21 @@
 Configured under ``auth.keys`` (each entry names the environment variable holding the key);
 keys from ``auth.client_keys_env`` have no policy: every route, no limit.
 
-The rate limit is a token bucket per key: ``burst`` requests at once (default: a minute's
-worth), refilled at ``requests_per_minute / 60`` a second. A request finding the bucket
-empty gets 429 with ``retry-after`` (whole seconds, as OpenAI sends it) and
-``retry-after-ms``. Buckets live in this process: with several gateway replicas each
-enforces its own share. Keys appear only as ``key_id`` hashes, never in logs.
+The rate limit (``requests_per_minute``, ``burst``) is kept by gateway/rate_limits.py: in
+this process, or in Redis shared by every replica (``rate_limit.storage``). Keys appear only
+as ``key_id`` hashes, never in logs.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from core.config import AuthConfig, ClientKeyConfig
 from gateway.auth import key_id
-from gateway.errors import RateLimited, RouteNotFound
+from gateway.errors import RouteNotFound
+from gateway.rate_limits import LocalLimiter, Rate, RateLimiter, enforce
 
 logger = logging.getLogger(__name__)
 
@@ -42,38 +39,18 @@ def key_names(config: AuthConfig) -> dict[str, str]:
 
 
 @dataclass
-class TokenBucket:
-    capacity: float
-    refill_per_s: float
-    tokens: float = field(init=False)
-    updated: float = field(default_factory=time.monotonic)
-
-    def __post_init__(self) -> None:
-        self.tokens = self.capacity
-
-    def take(self, now: float | None = None) -> float:
-        """Take one token: 0.0 when granted, else the seconds until one is available."""
-        now = time.monotonic() if now is None else now
-        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.refill_per_s)
-        self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.refill_per_s
-
-
-@dataclass
 class KeyPolicy:
     name: str
     routes: frozenset[str] | None
-    bucket: TokenBucket | None
+    rate: Rate | None
     trusted_for_training: bool = False
 
 
 class KeyPolicies:
     """The policies of the keys in ``auth.keys``, looked up by key id."""
 
-    def __init__(self, config: AuthConfig) -> None:
+    def __init__(self, config: AuthConfig, limiter: RateLimiter | None = None) -> None:
+        self.limiter = limiter or LocalLimiter()
         self.keys: list[str] = []
         self._by_id: dict[str, KeyPolicy] = {}
         self._anonymous_trusted = config.anonymous_trusted_for_training
@@ -83,23 +60,17 @@ class KeyPolicies:
             if not key:
                 logger.warning("client key not set; that key cannot be used", extra={"key_env": entry.key_env})
                 continue
-            rate = entry.requests_per_minute
-            bucket = TokenBucket(entry.burst or max(1.0, rate), rate / 60) if rate else None
+            rate = Rate.of(entry.requests_per_minute, entry.burst) if entry.requests_per_minute else None
             self.keys.append(key)
             self._by_id[key_id(key)] = KeyPolicy(entry.key_env, frozenset(entry.routes) if entry.routes else None,
-                                                 bucket, entry.trusted_for_training)
+                                                 rate, entry.trusted_for_training)
 
-    def admit(self, client_key_id: str | None) -> None:
-        """Raises RateLimited when the key's bucket is empty."""
+    async def admit(self, client_key_id: str | None) -> None:
+        """Raises RateLimited (429) when the key is over its rate (503: see rate_limits.py)."""
         policy = self._by_id.get(client_key_id or "")
-        if policy is None or policy.bucket is None:
+        if policy is None or policy.rate is None or client_key_id is None:
             return
-        wait_s = policy.bucket.take()
-        if wait_s > 0:
-            logger.info("client key rate limited", extra={"key_id": client_key_id, "retry_after_s": wait_s})
-            raise RateLimited("Rate limit reached for this API key: too many requests per minute.",
-                              headers={"retry-after": str(math.ceil(wait_s)),
-                                       "retry-after-ms": str(math.ceil(wait_s * 1000))})
+        await enforce(self.limiter, client_key_id, policy.rate)
 
     def trusted_for_training(self, client_key_id: str | None) -> bool:
         """Whether this caller's rows may become training data (see ``auth`` in the config)."""

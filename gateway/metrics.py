@@ -92,9 +92,10 @@ class GatewayMetrics:
         registry.register(self._state)
 
     def bind(self, *, store: Any, routes: Any, writers: Iterable[Any] = (), shadow: Any = None,
-             breaker: Any = None) -> None:
-        """Give the scrape-time collector the live objects (built in the app's lifespan)."""
-        self._state.bind(store=store, routes=routes, writers=list(writers), shadow=shadow, breaker=breaker)
+             students: Any = None) -> None:
+        """Give the scrape-time collector the live objects (built in the app's lifespan);
+        ``students`` is the student's server pool (gateway/upstream/pool.py)."""
+        self._state.bind(store=store, routes=routes, writers=list(writers), shadow=shadow, students=students)
 
     def bind_drift(self, drift: Any) -> None:
         """The training loop's DriftWatch."""
@@ -103,6 +104,9 @@ class GatewayMetrics:
     def bind_scheduler(self, scheduler: Any) -> None:
         """The training scheduler (None when retraining is not scheduled in this process)."""
         self._state.scheduler = scheduler
+    def bind_rate_limiter(self, limiter: Any) -> None:
+        """Where the per-key rate limits live (gateway/rate_limits.py)."""
+        self._state.rate_limiter = limiter
 
     def bind_supervisor(self, supervisor: Any) -> None:
         """The vLLM supervisor (None when the gateway did not launch vLLM)."""
@@ -142,17 +146,18 @@ class _StateCollector(Collector):
         self._routes: Any = None
         self._writers: list[Any] = []
         self._shadow: Any = None
-        self._breaker: Any = None
+        self._students: Any = None
         self.supervisor: Any = None
         self.drift: Any = None
         self.scheduler: Any = None
+        self.rate_limiter: Any = None
         self._lock = threading.Lock()
         self._shadow_last_id = 0
         self._shadow_totals: dict[tuple[str, str], list[int]] = {}
 
-    def bind(self, *, store: Any, routes: Any, writers: list[Any], shadow: Any, breaker: Any = None) -> None:
+    def bind(self, *, store: Any, routes: Any, writers: list[Any], shadow: Any, students: Any = None) -> None:
         self._store, self._routes, self._writers, self._shadow = store, routes, writers, shadow
-        self._breaker = breaker
+        self._students = students
 
     def describe(self) -> Iterable[Metric]:
         return []  # dynamic families: skip registration-time collection
@@ -168,6 +173,7 @@ class _StateCollector(Collector):
                                        "lock; one replica per PostgreSQL store), else 0.")
             leader.add_metric([], 1 if self.scheduler.leader else 0)
             yield leader
+        yield from self._rate_limit_families()
         if self._store is not None:
             try:
                 yield from self._shadow_families()
@@ -217,14 +223,24 @@ class _StateCollector(Collector):
         yield from (window, ood, novel, retrains)
 
     def _breaker_families(self) -> Iterator[Metric]:
-        if self._breaker is None:
+        if self._students is None:
             return
+        labels = ["server"]
         state = GaugeMetricFamily("distillgate_student_breaker_state",
-                                  "The student server's circuit breaker: 0 closed, 1 half-open, 2 open.")
-        state.add_metric([], int(self._breaker.state))
-        opened = CounterMetricFamily("distillgate_student_breaker_opened", "Times the student breaker opened.")
-        opened.add_metric([], self._breaker.opened_total)
-        yield from (state, opened)
+                                  "Each student server's circuit breaker: 0 closed, 1 half-open, 2 open.", labels=labels)
+        opened = CounterMetricFamily("distillgate_student_breaker_opened", "Times the server's breaker opened.",
+                                     labels=labels)
+        sent = CounterMetricFamily("distillgate_student_server_requests",
+                                   "Requests tried on each student server (the balance; a refused connection, then "
+                                   "retried on another server, counts for both).", labels=labels)
+        outstanding = GaugeMetricFamily("distillgate_student_server_outstanding",
+                                        "Requests to each student server not yet answered.", labels=labels)
+        for server in self._students.servers:
+            state.add_metric([server.url], int(server.breaker.state))
+            opened.add_metric([server.url], server.breaker.opened_total)
+            sent.add_metric([server.url], server.requests)
+            outstanding.add_metric([server.url], server.outstanding)
+        yield from (state, opened, sent, outstanding)
         if self.supervisor is not None:
             up = GaugeMetricFamily("distillgate_student_server_up",
                                    "1 while the supervised vLLM server is ready (adapters reloaded).")
@@ -233,6 +249,19 @@ class _StateCollector(Collector):
                                            "Times the supervised vLLM server was restarted.")
             restarts.add_metric([], self.supervisor.restarts)
             yield from (up, restarts)
+
+    def _rate_limit_families(self) -> Iterator[Metric]:
+        if self.rate_limiter is None:
+            return
+        errors = CounterMetricFamily("distillgate_rate_limit_storage_errors",
+                                     "Failed calls to the shared rate-limit storage (Redis).", labels=["storage"])
+        errors.add_metric([self.rate_limiter.storage], self.rate_limiter.storage_errors)
+        unchecked = CounterMetricFamily("distillgate_rate_limit_unchecked",
+                                        "Rate-limited requests decided without the storage (it was unreachable): "
+                                        "allowed (fail open) or refused (fail closed).", labels=["outcome"])
+        for outcome in ("allowed", "refused"):
+            unchecked.add_metric([outcome], self.rate_limiter.unchecked[outcome])
+        yield from (errors, unchecked)
 
     def _writer_families(self) -> Iterator[Metric]:
         pending = GaugeMetricFamily("distillgate_store_pending_rows", "Rows queued for the store.", labels=["writer"])

@@ -77,6 +77,7 @@ pytest_plugins = ["tests.fixtures_processes", "tests.fixtures_postgres"]
 # Tiers by what a test really runs, read from the fixtures it uses, so a new test lands in the
 # right tier without anyone remembering a marker: ``make test-fast`` runs neither.
 _VLLM_FIXTURES = {"vllm_server"}
+_PROCESS_FIXTURES = {"redis_server"}  # a child process on loopback
 _SLOW_FIXTURES = {"student_base_dir", "embedder"}  # build a student base; load the real embedding model
 
 
@@ -85,6 +86,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         fixtures = set(getattr(item, "fixturenames", ()))
         if fixtures & _VLLM_FIXTURES:
             item.add_marker(pytest.mark.vllm)
+            item.add_marker(pytest.mark.integration)
+        if fixtures & _PROCESS_FIXTURES:
             item.add_marker(pytest.mark.integration)
         if fixtures & _SLOW_FIXTURES:
             item.add_marker(pytest.mark.slow)

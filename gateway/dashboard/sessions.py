@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from core.config import AuthConfig
-from gateway.keys import TokenBucket
+from gateway.rate_limits import TokenBucket
 
 # Beyond this many remembered addresses the oldest bucket is forgotten (bounded memory).
 MAX_TRACKED_ADDRESSES = 10_000

@@ -1,12 +1,17 @@
 """The zero-downtime hot swap of a route's student adapter, the way vLLM loads adapters.
 
 Per route, under a lock: validate the adapter directory, ``load_lora_adapter`` under a new
-versioned name, smoke-test one chat request on that name, register the version's OOD
-detector, record the new live version in the store, switch the route's pointer (one
-assignment on the event loop), then wait until the requests that chose the old adapter have
-finished and unload it (PLATFORM.md: unloading without the drain failed requests). Any
-failure before the switch leaves the old version serving and marks the candidate ``failed``;
-a store write that fails unloads the new adapter again and switches nothing.
+versioned name on every student server (``vllm.urls``), smoke-test one chat request on that
+name on each, register the version's OOD detector, record the new live version in the
+store, switch the route's pointer (one assignment on the event loop), then wait until the
+requests that chose the old adapter have finished and unload it from every server
+(PLATFORM.md: unloading without the drain failed requests). The route switches only when
+every server has the new adapter: any failure before the switch (on any one server) unloads
+it again where it loaded, leaves the old version serving, marks the candidate ``failed`` and
+names the servers that failed; a store write that fails does the same, less the marking.
+
+At gateway start the live adapters are restored into every server; a server that cannot take
+them is kept out of service (its breaker opened) until the pool's recovery loads them.
 
 No torch and no FastAPI here: the gateway imports this module at startup.
 """
@@ -33,6 +38,7 @@ from gateway.route_table import (
     adapter_name,
     calibrated_threshold,
 )
+from gateway.upstream.pool import load_adapter_once
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +47,8 @@ SMOKE_PROMPT = "hello"
 
 
 class AdapterServer(Protocol):
-    """The student server (``gateway.upstream.student.VLLMStudent`` fits)."""
+    """One student server (``gateway.upstream.student.VLLMStudent`` fits). A pool of them
+    (``gateway.upstream.pool.StudentPool``) also has ``members()``: the swap works on each."""
 
     async def chat(self, model: str, body: dict[str, Any], timeout_s: float) -> Any: ...
 
@@ -90,6 +97,7 @@ class SwapResult:
     drain_ms: float
     drained: bool
     unloaded: str | None
+    servers: int = 1
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -140,6 +148,29 @@ class Swapper:
     def _lock(self, route: str) -> asyncio.Lock:
         return self._locks.setdefault(route, asyncio.Lock())
 
+    def _members(self) -> list[tuple[str, AdapterServer]]:
+        """(url, server) for each student server: a pool's members, or the one server."""
+        members = getattr(self.student, "members", None)
+        return members() if members is not None else [("student", self.student)]
+
+    def live_adapter_names(self) -> set[str]:
+        """The adapter names the routes send requests to now (the base model is not one)."""
+        pointers = (self.routes.get(route).student for route in self.route_configs)
+        return {pointer.adapter_name for pointer in pointers
+                if pointer is not None and pointer.version != BASE_MODEL_VERSION}
+
+    async def live_adapters(self) -> dict[str, str]:
+        """Adapter name -> directory of each route's live version (a returning server's load)."""
+        adapters: dict[str, str] = {}
+        for route in self.route_configs:
+            pointer = self.routes.get(route).student
+            if pointer is None or pointer.version == BASE_MODEL_VERSION:
+                continue
+            version = await asyncio.to_thread(self.registry.get, route, pointer.version)
+            if version is not None:
+                adapters[pointer.adapter_name] = str(Path(version.adapter_path).resolve())
+        return adapters
+
     async def promote(self, route: str, version: str, *, force: bool = False) -> SwapResult:
         """Make ``version`` the route's serving student; raises SwapError and keeps the old one.
 
@@ -173,7 +204,7 @@ class Swapper:
         started = time.perf_counter()
         try:
             validate_adapter_dir(Path(candidate.adapter_path), self.max_lora_rank)
-            await self._load(name, candidate.adapter_path)
+            await self._load_everywhere(name, candidate.adapter_path)
         except (SwapError, UpstreamFailure) as error:
             self._fail(candidate, f"load failed: {error}")
             raise SwapError(f"version {version} of {route} did not load: {error}") from error
@@ -196,7 +227,8 @@ class Swapper:
         finished = time.perf_counter()
         return SwapResult(route, version, previous.version if previous else None,
                           load_ms=(loaded - started) * 1000, smoke_ms=(smoked - loaded) * 1000,
-                          drain_ms=(finished - smoked) * 1000, drained=drained, unloaded=unloaded)
+                          drain_ms=(finished - smoked) * 1000, drained=drained, unloaded=unloaded,
+                          servers=len(self._members()))
 
     async def _record_live(self, candidate: CandidateVersion, name: str) -> None:
         """Write the new live version to the store *before* the pointer switches, so memory
@@ -214,15 +246,27 @@ class Swapper:
             raise SwapError(f"version {candidate.version} of {candidate.route} was not recorded as live "
                             f"({type(error).__name__}: {error}); the old version keeps serving") from error
 
-    async def _load(self, name: str, path: str) -> None:
-        try:
-            await self.student.load_adapter(name, str(Path(path).resolve()))
-        except UpstreamFailure as error:
-            # vLLM kept running while the gateway restarted: the name is still loaded, fine.
-            if error.status_code == 400 and "already" in str(error).lower():
-                logger.info("adapter already loaded", extra={"adapter": name})
-                return
-            raise
+    async def _load_on_members(self, name: str, path: str) -> list[tuple[str, UpstreamFailure]]:
+        """Load on every server at once; (url, failure) for each that did not take it."""
+        members = self._members()
+        resolved = str(Path(path).resolve())
+        results = await asyncio.gather(*(load_adapter_once(server, name, resolved) for _url, server in members),
+                                       return_exceptions=True)
+        failed = []
+        for (url, _server), result in zip(members, results, strict=True):
+            if isinstance(result, UpstreamFailure):
+                failed.append((url, result))
+            elif isinstance(result, BaseException):
+                raise result
+        return failed
+
+    async def _load_everywhere(self, name: str, path: str) -> None:
+        """Every server has the adapter, or none keeps it (SwapError naming those that failed)."""
+        failed = await self._load_on_members(name, path)
+        if failed:
+            await self._unload_quietly(name, skip={url for url, _failure in failed})
+            raise SwapError(f"not loaded on {len(failed)} of {len(self._members())} student servers: "
+                            + "; ".join(f"{url}: {failure}" for url, failure in failed))
 
     async def _smoke_test(self, route: str, name: str) -> None:
         """One real chat request on the new adapter name before any client is sent to it."""
@@ -230,10 +274,19 @@ class Swapper:
         system_prompt = config.student.system_prompt if config else ""
         body = {"messages": student_messages(system_prompt, [{"role": "user", "content": SMOKE_PROMPT}]),
                 "max_tokens": 4, "temperature": 0.0}
-        completion = await self.student.chat(name, body, self.smoke_timeout_s)
-        choices = (getattr(completion, "body", None) or {}).get("choices")
-        if not choices:
-            raise SwapError("the smoke-test answer has no choices")
+        members = self._members()
+        results = await asyncio.gather(*(server.chat(name, body, self.smoke_timeout_s) for _url, server in members),
+                                       return_exceptions=True)
+        failed = []
+        for (url, _server), result in zip(members, results, strict=True):
+            if isinstance(result, UpstreamFailure):
+                failed.append(f"{url}: {result}")
+            elif isinstance(result, BaseException):
+                raise result
+            elif not (getattr(result, "body", None) or {}).get("choices"):
+                failed.append(f"{url}: the smoke-test answer has no choices")
+        if failed:
+            raise SwapError(f"failed on {len(failed)} of {len(members)} student servers: " + "; ".join(failed))
 
     async def _retire(self, route: str, previous: StudentPointer | None) -> tuple[bool, str | None]:
         """Drain the old adapter's in-flight requests, then unload it (never the base model)."""
@@ -249,12 +302,17 @@ class Swapper:
             self.detectors.drop_detector(route, previous.version)
         return drained, previous.adapter_name
 
-    async def _unload_quietly(self, name: str) -> None:
-        try:
-            await self.student.unload_adapter(name)
-        except UpstreamFailure as error:
-            # Not fatal: the name is no longer routed to; vLLM only holds the slot.
-            logger.warning("adapter unload failed", extra={"adapter": name, "error": str(error)})
+    async def _unload_quietly(self, name: str, skip: set[str] | None = None) -> None:
+        """Unload from every server (but ``skip``); a failure is logged, not raised."""
+        members = [(url, server) for url, server in self._members() if url not in (skip or set())]
+        results = await asyncio.gather(*(server.unload_adapter(name) for _url, server in members),
+                                       return_exceptions=True)
+        for (url, _server), result in zip(members, results, strict=True):
+            if isinstance(result, UpstreamFailure):
+                # Not fatal: the name is no longer routed to; vLLM only holds the slot.
+                logger.warning("adapter unload failed", extra={"adapter": name, "server": url, "error": str(result)})
+            elif isinstance(result, BaseException):
+                raise result
 
     def _fail(self, candidate: CandidateVersion, reason: str) -> None:
         logger.error("student promotion failed", extra={"route": candidate.route, "version": candidate.version,
@@ -280,7 +338,9 @@ class Swapper:
         name = adapter_name(live.route, live.version)
         try:
             validate_adapter_dir(Path(live.adapter_path), self.max_lora_rank)
-            await self._load(name, live.adapter_path)
+            failed = await self._load_on_members(name, live.adapter_path)
+            if len(failed) == len(self._members()):
+                raise failed[0][1]
             if self.detectors is not None and live.detector_path:
                 await self.detectors.aload_detector(live.route, live.version, live.detector_path)
         except (SwapError, UpstreamFailure, OSError, ValueError, KeyError) as error:
@@ -289,4 +349,11 @@ class Swapper:
             self.routes.switch_student(live.route, None)
             return f"failed: {error}"
         self.routes.switch_student(live.route, StudentPointer(live.version, name, calibrated_threshold(live.metrics)))
-        return "loaded"
+        take_out = getattr(self.student, "take_out", None)
+        for url, failure in failed:
+            # Out of service until the pool's recovery loads the live adapters into it.
+            logger.warning("live student not restored on one server; it takes no traffic until it is",
+                           extra={"route": live.route, "server": url, "error": str(failure)[:300]})
+            if take_out is not None:
+                take_out(url, f"the live adapter {name} did not load: {failure}")
+        return "loaded" if not failed else f"loaded on {len(self._members()) - len(failed)} of {len(self._members())}"

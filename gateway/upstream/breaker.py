@@ -19,8 +19,11 @@ States::
   failure re-opens the breaker, its success closes it. A trial that never reports back
   (its client went away) frees the slot after ``trial_timeout_s``.
 
-One breaker guards the one student server (every route's adapter lives in it), so a dead
-server is detected after N failures whichever routes they came from.
+One breaker guards each student server (every route's adapter lives in each), so a dead
+server is detected after N failures whichever routes they came from; the pool
+(gateway/upstream/pool.py) sends the others' traffic on. Before an open breaker goes
+half-open, ``on_recover`` (the pool's) loads the live adapters into the server: a server
+that restarted has forgotten them, and must have them before it takes traffic again.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from core.config import BreakerConfig
@@ -47,10 +51,13 @@ class BreakerState(enum.IntEnum):
 
 
 class StudentBreaker:
-    def __init__(self, student: StudentBackend, config: BreakerConfig, probe_model: str) -> None:
+    def __init__(self, student: StudentBackend, config: BreakerConfig, probe_model: str, *, server: str = "student",
+                 on_recover: Callable[[], Awaitable[bool]] | None = None) -> None:
         self.student = student
         self.config = config
         self.probe_model = probe_model
+        self.server = server  # the server's URL, for logs and metrics
+        self.on_recover = on_recover
         self.state = BreakerState.closed
         self.consecutive_failures = 0
         self.opened_total = 0
@@ -62,21 +69,25 @@ class StudentBreaker:
         self._task: asyncio.Task[None] | None = None
 
     # -- the request path -------------------------------------------------------------------
-    def allow(self) -> bool:
-        """Whether a request may try the student now (in half-open: the one trial)."""
+    def can_admit(self) -> bool:
+        """Whether ``allow()`` would admit a request now (it takes nothing)."""
         if not self.config.enabled or self.state is BreakerState.closed:
             return True
         if self.state is BreakerState.open:
             return False
-        now = time.monotonic()
-        if self._trial_since is not None and now - self._trial_since < self.config.trial_timeout_s:
+        return self._trial_since is None or time.monotonic() - self._trial_since >= self.config.trial_timeout_s
+
+    def allow(self) -> bool:
+        """Whether a request may try the student now (in half-open: the one trial, taken)."""
+        if not self.can_admit():
             return False
-        self._trial_since = now
+        if self.config.enabled and self.state is BreakerState.half_open:
+            self._trial_since = time.monotonic()
         return True
 
     def record_success(self) -> None:
         if self.state is not BreakerState.closed:
-            logger.info("student breaker closed", extra={"after_s": self._open_for()})
+            logger.info("student breaker closed", extra={"server": self.server, "after_s": self._open_for()})
         self.state = BreakerState.closed
         self.consecutive_failures = 0
         self._trial_since = None
@@ -95,19 +106,26 @@ class StudentBreaker:
         if self.state is BreakerState.half_open or self.consecutive_failures >= self.config.failure_threshold:
             self._open()
 
+    def force_open(self, reason: str) -> None:
+        """Take the server out of service until its probe passes and ``on_recover`` succeeds
+        (it answers, but without the live adapters: it restarted, or a restore failed)."""
+        self.last_failure = reason[:300]
+        if self.state is not BreakerState.open:
+            self._open()
+
     def _open(self) -> None:
         self.state = BreakerState.open
         self.opened_total += 1
         self.opened_at = time.monotonic()
-        logger.warning("student breaker open: serving every route from the teacher",
-                       extra={"failures": self.consecutive_failures, "reason": self.last_failure})
+        logger.warning("student breaker open: no requests to this server", extra={
+            "server": self.server, "failures": self.consecutive_failures, "reason": self.last_failure})
         self._wake.set()
 
     def _open_for(self) -> float | None:
         return round(time.monotonic() - self.opened_at, 3) if self.opened_at is not None else None
 
     def describe(self) -> dict[str, Any]:
-        return {"state": self.state.name, "consecutive_failures": self.consecutive_failures,
+        return {"url": self.server, "state": self.state.name, "consecutive_failures": self.consecutive_failures,
                 "opened_total": self.opened_total, "ignored_failures": self.ignored_failures,
                 "last_failure": self.last_failure}
 
@@ -125,11 +143,16 @@ class StudentBreaker:
             await self._wake.wait()
             while self.state is BreakerState.open:
                 await asyncio.sleep(self.config.probe_interval_s)
-                if await self.probe():
+                if await self.probe() and await self._recovered():
                     self.state = BreakerState.half_open
                     self._trial_since = None
-                    logger.info("student probe passed: breaker half-open", extra={"open_s": self._open_for()})
+                    logger.info("student probe passed: breaker half-open",
+                                extra={"server": self.server, "open_s": self._open_for()})
             self._wake.clear()
+
+    async def _recovered(self) -> bool:
+        """The live adapters are (again) in the server; it stays open until they are."""
+        return self.on_recover is None or await self.on_recover()
 
     async def probe(self) -> bool:
         """``/health`` and a one-token chat, each bounded by the probe timeout."""
@@ -140,6 +163,6 @@ class StudentBreaker:
             body = {"messages": [{"role": "user", "content": "ping"}], "max_tokens": 1, "temperature": 0}
             await asyncio.wait_for(self.student.chat(self.probe_model, body, timeout), timeout + 1)
         except (UpstreamFailure, TimeoutError) as failure:
-            logger.info("student probe failed", extra={"error": repr(failure)[:200]})
+            logger.info("student probe failed", extra={"server": self.server, "error": repr(failure)[:200]})
             return False
         return True

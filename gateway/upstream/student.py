@@ -48,6 +48,8 @@ class VLLMStudent:
             raise _pool_full(error) from error
         except httpx.TimeoutException as error:
             raise UpstreamFailure(f"student timed out: {error!r}", timeout=True, retryable=True) from error
+        except httpx.ConnectError as error:
+            raise UpstreamFailure(f"student unreachable: {error!r}", retryable=True, unreached=True) from error
         except httpx.HTTPError as error:
             raise UpstreamFailure(f"student unreachable: {error!r}", retryable=True) from error
         if response.status_code != 200:
@@ -85,6 +87,8 @@ class VLLMStudent:
             raise _pool_full(error) from error
         except httpx.TimeoutException as error:
             raise UpstreamFailure(f"student timed out: {error!r}", timeout=True, retryable=True) from error
+        except httpx.ConnectError as error:
+            raise UpstreamFailure(f"student unreachable: {error!r}", retryable=True, unreached=True) from error
         except httpx.HTTPError as error:
             raise UpstreamFailure(f"student stream failed: {error!r}", retryable=True) from error
 
