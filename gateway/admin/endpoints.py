@@ -120,6 +120,27 @@ async def promote(route: str, request: Request, actor: str = Depends(require_adm
     return _routes(request).get(route).describe()
 
 
+@endpoints.post("/routes/{route}/canary")
+async def start_canary(route: str, request: Request, actor: str = Depends(require_admin)) -> dict[str, Any]:
+    """Start a canary of a candidate by hand (the route's ``rollout`` settings apply; a
+    route without ``canary_share`` takes 0.1)."""
+    state = _routes(request).get(route)
+    payload = await read_json_body(request)
+    version = payload.get("version") if isinstance(payload, dict) else None
+    if not isinstance(version, str) or not version:
+        raise InvalidRequest("Send {\"version\": \"<version>\"} to start a canary.", param="version")
+    if version not in {row["version"] for row in request.app.state.store.versions(route)}:
+        raise NotFound(f"Route {route!r} has no version {version!r}.", param="version")
+    _swapper(request)
+    try:
+        await request.app.state.training.canaries.begin(route, version, actor)
+    except SwapError as error:
+        _audit(request, route, actor, "canary_start", _live_version(request, route),
+               {"version": version, "refused": str(error)})
+        raise Conflict(str(error), param="version") from error
+    return state.describe()
+
+
 @endpoints.post("/routes/{route}/rollback")
 async def rollback(route: str, request: Request, actor: str = Depends(require_admin)) -> dict[str, Any]:
     _routes(request).get(route)

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 SCORE_NEGATIVE_BELOW = 0.5  # a feedback score under this counts as negative, like a thumbs-down
 ACTOR = "canary"
+DEFAULT_MANUAL_SHARE = 0.1
 
 
 class CanaryRollouts:
@@ -71,7 +72,10 @@ class CanaryRollouts:
         if live is None:
             raise SwapError(f"route {route!r} has no live student to compare a canary with")
         pointer = await self.swapper.load_canary(route, version)
-        run = CanaryRun.begin(pointer, live.version, state.config.rollout, float(state.setting("shadow_rate")))
+        rollout = state.config.rollout
+        if not rollout.enabled:  # an operator's canary on a route configured without one
+            rollout = rollout.model_copy(update={"canary_share": DEFAULT_MANUAL_SHARE})
+        run = CanaryRun.begin(pointer, live.version, rollout, float(state.setting("shadow_rate")))
         state.canary = run
         self._audit(route, actor, "canary_start", live.version, run.describe())
         logger.info("canary started", extra={"route": route, "version": version, "live": live.version,

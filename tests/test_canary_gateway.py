@@ -1,0 +1,148 @@
+"""Canary rollout through the gateway (uvicorn, real SQLite, the replay teacher; vLLM over a
+mock transport whose answer depends on the adapter asked): the split, the evidence, the
+automatic decision, the manual endings, the audit log, /admin/routes and /metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from core.config import Settings
+from core.registry import CandidateVersion, Registry
+from core.store import SQLiteStore
+from gateway.app import Components, create_app
+from gateway.upstream.student import VLLMStudent
+from tests.helpers import UvicornThread, fake_adapter, sdk
+from tests.operators import ScoringRouter, _student_reply
+
+ROUTE = "clinc-intents"
+ADMIN = {"authorization": "Bearer admin-secret"}
+BASE = f"/admin/routes/{ROUTE}"
+# CLINC150 "transfer" utterances the test router sends to the student (scores <= 0.5).
+TRANSFERS = ["i need $20000 transferred from my savings to my checking",
+             "complete a transaction from savings to checking of $20000",
+             "transfer $20000 from my savings account to checking account",
+             "take $20000 from savings and put it in checking"]
+
+
+def _vllm(canary_answer: str) -> Callable[[httpx.Request], httpx.Response]:
+    """vLLM: v1 answers "transfer" (what the teacher says), v2 answers ``canary_answer``."""
+    def reply(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith(("load_lora_adapter", "unload_lora_adapter")):
+            return httpx.Response(200, text="ok")
+        response = _student_reply(request)
+        if json.loads(request.content)["model"].endswith("@v2"):
+            body = response.json()
+            body["choices"][0]["message"]["content"] = canary_answer
+            return httpx.Response(200, json=body)
+        return response
+    return reply
+
+
+@pytest.fixture
+def canary_settings(make_settings: Callable[..., Settings], replay_teacher: str, monkeypatch: pytest.MonkeyPatch,
+                    tmp_path: Path) -> Settings:
+    monkeypatch.setenv("DISTILLGATE_ADMIN_TOKEN", "admin-secret")
+    settings = make_settings(replay_teacher, route={
+        "ood_threshold": 0.5,
+        "rollout": {"canary_share": 0.3, "min_evidence": 10, "tolerance": 0.3, "seed": 1}})
+    store = SQLiteStore(settings.store.path)
+    for version in ("v1", "v2"):
+        Registry(store).record(CandidateVersion(ROUTE, version, "candidate", fake_adapter(tmp_path / version)))
+    store.close()
+    return settings
+
+
+def _gateway(settings: Settings, canary_answer: str) -> UvicornThread:
+    student = VLLMStudent("http://vllm.test", transport=httpx.MockTransport(_vllm(canary_answer)))
+    return UvicornThread(create_app(settings, Components(student=student, router=ScoringRouter())))
+
+
+def _start(url: str) -> None:
+    assert httpx.post(f"{url}{BASE}/promote", headers=ADMIN, json={"version": "v1"}).status_code == 200
+    started = httpx.post(f"{url}{BASE}/canary", headers=ADMIN, json={"version": "v2"})
+    assert started.status_code == 200, started.text
+    assert started.json()["canary"]["version"] == "v2" and started.json()["student_version"] == "v1"
+
+
+def _traffic_until_ended(url: str, max_requests: int = 400) -> list[str]:
+    """Student-eligible requests until the canary ends; the version that answered each."""
+    client, versions = sdk(url), []
+    for index in range(max_requests):
+        raw = client.chat.completions.with_raw_response.create(
+            model=ROUTE, messages=[{"role": "user", "content": TRANSFERS[index % len(TRANSFERS)]}], max_tokens=4)
+        versions.append(raw.headers["x-distillgate-student-version"])
+        if index % 10 == 9 and _route(url)["canary"] is None:
+            return versions
+        time.sleep(0.01)  # let the shadow runner keep up
+    return versions
+
+
+def _route(url: str) -> dict[str, Any]:
+    return httpx.get(f"{url}{BASE}", headers=ADMIN).json()
+
+
+def _audit(url: str) -> list[dict[str, Any]]:
+    return list(reversed(httpx.get(f"{url}{BASE}/audit", headers=ADMIN).json()["data"]))
+
+
+def test_a_worse_canary_is_rolled_back_with_its_evidence(canary_settings: Settings) -> None:
+    with _gateway(canary_settings, canary_answer="timer") as server:
+        _start(server.url)
+        versions = _traffic_until_ended(server.url)
+        route = _route(server.url)
+        metrics = httpx.get(f"{server.url}/metrics").text
+        events = _audit(server.url)
+        listed = httpx.get(f"{server.url}/admin/routes", headers=ADMIN).json()["data"][0]
+    assert route["canary"] is None and route["student_version"] == "v1"
+    share = versions.count("v2") / len(versions)
+    assert 0.1 < share < 0.5, (share, len(versions))  # about the canary's 0.3
+    assert set(versions) == {"v1", "v2"}
+    last = route["rollout"]["last"]
+    assert last["action"] == "rollback" and last["actor"] == "canary"
+    assert last["verdict"]["canary_upper"] < last["verdict"]["live_agreement"] - 0.3
+    assert last["canary"]["agreed"] == 0 and last["canary"]["compared"] >= 10 and last["live"]["agreement"] == 1.0
+    assert listed["rollout"]["last"]["action"] == "rollback"
+    actions = [event["field"] for event in events]
+    assert actions[-2:] == ["canary_start", "canary_rollback"], actions
+    assert json.loads(events[-1]["new_json"])["canary"]["served"] == last["canary"]["served"]
+    store = SQLiteStore(canary_settings.store.path)
+    status = {row["version"]: row["status"] for row in store.versions(ROUTE)}
+    shadow_versions = {row["student_version"] for row in store.query("select student_version from shadow_results")}
+    store.close()
+    assert status == {"v1": "live", "v2": "rejected"}
+    assert shadow_versions == {"v1", "v2"}  # each comparison is credited to the version that answered
+    assert 'distillgate_canary_decisions_total{action="rollback",route="clinc-intents"} 1.0' in metrics
+
+
+def test_an_equal_canary_is_promoted_and_serves_everything(canary_settings: Settings) -> None:
+    with _gateway(canary_settings, canary_answer="transfer") as server:
+        _start(server.url)
+        _traffic_until_ended(server.url)
+        route = _route(server.url)
+        after = sdk(server.url).chat.completions.with_raw_response.create(
+            model=ROUTE, messages=[{"role": "user", "content": TRANSFERS[0]}], max_tokens=4)
+    assert route["canary"] is None and route["student_version"] == "v2"
+    assert route["rollout"]["last"]["action"] == "promote"
+    assert route["rollout"]["last"]["verdict"]["canary_lower"] >= 1.0 - 0.3
+    assert after.headers["x-distillgate-student-version"] == "v2" and "x-distillgate-canary" not in after.headers
+
+
+def test_manual_rollback_and_promote_end_a_canary(canary_settings: Settings) -> None:
+    with _gateway(canary_settings, canary_answer="timer") as server:
+        _start(server.url)
+        rolled = httpx.post(f"{server.url}{BASE}/rollback", headers=ADMIN)
+        assert rolled.status_code == 200 and rolled.json()["canary"] is None
+        assert rolled.json()["student_version"] == "v1"  # rolling back during a canary rolls back the canary
+        refused = httpx.post(f"{server.url}{BASE}/canary", headers=ADMIN, json={"version": "v2"})
+        assert refused.status_code == 409  # a rolled-back canary is rejected
+        forced = httpx.post(f"{server.url}{BASE}/promote", headers=ADMIN, json={"version": "v2", "force": True})
+        assert forced.status_code == 200 and forced.json()["student_version"] == "v2"
+        events = [event["field"] for event in _audit(server.url)]
+    assert events == ["promote", "canary_start", "canary_rollback", "rollback", "canary_start", "promote --force"]
