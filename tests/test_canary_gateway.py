@@ -146,3 +146,25 @@ def test_manual_rollback_and_promote_end_a_canary(canary_settings: Settings) -> 
         assert forced.status_code == 200 and forced.json()["student_version"] == "v2"
         events = [event["field"] for event in _audit(server.url)]
     assert events == ["promote", "canary_start", "canary_rollback", "rollback", "canary_start", "promote --force"]
+
+
+def test_thumbs_down_on_canary_answers_rolls_it_back(canary_settings: Settings) -> None:
+    """The canary agrees with the teacher, but clients rate its answers down: feedback blocks it."""
+    with _gateway(canary_settings, canary_answer="transfer") as server:
+        _start(server.url)
+        client, rated = sdk(server.url), 0
+        for index in range(40):
+            raw = client.chat.completions.with_raw_response.create(
+                model=ROUTE, messages=[{"role": "user", "content": TRANSFERS[index % len(TRANSFERS)]}], max_tokens=4)
+            if raw.headers["x-distillgate-student-version"] == "v2" and rated < 3:
+                feedback = httpx.post(f"{server.url}/v1/feedback", json={"request_id": raw.parse().id, "rating": "down"})
+                assert feedback.status_code == 200, feedback.text
+                rated += 1
+        deadline = time.monotonic() + 10
+        while _route(server.url)["canary"] is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        route = _route(server.url)
+    assert rated == 3
+    last = route["rollout"]["last"]
+    assert route["canary"] is None and last["action"] == "rollback", last
+    assert "negative feedback" in last["verdict"]["reason"] and last["canary"]["negative_feedback"] == 3

@@ -60,6 +60,10 @@ class CanaryRollouts:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    def has_live(self, route: str) -> bool:
+        """Whether the route has a live student a canary could be compared with."""
+        return self.routes.get(route).student is not None
+
     def active(self, route: str) -> CanaryRun | None:
         return self.routes.get(route).canary
 

@@ -149,8 +149,7 @@ class TrainingScheduler:
 
     def _canary_first(self, config: RouteConfig) -> bool:
         """A canary needs a live version to be compared with: the first one goes live at once."""
-        return (self.canaries is not None and config.rollout.enabled
-                and self.canaries.routes.get(config.name).student is not None)
+        return self.canaries is not None and config.rollout.enabled and self.canaries.has_live(config.name)
 
     def command(self, route: str) -> list[str]:
         return [self.python, "-m", "cli.main", "train", "--config", self.config_path, "--route", route,
