@@ -95,12 +95,16 @@ def _audit(url: str) -> list[dict[str, Any]]:
 def test_a_worse_canary_is_rolled_back_with_its_evidence(canary_settings: Settings) -> None:
     with _gateway(canary_settings, canary_answer="timer") as server:
         _start(server.url)
+        running_page = httpx.get(f"{server.url}/dashboard/routes/{ROUTE}", headers=ADMIN).text
         versions = _traffic_until_ended(server.url)
         route = _route(server.url)
+        ended_page = httpx.get(f"{server.url}/dashboard/routes/{ROUTE}", headers=ADMIN).text
         metrics = httpx.get(f"{server.url}/metrics").text
         events = _audit(server.url)
         listed = httpx.get(f"{server.url}/admin/routes", headers=ADMIN).json()["data"][0]
     assert route["canary"] is None and route["student_version"] == "v1"
+    assert '<b id="canary-version">v2</b>' in running_page
+    assert '<b id="canary-last">rollback</b>' in ended_page and "none running" in ended_page
     share = versions.count("v2") / len(versions)
     assert 0.1 < share < 0.5, (share, len(versions))  # about the canary's 0.3
     assert set(versions) == {"v1", "v2"}
