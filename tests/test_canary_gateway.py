@@ -16,6 +16,7 @@ import pytest
 from core.config import Settings
 from core.registry import CandidateVersion, Registry
 from core.store import SQLiteStore
+from core.store.canaries import canary_tally, feedback_totals
 from gateway.app import Components, create_app
 from gateway.upstream.student import VLLMStudent
 from tests.helpers import UvicornThread, fake_adapter, sdk
@@ -172,3 +173,10 @@ def test_thumbs_down_on_canary_answers_rolls_it_back(canary_settings: Settings) 
     last = route["rollout"]["last"]
     assert route["canary"] is None and last["action"] == "rollback", last
     assert "negative feedback" in last["verdict"]["reason"] and last["canary"]["negative_feedback"] == 3
+    store = SQLiteStore(canary_settings.store.path)  # what the demo's report reads
+    [canary], totals = canary_tally(store), feedback_totals(store)
+    store.close()
+    assert (canary["version"], canary["outcome"], canary["live_version"]) == ("v2", "rollback", "v1")
+    assert canary["served"] == canary["saw"] >= last["canary"]["served"] >= 3
+    assert canary["feedback"] == {"feedback": 3, "thumbs_down": 3, "thumbs_up": 0, "low_scores": 0}
+    assert totals["thumbs_down"] == totals["on_student_answers"] == 3
