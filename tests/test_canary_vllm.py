@@ -39,19 +39,31 @@ PROMPTS = ["book a flight to rome", "what is my balance", "set a timer for ten m
 
 
 @pytest.fixture
-def canary_settings(make_settings: Callable[..., Settings], vllm_server: Any, student_base_dir: Path,
-                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+def build_settings(make_settings: Callable[..., Settings], vllm_server: Any, student_base_dir: Path,
+                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Settings]:
+    """Settings whose teacher is the live adapter v1, and v1 and v2 (LoRA seed ``canary_seed``)
+    registered as candidates."""
     monkeypatch.setenv("DISTILLGATE_ADMIN_TOKEN", "admin-secret")
-    settings = make_settings(vllm_server.url, vllm_server.url, route={
-        "teacher": {"model": f"openai/{ROUTE}@v1", "timeout_s": 60},  # the live adapter answers as the teacher
-        "student": {"system_prompt": "", "timeout_s": 60},  # the student's prompt is then the teacher's
-        "rollout": {"canary_share": SHARE, "min_evidence": 10, "tolerance": 0.1, "seed": 5}})
-    store = SQLiteStore(settings.store.path)
-    for version, seed in (("v1", 1), ("v2", 2)):
-        adapter = make_adapter(student_base_dir, tmp_path / version, seed=seed)
-        Registry(store).record(CandidateVersion(ROUTE, version, "candidate", str(adapter)))
-    store.close()
-    return settings
+
+    def build(canary_seed: int, rollout: dict[str, Any]) -> Settings:
+        settings = make_settings(vllm_server.url, vllm_server.url, route={
+            "teacher": {"model": f"openai/{ROUTE}@v1", "timeout_s": 60},  # the live adapter answers as the teacher
+            "student": {"system_prompt": "", "timeout_s": 60},  # the student's prompt is then the teacher's
+            "rollout": rollout})
+        store = SQLiteStore(settings.store.path)
+        for version, seed in (("v1", 1), ("v2", canary_seed)):
+            adapter = make_adapter(student_base_dir, tmp_path / version, seed=seed)
+            Registry(store).record(CandidateVersion(ROUTE, version, "candidate", str(adapter)))
+        store.close()
+        return settings
+
+    return build
+
+
+@pytest.fixture
+def canary_settings(build_settings: Callable[..., Settings]) -> Settings:
+    """v2 has other LoRA weights than v1: it disagrees with the teacher (v1)."""
+    return build_settings(2, {"canary_share": SHARE, "min_evidence": 10, "tolerance": 0.1, "seed": 5})
 
 
 async def _unload(url: str) -> None:
@@ -120,3 +132,23 @@ def _run_canary(url: str, vllm_url: str) -> tuple[list[str], list[str], dict[str
     route = httpx.get(f"{url}{BASE}", headers=ADMIN).json()
     events = list(reversed(httpx.get(f"{url}{BASE}/audit", headers=ADMIN).json()["data"]))
     return versions, after, route, events, loaded_during
+
+
+async def test_an_equal_canary_is_promoted_by_the_hot_swap(build_settings: Callable[..., Settings],
+                                                           vllm_server: Any) -> None:
+    """v2 carries v1's very weights: it agrees with the teacher as often as live, is promoted
+    (the adapter vLLM already holds becomes the live one) and v1 is unloaded."""
+    settings = build_settings(1, {"canary_share": 0.5, "min_evidence": 10, "tolerance": 0.3, "seed": 5})
+    app = create_app(settings, Components(router=PolicyRouter()))
+    try:
+        with UvicornThread(app) as server:
+            _, after, route, events, _ = _run_canary(server.url, vllm_server.url)
+            served = _served_models(vllm_server.url)
+    finally:
+        await _unload(vllm_server.url)
+    last = route["rollout"]["last"]
+    assert last["action"] == "promote", last
+    assert last["verdict"]["canary_lower"] >= last["verdict"]["live_agreement"] - 0.3
+    assert route["student_version"] == "v2" and set(after) == {"v2"}
+    assert f"{ROUTE}@v2" in served and f"{ROUTE}@v1" not in served
+    assert [event["field"] for event in events][-1] == "canary_promote"
