@@ -74,7 +74,7 @@ def test_admin_routes_refuse_without_the_admin_token(admin_settings: Settings) -
     paths = [("GET", "/admin/routes"), ("GET", "/admin/routes/clinc-intents"),
              ("PATCH", "/admin/routes/clinc-intents"), ("GET", "/admin/routes/clinc-intents/versions"),
              ("GET", "/admin/routes/clinc-intents/audit"), ("POST", "/admin/routes/clinc-intents/promote"),
-             ("POST", "/admin/routes/clinc-intents/rollback")]
+             ("POST", "/admin/routes/clinc-intents/rollback"), ("POST", "/admin/routes/clinc-intents/canary")]
     with UvicornThread(create_app(admin_settings)) as server:
         for method, path in paths:
             for headers in ({}, {"authorization": "Bearer client-key"}, {"authorization": "Bearer wrong"}):

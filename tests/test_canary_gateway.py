@@ -142,6 +142,11 @@ def test_an_equal_canary_is_promoted_and_serves_everything(canary_settings: Sett
 def test_manual_rollback_and_promote_end_a_canary(canary_settings: Settings) -> None:
     with _gateway(canary_settings, canary_answer="timer") as server:
         _start(server.url)
+        missing = httpx.post(f"{server.url}{BASE}/canary", headers=ADMIN, json={"version": "v9"})
+        unnamed = httpx.post(f"{server.url}{BASE}/canary", headers=ADMIN, json={})
+        second = httpx.post(f"{server.url}{BASE}/canary", headers=ADMIN, json={"version": "v1"})
+        assert (missing.status_code, unnamed.status_code, second.status_code) == (404, 400, 409)
+        assert unnamed.json()["error"]["param"] == "version" and "already runs a canary" in second.json()["error"]["message"]
         rolled = httpx.post(f"{server.url}{BASE}/rollback", headers=ADMIN)
         assert rolled.status_code == 200 and rolled.json()["canary"] is None
         assert rolled.json()["student_version"] == "v1"  # rolling back during a canary rolls back the canary
@@ -150,7 +155,8 @@ def test_manual_rollback_and_promote_end_a_canary(canary_settings: Settings) -> 
         forced = httpx.post(f"{server.url}{BASE}/promote", headers=ADMIN, json={"version": "v2", "force": True})
         assert forced.status_code == 200 and forced.json()["student_version"] == "v2"
         events = [event["field"] for event in _audit(server.url)]
-    assert events == ["promote", "canary_start", "canary_rollback", "rollback", "canary_start", "promote --force"]
+    assert events == ["promote", "canary_start", "canary_start", "canary_rollback", "rollback", "canary_start",
+                      "promote --force"]  # the refused starts are audited too
 
 
 def test_thumbs_down_on_canary_answers_rolls_it_back(canary_settings: Settings) -> None:
