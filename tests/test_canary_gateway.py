@@ -19,7 +19,7 @@ from core.store import SQLiteStore
 from core.store.canaries import canary_tally, feedback_totals
 from gateway.app import Components, create_app
 from gateway.upstream.student import VLLMStudent
-from tests.helpers import UvicornThread, fake_adapter, sdk
+from tests.helpers import UvicornThread, completion_with_logprob, fake_adapter, log_rows, sdk
 from tests.operators import ScoringRouter, _student_reply
 
 ROUTE = "clinc-intents"
@@ -186,3 +186,72 @@ def test_thumbs_down_on_canary_answers_rolls_it_back(canary_settings: Settings) 
     assert canary["served"] == canary["saw"] >= last["canary"]["served"] >= 3
     assert canary["feedback"] == {"feedback": 3, "thumbs_down": 3, "thumbs_up": 0, "low_scores": 0}
     assert totals["thumbs_down"] == totals["on_student_answers"] == 3
+
+
+class _Swapper:
+    """Loads and unloads nothing; records how each canary ended."""
+
+    def __init__(self) -> None:
+        self.unloaded: list[tuple[str, str]] = []
+
+    async def load_canary(self, route: str, version: str) -> Any:
+        from gateway.route_table import StudentPointer
+
+        return StudentPointer(version, f"{route}@{version}", -0.2)
+
+    async def unload_canary(self, route: str, pointer: Any, status: str, note: str) -> bool:
+        self.unloaded.append((pointer.version, status))
+        return True
+
+
+async def test_a_student_server_restart_ends_a_canary_unjudged(canary_settings: Settings) -> None:
+    """vLLM forgets runtime-loaded adapters when it restarts: the canary ends, its version a candidate again."""
+    from gateway.route_table import RouteTable, StudentPointer
+    from gateway.training.canary import CanaryRollouts
+
+    store = SQLiteStore(canary_settings.store.path)
+    routes, swapper = RouteTable(canary_settings, store), _Swapper()
+    routes.switch_student(ROUTE, StudentPointer("v1", f"{ROUTE}@v1", -0.1))
+    canaries = CanaryRollouts(routes, swapper, store)  # type: ignore[arg-type]
+    run = await canaries.begin(ROUTE, "v2")
+    assert run.version == "v2"
+    assert await canaries.abandon_all("student server restart") == [ROUTE]
+    audit = [row["field"] for row in reversed(store.route_audit(ROUTE))]
+    store.close()
+    assert routes.get(ROUTE).canary is None and swapper.unloaded == [("v2", "candidate")]
+    assert audit == ["canary_start", "canary_abandon"] and canaries.status(ROUTE)["last"]["actor"] == \
+        "student server restart"
+
+
+def test_the_canary_answers_under_its_own_calibrated_cascade_threshold(
+        make_settings: Callable[..., Settings], replay_teacher: str, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    """Every student answer scores -0.3. The canary (v2, calibrated -0.01) may not serve it, so
+    its requests go to the teacher, judged against -0.01: not live's -0.9 nor the route's -0.5,
+    under either of which it would have served."""
+    monkeypatch.setenv("DISTILLGATE_ADMIN_TOKEN", "admin-secret")
+    settings = make_settings(replay_teacher, route={
+        "confidence_threshold": -0.5, "cascade": {"target_agreement": 0.9},
+        "rollout": {"canary_share": 0.3, "min_evidence": 1000, "seed": 1}})
+    store = SQLiteStore(settings.store.path)
+    for version, threshold in (("v1", -0.9), ("v2", -0.01)):
+        Registry(store).record(CandidateVersion(ROUTE, version, "candidate", fake_adapter(tmp_path / version),
+                                                metrics={"candidate": {"confidence_threshold": threshold}}))
+    store.close()
+
+    def vllm(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith(("load_lora_adapter", "unload_lora_adapter")):
+            return httpx.Response(200, text="ok")
+        return completion_with_logprob(json.loads(request.content)["model"], -0.3, "transfer")
+
+    student = VLLMStudent("http://vllm.test", transport=httpx.MockTransport(vllm))
+    served: dict[str, set[str]] = {"v1": set(), "v2": set()}
+    with UvicornThread(create_app(settings, Components(student=student, router=ScoringRouter()))) as server:
+        _start(server.url)
+        for index in range(30):
+            raw = sdk(server.url).chat.completions.with_raw_response.create(
+                model=ROUTE, messages=[{"role": "user", "content": TRANSFERS[index % len(TRANSFERS)]}], max_tokens=4)
+            served[raw.headers["x-distillgate-student-version"]].add(raw.headers["x-distillgate-target"])
+    assert served == {"v1": {"student"}, "v2": {"teacher"}}
+    reasons = [json.loads(row["decision_reasons"]) for row in log_rows(settings, 30) if row["student_version"] == "v2"]
+    assert reasons and all("cascade: score -0.300 < confidence_threshold -0.01" in reason for reason in reasons)

@@ -52,7 +52,9 @@ class TrainingLoop:
             self.scheduler.start()
 
     async def restore_now(self) -> dict[str, str]:
-        """Load every route's live adapter into the (re)started server; returns the outcomes."""
+        """Load every route's live adapter into the (re)started server; returns the outcomes.
+        A canary's adapter is gone with the old server: its canary ends, unjudged."""
+        await self.canaries.abandon_all("student server restart")
         self.restored = await self.swapper.restore_live()
         return self.restored
 

@@ -176,6 +176,14 @@ class CanaryRollouts:
         it goes back to being a ``candidate``."""
         return await self._retire(route, actor, None, "abandon", "candidate")
 
+    async def abandon_all(self, actor: str) -> list[str]:
+        """End every running canary unjudged (the student server restarted and forgot the
+        canaries' adapters); returns the routes."""
+        ended = [state.config.name for state in self.routes if state.canary is not None]
+        for route in ended:
+            await self.abandon(route, actor)
+        return ended
+
     async def _retire(self, route: str, actor: str, verdict: Verdict | None, action: str,
                       status: str) -> dict[str, Any]:
         run = self._take(route)
