@@ -20,7 +20,7 @@ from core.store.canaries import canary_tally, feedback_totals
 from gateway.app import Components, create_app
 from gateway.upstream.student import VLLMStudent
 from tests.helpers import UvicornThread, completion_with_logprob, fake_adapter, log_rows, sdk
-from tests.operators import ScoringRouter, _student_reply
+from tests.operators import STUDENT_ANSWER, ScoringRouter, _student_reply
 
 ROUTE = "clinc-intents"
 ADMIN = {"authorization": "Bearer admin-secret"}
@@ -38,10 +38,9 @@ def _vllm(canary_answer: str) -> Callable[[httpx.Request], httpx.Response]:
         if request.url.path.endswith(("load_lora_adapter", "unload_lora_adapter")):
             return httpx.Response(200, text="ok")
         response = _student_reply(request)
-        if json.loads(request.content)["model"].endswith("@v2"):
-            body = response.json()
-            body["choices"][0]["message"]["content"] = canary_answer
-            return httpx.Response(200, json=body)
+        if json.loads(request.content)["model"].endswith("@v2"):  # whole answer or stream alike
+            return httpx.Response(200, text=response.text.replace(STUDENT_ANSWER, canary_answer),
+                                  headers={"content-type": response.headers["content-type"]})
         return response
     return reply
 
@@ -76,8 +75,12 @@ def _traffic_until_ended(url: str, max_requests: int = 400) -> list[str]:
     """Student-eligible requests until the canary ends; the version that answered each."""
     client, versions = sdk(url), []
     for index in range(max_requests):
+        stream = index % 3 == 2  # streamed answers are split, shadowed and counted the same way
         raw = client.chat.completions.with_raw_response.create(
-            model=ROUTE, messages=[{"role": "user", "content": TRANSFERS[index % len(TRANSFERS)]}], max_tokens=4)
+            model=ROUTE, messages=[{"role": "user", "content": TRANSFERS[index % len(TRANSFERS)]}], max_tokens=4,
+            stream=stream)
+        if stream:
+            assert "".join(chunk.choices[0].delta.content or "" for chunk in raw.parse() if chunk.choices)
         versions.append(raw.headers["x-distillgate-student-version"])
         if index % 10 == 9 and _route(url)["canary"] is None:
             return versions
@@ -255,3 +258,22 @@ def test_the_canary_answers_under_its_own_calibrated_cascade_threshold(
     assert served == {"v1": {"student"}, "v2": {"teacher"}}
     reasons = [json.loads(row["decision_reasons"]) for row in log_rows(settings, 30) if row["student_version"] == "v2"]
     assert reasons and all("cascade: score -0.300 < confidence_threshold -0.01" in reason for reason in reasons)
+
+
+async def test_a_canary_without_evidence_is_rolled_back_when_it_times_out(canary_settings: Settings) -> None:
+    from gateway.route_table import RouteTable, StudentPointer
+    from gateway.training.canary import CanaryRollouts
+
+    store = SQLiteStore(canary_settings.store.path)
+    routes, swapper, now = RouteTable(canary_settings, store), _Swapper(), [1000.0]
+    routes.switch_student(ROUTE, StudentPointer("v1", f"{ROUTE}@v1"))
+    canaries = CanaryRollouts(routes, swapper, store, clock=lambda: now[0])  # type: ignore[arg-type]
+    run = await canaries.begin(ROUTE, "v2")
+    run.started_at = now[0]
+    run.canary.compared, run.live.compared, run.live.agreed = 5, 50, 45
+    assert await canaries.check(ROUTE) is None  # no look due, not timed out: nothing to decide
+    now[0] += 60 * 60  # max_duration_minutes
+    verdict = await canaries.check(ROUTE)
+    store.close()
+    assert verdict is not None and verdict.action == "rollback" and "timed out with too little evidence" in verdict.reason
+    assert routes.get(ROUTE).canary is None and swapper.unloaded == [("v2", "rejected")]

@@ -140,6 +140,8 @@ class CanaryRollouts:
             return None
         # Clopper-Pearson needs scipy: its first import takes a while, never on the event loop.
         verdict = await asyncio.to_thread(decide, run.canary, run.live, run.config, look, timed_out=timed_out)
+        if self.active(route) is not run or route in self._ending:
+            return None  # an operator ended it meanwhile
         run.looks_done, run.last_verdict = max(look, run.looks_done), verdict
         if verdict.action == "wait":
             self._audit(route, ACTOR, "canary_look", run.live_version, self._evidence(run, verdict))
