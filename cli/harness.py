@@ -26,7 +26,7 @@ def _run_demo(args: Any) -> int:
     savings = {key: result["savings"][key] for key in ("actual_cost_usd", "all_teacher_cost_usd", "shadow_cost_usd",
                                                        "training_cost_usd", "net_savings_usd", "break_even_request")}
     console.print_json(json.dumps({"overall": result["overall"], "loop": result["loop"], "heldout": result["heldout"],
-                                   "savings": savings}))
+                                   "savings": savings, "rollout": result["rollout"]}))
     console.print(_goals_table(result["goals"]))
     console.print(f"wrote {options.out / 'report.json'} and {options.out / 'savings.png'}")
     failed = result["overall"]["failed_requests"] + result["heldout"]["failed_requests"]

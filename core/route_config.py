@@ -177,6 +177,42 @@ class DriftConfig(StrictModel):
         return self.max_ood_share is not None or self.max_novel_share is not None
 
 
+class RolloutConfig(StrictModel):
+    """How a candidate that passed the gate reaches its route's traffic (router/canary.py
+    has the test; gateway/training/canary.py runs it).
+
+    ``canary_share`` unset or 0: the candidate is hot-swapped to all of the route's student
+    traffic in one step. Above 0: it first serves that share of the student-eligible requests
+    beside the live version; both are shadowed, and a sequential Clopper-Pearson test on
+    their agreement with the teacher promotes it, or rolls it back, or times out.
+    """
+
+    canary_share: float = Field(0.0, ge=0, lt=1)
+    # Canary-served answers re-asked of the teacher: 1.0 so that evidence comes fast.
+    shadow_rate: float = Field(1.0, gt=0, le=1)
+    # Live-served answers re-asked while a canary runs; unset: as many as the canary gets
+    # (shadow_rate x share / (1 - share)), never fewer than the route's own shadow_rate.
+    live_shadow_rate: float | None = Field(None, ge=0, le=1)
+    # Shadow comparisons each arm needs before a look; looks come every min_evidence more
+    # canary comparisons, look k at confidence 1 - (1 - confidence) / (k (k + 1)), so that
+    # all looks together are wrong with probability at most 1 - confidence.
+    min_evidence: int = Field(30, ge=1)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    # "Not worse": the canary's agreement may sit this far below live's.
+    tolerance: float = Field(0.05, ge=0, le=1)
+    # At time-out the point estimates decide (see gateway/training/canary.py).
+    max_duration_minutes: float = Field(60.0, gt=0)
+    # Thumbs-down or a score below 0.5 on canary answers: at least this many, and a share of
+    # the canary's served answers above live's share plus the margin, rolls the canary back.
+    min_negative_feedback: int = Field(3, ge=1)
+    negative_feedback_margin: float = Field(0.02, ge=0, le=1)
+    seed: int = 0  # the traffic split is a hash of (seed, request id): reproducible
+
+    @property
+    def enabled(self) -> bool:
+        return self.canary_share > 0
+
+
 class RedactConfig(StrictModel):
     """Personal data and secrets removed from every logged string (gateway/redact.py): request,
     answer, error text, shadow rows; so never trained on. Upstream calls are unchanged."""
@@ -213,6 +249,7 @@ class RouteConfig(StrictModel):
     drift: DriftConfig = DriftConfig()
     gate: GateConfig = GateConfig()
     redact: RedactConfig = RedactConfig()
+    rollout: RolloutConfig = RolloutConfig()
 
     @field_validator("name")
     @classmethod

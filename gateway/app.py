@@ -180,21 +180,26 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics: GatewayMetrics = app.state.metrics
         metrics.bind(store=store, routes=routes, writers=[writer, shadow_writer], shadow=shadow, students=student)
         trusted_for_training = app.state.key_policies.trusted_for_training
+        training = TrainingLoop(settings, store, student, routes, router, components.config_path)
+        app.state.training, app.state.swapper = training, training.swapper
+        student.adapters = training.swapper  # what a returning server is given before it takes traffic
         app.state.feedback = FeedbackService(store, routes, metrics.count_feedback, trusted_for_training)
-        observers = [*components.observers, metrics.observe, budgets.observe, app.state.feedback.remember]
+        # The canary rollout's evidence: what each arm served, its shadow comparisons, its feedback.
+        shadow.observers.append(training.canaries.observe_shadow)
+        app.state.feedback.observers.append(training.canaries.observe_feedback)
+        observers = [*components.observers, metrics.observe, budgets.observe, app.state.feedback.remember,
+                     training.canaries.observe_request]
         app.state.chat_service = ChatService(routes, router, student, teachers, writer, shadow, observers,
                                              trusted_for_training=trusted_for_training,
                                              request_timeout_s=settings.server.request_timeout_s, budgets=budgets,
                                              tracing=tracing)
         app.state.passthrough_service = PassthroughService(routes, writer, observers, budgets=budgets)
-        training = TrainingLoop(settings, store, student, routes, router, components.config_path)
-        app.state.training, app.state.swapper = training, training.swapper
-        student.adapters = training.swapper  # what a returning server is given before it takes traffic
         supervisor = _build_supervisor(settings, components, training)
         app.state.vllm_supervisor = supervisor
         metrics.bind_supervisor(supervisor)
         metrics.bind_drift(training.drift)
         metrics.bind_scheduler(training.scheduler)
+        metrics.bind_canaries(training.canaries)
         training.start(restore=supervisor is None)
         stack.push_async_callback(training.stop)
         if supervisor is not None:

@@ -104,9 +104,14 @@ class GatewayMetrics:
     def bind_scheduler(self, scheduler: Any) -> None:
         """The training scheduler (None when retraining is not scheduled in this process)."""
         self._state.scheduler = scheduler
+
     def bind_rate_limiter(self, limiter: Any) -> None:
         """Where the per-key rate limits live (gateway/rate_limits.py)."""
         self._state.rate_limiter = limiter
+
+    def bind_canaries(self, canaries: Any) -> None:
+        """The training loop's CanaryRollouts."""
+        self._state.canaries = canaries
 
     def bind_supervisor(self, supervisor: Any) -> None:
         """The vLLM supervisor (None when the gateway did not launch vLLM)."""
@@ -151,6 +156,7 @@ class _StateCollector(Collector):
         self.drift: Any = None
         self.scheduler: Any = None
         self.rate_limiter: Any = None
+        self.canaries: Any = None
         self._lock = threading.Lock()
         self._shadow_last_id = 0
         self._shadow_totals: dict[tuple[str, str], list[int]] = {}
@@ -165,6 +171,7 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._route_families()
         yield from self._drift_families()
+        yield from self._canary_families()
         yield from self._writer_families()
         yield from self._breaker_families()
         if self.scheduler is not None:
@@ -221,6 +228,34 @@ class _StateCollector(Collector):
             if stats.novel_share is not None:
                 novel.add_metric([route], stats.novel_share)
         yield from (window, ood, novel, retrains)
+
+    def _canary_families(self) -> Iterator[Metric]:
+        if self.canaries is None or self._routes is None:
+            return
+        evidence = GaugeMetricFamily("distillgate_canary_evidence",
+                                     "A running canary's evidence per arm (canary, live): answers served, shadow "
+                                     "comparisons, agreements, feedback, negative feedback.",
+                                     labels=["route", "version", "arm", "kind"])
+        bounds = GaugeMetricFamily("distillgate_canary_agreement_bound",
+                                   "The canary's Clopper-Pearson agreement bounds at its last look.",
+                                   labels=["route", "version", "bound"])
+        decisions = CounterMetricFamily("distillgate_canary_decisions",
+                                        "Canaries ended, by action (promote, rollback, abandon, promotion_failed).",
+                                        labels=["route", "action"])
+        for (route, action), count in sorted(self.canaries.decisions.items()):
+            decisions.add_metric([route, action], count)
+        for state in self._routes:
+            run = state.canary
+            if run is None:
+                continue
+            for arm, version, values in (("canary", run.version, run.canary), ("live", run.live_version, run.live)):
+                for kind in ("served", "compared", "agreed", "feedback", "negative_feedback"):
+                    evidence.add_metric([state.config.name, version, arm, kind], getattr(values, kind))
+            verdict = run.last_verdict
+            if verdict is not None and verdict.canary_lower is not None:
+                bounds.add_metric([state.config.name, run.version, "lower"], verdict.canary_lower)
+                bounds.add_metric([state.config.name, run.version, "upper"], verdict.canary_upper)
+        yield from (evidence, bounds, decisions)
 
     def _breaker_families(self) -> Iterator[Metric]:
         if self._students is None:

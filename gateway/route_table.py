@@ -13,7 +13,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -21,7 +21,11 @@ from core.config import RouteConfig, Settings
 from core.modes import Mode
 from core.store import Store
 from gateway.errors import InvalidRequest, RouteNotFound
+from router.canary import in_canary
 from router.decision import RoutePolicy
+
+if TYPE_CHECKING:
+    from gateway.canary_run import CanaryRun
 
 logger = logging.getLogger(__name__)
 
@@ -99,16 +103,29 @@ class RouteState:
         self.config = config
         self.overrides, self.ignored_overrides = _usable_overrides(config.name, overrides)
         self.student: StudentPointer | None = None
+        # A candidate serving a share of the student traffic beside ``student`` (see
+        # gateway/training/canary.py); None outside a canary rollout.
+        self.canary: CanaryRun | None = None
 
     def setting(self, name: str) -> Any:
         return self.overrides[name] if name in self.overrides else getattr(self.config, name)
 
-    def confidence_threshold(self) -> float | None:
-        """An operator's override; else, on a calibrated route, the serving version's own
-        threshold; else the route's configured one."""
+    def student_for(self, request_id: str) -> tuple[StudentPointer | None, bool]:
+        """The student that answers this request, and whether it is the canary: the canary
+        takes its share of the requests the router sent to the student."""
+        canary = self.canary
+        if canary is not None and self.student is not None and in_canary(request_id, canary.config.canary_share,
+                                                                          canary.config.seed):
+            return canary.pointer, True
+        return self.student, False
+
+    def confidence_threshold(self, pointer: StudentPointer | None = None) -> float | None:
+        """An operator's override; else, on a calibrated route, the answering version's own
+        threshold (``pointer``, default the live one); else the route's configured one."""
         if "confidence_threshold" in self.overrides:
             return float(self.overrides["confidence_threshold"])
-        calibrated = self.student.confidence_threshold if self.student else None
+        pointer = pointer or self.student
+        calibrated = pointer.confidence_threshold if pointer else None
         if self.config.cascade.target_agreement is not None and calibrated is not None:
             return calibrated
         return self.config.confidence_threshold
@@ -138,6 +155,7 @@ class RouteState:
             "student_base_model": self.config.student.base_model,
             "overrides": dict(self.overrides),
             "ignored_overrides": dict(self.ignored_overrides),
+            "canary": self.canary.describe() if self.canary is not None else None,
         }
 
 

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,8 @@ class ShadowRunner:
         self._min_interval_s = 1.0 / max_per_second
         self._next_start = 0.0
         self._tasks: list[asyncio.Task[None]] = []
+        # Called with (record, agree) per finished comparison: the canary's evidence.
+        self.observers: list[Callable[[RequestRecord, bool], None]] = []
         self.skipped = 0
         self.completed = 0
         self.failed = 0
@@ -87,26 +90,31 @@ class ShadowRunner:
             teacher_completion = await self._teachers[config.name].chat(job.body)
             student_answer, teacher_answer = job.served.text, teacher_completion.text
             teacher_body, cost = teacher_completion.body, teacher_completion.cost_usd
+            version = job.record.student_version  # the version that answered: live or the canary
         else:
             pointer = job.state.student
             if pointer is None:
                 return
+            version = pointer.version
             student_body = student_request(config.student.system_prompt, job.body)
             student_completion = await self._student.chat(pointer.adapter_name, student_body, config.student.timeout_s)
             student_answer, teacher_answer = student_completion.text, job.served.text
             teacher_body, cost = job.served.body, 0.0
         self.completed += 1
+        agree = answers_agree(student_answer, teacher_answer)
+        for observer in self.observers:
+            observer(job.record, agree)
         redact = job.record.redact  # the route's redaction, as for the request row
         await self._writer.log({
             "request_id": job.record.id,
             "created_at": time.time(),
             "route": config.name,
-            "student_version": job.state.student.version if job.state.student else None,
+            "student_version": version,
             "router_score": job.record.router_score,
             "student_answer": redact(student_answer),
             "teacher_answer": redact(teacher_answer),
             "teacher_response_json": json.dumps(redact(teacher_body), ensure_ascii=False, default=str),
-            "agree": int(answers_agree(student_answer, teacher_answer)),
+            "agree": int(agree),
             "cost_usd": cost,
         })
 

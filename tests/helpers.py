@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import sqlite3
+import struct
 import threading
 import time
 from pathlib import Path
@@ -163,3 +164,12 @@ def make_adapter(base_dir: Path, out_dir: Path, seed: int, rank: int = 8) -> Pat
 
 def failing_student(request: httpx.Request) -> httpx.Response:
     return httpx.Response(500, json={"error": {"message": "engine dead"}})
+
+
+def fake_adapter(directory: Path) -> str:
+    """An adapter directory that passes the swap's checks (config, rank, whole safetensors)."""
+    directory.mkdir(parents=True)
+    (directory / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    (directory / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    return str(directory)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from core.store import SQLiteStore
 from gateway.app import Components, create_app
 from gateway.auth import key_id
 from gateway.upstream.student import VLLMStudent
-from tests.helpers import UvicornThread
+from tests.helpers import UvicornThread, fake_adapter
 from tests.operators import ScoringRouter, _student_reply
 
 ROUTE = "clinc-intents"
@@ -75,7 +74,7 @@ def test_admin_routes_refuse_without_the_admin_token(admin_settings: Settings) -
     paths = [("GET", "/admin/routes"), ("GET", "/admin/routes/clinc-intents"),
              ("PATCH", "/admin/routes/clinc-intents"), ("GET", "/admin/routes/clinc-intents/versions"),
              ("GET", "/admin/routes/clinc-intents/audit"), ("POST", "/admin/routes/clinc-intents/promote"),
-             ("POST", "/admin/routes/clinc-intents/rollback")]
+             ("POST", "/admin/routes/clinc-intents/rollback"), ("POST", "/admin/routes/clinc-intents/canary")]
     with UvicornThread(create_app(admin_settings)) as server:
         for method, path in paths:
             for headers in ({}, {"authorization": "Bearer client-key"}, {"authorization": "Bearer wrong"}):
@@ -110,15 +109,6 @@ def test_unknown_route_and_version_are_404(admin_settings: Settings) -> None:
     assert missing_route.status_code == 404 and missing_version.status_code == 404
 
 
-def _fake_adapter(directory: Path) -> str:
-    """An adapter directory that passes the swap's checks (config, rank, whole safetensors)."""
-    directory.mkdir(parents=True)
-    (directory / "adapter_config.json").write_text(json.dumps({"r": 8}))
-    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
-    (directory / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
-    return str(directory)
-
-
 def _vllm_reply(request: httpx.Request) -> httpx.Response:
     if request.url.path.endswith(("load_lora_adapter", "unload_lora_adapter")):
         return httpx.Response(200, text="ok")
@@ -129,7 +119,7 @@ def test_promote_rollback_and_force_are_audited_with_the_actor(admin_settings: S
     store = SQLiteStore(admin_settings.store.path)
     registry = Registry(store)
     for version, status in (("v1", "candidate"), ("v2", "candidate"), ("v3", "rejected")):
-        registry.record(CandidateVersion(ROUTE, version, status, _fake_adapter(tmp_path / version)))
+        registry.record(CandidateVersion(ROUTE, version, status, fake_adapter(tmp_path / version)))
     store.close()
     student = VLLMStudent("http://vllm.test", transport=httpx.MockTransport(_vllm_reply))
     app = create_app(admin_settings, Components(student=student, router=ScoringRouter()))

@@ -7,6 +7,7 @@ import json
 import stat
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -250,3 +251,40 @@ async def test_only_the_replica_holding_the_lock_schedules(store_backend: StoreB
     await first.shutdown()  # gives the lock up
     assert (await second.tick(ROUTE))["action"] == "rejected" and second.leader
     await second.shutdown()
+
+
+class FakeCanaries:
+    def __init__(self, live: bool) -> None:
+        self.live = live
+        self.begun: list[tuple[str, str]] = []
+
+    def has_live(self, route: str) -> bool:
+        return self.live
+
+    def active(self, route: str) -> Any:
+        return SimpleNamespace(version=self.begun[-1][1]) if self.begun else None
+
+    async def begin(self, route: str, version: str) -> None:
+        self.begun.append((route, version))
+
+
+@pytest.mark.parametrize("live", [True, False])
+async def test_a_canary_route_starts_a_canary_instead_of_promoting(tmp_path: Path, live: bool) -> None:
+    """With rollout.canary_share the candidate serves its share first (the first version, with
+    nothing to compare it with, goes live at once); no cycle runs while a canary does."""
+    settings = parse_settings({"store": {"path": str(tmp_path / "db.sqlite")},
+                               "routes": [{"name": ROUTE, "teacher": {"model": "openai/x"},
+                                           "rollout": {"canary_share": 0.1},
+                                           "training": {"min_new_examples": 5, "interval_minutes": 0.01}}]})
+    store, swapper, canaries = SQLiteStore(settings.store.path), FakeSwapper(), FakeCanaries(live)
+    python = fake_python(tmp_path, {"version": "v2", "status": "candidate"})
+    scheduler = TrainingScheduler(settings, store, swapper, config_path="c.yaml", python=str(python),
+                                  canaries=canaries)  # type: ignore[arg-type]
+    seed_teacher_answers(store, ROUTE, [(f"hi {index}", "greeting") for index in range(5)])
+    outcome = await scheduler.tick(ROUTE)
+    if not live:
+        assert outcome["action"] == "promoted" and swapper.promoted == [(ROUTE, "v2")] and canaries.begun == []
+        return
+    assert outcome == {"action": "canary", "version": "v2", "share": 0.1}
+    assert canaries.begun == [(ROUTE, "v2")] and swapper.promoted == []
+    assert await scheduler.tick(ROUTE) == {"action": "canary_running", "version": "v2"}

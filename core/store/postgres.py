@@ -125,7 +125,8 @@ class PostgresStore(RegistryMixin):
 
     # -- feedback ----------------------------------------------------------------------------
     def request_owner(self, request_id: str) -> dict[str, Any] | None:
-        rows = self._rows("select id, route, target, client_key_id from requests where id = %s", [request_id])
+        rows = self._rows("select id, route, target, client_key_id, student_version from requests where id = %s",
+                          [request_id])
         return rows[0] if rows else None
 
     def insert_feedback(self, row: dict[str, Any]) -> int:

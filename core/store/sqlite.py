@@ -116,10 +116,11 @@ class SQLiteStore:
 
     # -- feedback ----------------------------------------------------------------------------
     def request_owner(self, request_id: str) -> dict[str, Any] | None:
-        """A logged request's ``id``, ``route``, ``target`` and ``client_key_id``, or None."""
+        """A logged request's ``id``, ``route``, ``target``, ``client_key_id`` and
+        ``student_version``, or None."""
         with self._lock:
-            rows = list(self.db.query("select id, route, target, client_key_id from requests where id = ?",
-                                      [request_id]))
+            rows = list(self.db.query("select id, route, target, client_key_id, student_version from requests "
+                                      "where id = ?", [request_id]))
         return rows[0] if rows else None
 
     def insert_feedback(self, row: dict[str, Any]) -> int:

@@ -31,14 +31,17 @@ def _version_view(row: dict[str, Any]) -> dict[str, Any]:
 
 @endpoints.get("/routes")
 async def list_routes(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [state.describe() for state in _routes(request)]}
+    canaries = request.app.state.training.canaries
+    return {"object": "list", "data": [{**state.describe(), "rollout": canaries.status(state.config.name)}
+                                       for state in _routes(request)]}
 
 
 @endpoints.get("/routes/{route}")
 async def get_route(route: str, request: Request) -> dict[str, Any]:
     """The route's live settings, and its drift (recent traffic vs the live version's training set)."""
     described = _routes(request).get(route).describe()
-    return {**described, "drift": request.app.state.training.drift.status(route)}
+    training = request.app.state.training
+    return {**described, "drift": training.drift.status(route), "rollout": training.canaries.status(route)}
 
 
 @endpoints.patch("/routes/{route}")
@@ -98,7 +101,17 @@ async def promote(route: str, request: Request, actor: str = Depends(require_adm
         raise InvalidRequest("force must be a JSON boolean (true or false).", param="force")
     action = "promote --force" if force else "promote"
     previous = _live_version(request, route)
+    canaries = request.app.state.training.canaries
+    run = canaries.active(route)
     try:
+        if run is not None and run.version == version:
+            ended = await canaries.promote(route, actor)  # the operator ends the canary: it goes live
+            if ended["action"] != "promote":
+                raise SwapError(ended.get("error") or "the canary could not be promoted")
+            _audit(request, route, actor, action, previous, {"version": version, "canary": True})
+            return _routes(request).get(route).describe()
+        if run is not None:
+            await canaries.abandon(route, actor)  # another version goes live: the canary ends unjudged
         await _swapper(request).promote(route, version, force=force)
     except SwapError as error:
         _audit(request, route, actor, action, previous, {"version": version, "refused": str(error)})
@@ -107,10 +120,37 @@ async def promote(route: str, request: Request, actor: str = Depends(require_adm
     return _routes(request).get(route).describe()
 
 
+@endpoints.post("/routes/{route}/canary")
+async def start_canary(route: str, request: Request, actor: str = Depends(require_admin)) -> dict[str, Any]:
+    """Start a canary of a candidate by hand (the route's ``rollout`` settings apply; a
+    route without ``canary_share`` takes 0.1)."""
+    state = _routes(request).get(route)
+    payload = await read_json_body(request)
+    version = payload.get("version") if isinstance(payload, dict) else None
+    if not isinstance(version, str) or not version:
+        raise InvalidRequest("Send {\"version\": \"<version>\"} to start a canary.", param="version")
+    if version not in {row["version"] for row in request.app.state.store.versions(route)}:
+        raise NotFound(f"Route {route!r} has no version {version!r}.", param="version")
+    _swapper(request)
+    try:
+        await request.app.state.training.canaries.begin(route, version, actor)
+    except SwapError as error:
+        _audit(request, route, actor, "canary_start", _live_version(request, route),
+               {"version": version, "refused": str(error)})
+        raise Conflict(str(error), param="version") from error
+    return state.describe()
+
+
 @endpoints.post("/routes/{route}/rollback")
 async def rollback(route: str, request: Request, actor: str = Depends(require_admin)) -> dict[str, Any]:
     _routes(request).get(route)
     previous = _live_version(request, route)
+    canaries = request.app.state.training.canaries
+    if canaries.active(route) is not None:
+        # During a canary, rolling back means the canary: live keeps serving.
+        ended = await canaries.rollback(route, actor)
+        _audit(request, route, actor, "rollback", previous, {"version": previous, "canary": ended["version"]})
+        return _routes(request).get(route).describe()
     try:
         await _swapper(request).rollback(route)
     except SwapError as error:

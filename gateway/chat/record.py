@@ -44,6 +44,9 @@ class RequestRecord:
     train_trusted: bool = False
     # The key is over its monthly budget with ``over_budget: student_only``: no teacher call.
     student_only: bool = False
+    # The student asked (the live version, or the canary for its share): set when routed to it.
+    student_pointer: Any = field(default=None, repr=False)
+    canary: bool = False
     # Applied to every logged string (the route's ``redact``); the live request is untouched.
     redact: Callable[[Any], Any] = field(default=lambda value: value, repr=False)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +81,7 @@ class ChatService(StreamingMixin):
         self.request_timeout_s = request_timeout_s
         self.budgets = budgets
         self.tracing = tracing or Tracing()
+        self._random = random.Random()  # the canary's shadow samples; the split itself is seeded
 
     def redactor(self, state: RouteState) -> Redactor:
         """The route's redaction, compiled once per route."""
@@ -110,7 +112,25 @@ class ChatService(StreamingMixin):
                                  reason_count=len(decision.reasons), cascade=decision.cascade)
         record.router_score = decision.score
         record.decision_reasons = list(decision.reasons)
+        if decision.target == "student":
+            self._choose_student(state, record, decision)
         return state, record, decision, body
+
+    def _choose_student(self, state: RouteState, record: RequestRecord, decision: Decision) -> None:
+        """Live or canary, for a request the router sent to the student. During a canary both
+        arms are shadowed at their own rates (evidence for the rollout's test), and the canary
+        answers under its own calibrated cascade threshold."""
+        record.student_pointer, record.canary = state.student_for(record.id)
+        run = state.canary
+        if run is None or record.student_only:
+            return
+        if record.canary:
+            decision.cascade = state.confidence_threshold(record.student_pointer) is not None
+            decision.shadow = decision.shadow or self._random.random() < run.config.shadow_rate
+            decision.reasons.append(f"canary {run.version} (share {run.config.canary_share})")
+            record.decision_reasons.append(decision.reasons[-1])
+        elif not decision.shadow and self._random.random() < run.live_shadow_rate:
+            decision.shadow = True
 
     def _student_only(self, state: RouteState, client_key_id: str | None) -> bool:
         """True when the key is over its budget and only the student may answer; raises the
@@ -170,6 +190,8 @@ class ChatService(StreamingMixin):
             "x-distillgate-target": record.target or "none",
             "x-distillgate-student-version": record.student_version or "none",
         }
+        if record.canary:
+            headers["x-distillgate-canary"] = "true"
         if record.router_score is not None:
             headers["x-distillgate-ood-score"] = f"{record.router_score:.4f}"
         if record.fallback:
@@ -241,7 +263,7 @@ class ChatService(StreamingMixin):
     async def _student_answer(self, state: RouteState, record: RequestRecord, decision: Decision,
                               body: dict[str, Any]) -> Completion | None:
         """The student's whole answer, or None when it failed or (cascade) was not confident."""
-        pointer = state.student
+        pointer = record.student_pointer or state.student
         assert pointer is not None
         record.student_version = pointer.version
         student_body = self._student_body(state, body, decision.cascade)
@@ -267,7 +289,9 @@ class ChatService(StreamingMixin):
 
     def _cascade_passes(self, state: RouteState, record: RequestRecord, decision: Decision,
                         completion: Completion) -> bool:
-        threshold = state.policy().confidence_threshold
+        # The answering version's own threshold: a canary is judged by its calibration, not live's.
+        threshold = state.confidence_threshold(record.student_pointer) if record.canary \
+            else state.policy().confidence_threshold
         with self.tracing.span("cascade.check", **record.trace_attributes()) as span:
             score = _cascade_score(completion.body["choices"][0], decision.neighbour_answers,
                                    state.config.cascade.disagreement_penalty)

@@ -117,7 +117,7 @@ class StreamingMixin:
 
     async def _open_student_stream(self, state: RouteState, record: RequestRecord,
                                    body: dict[str, Any]) -> tuple[AsyncIterator[dict[str, Any]] | None, Any]:
-        pointer = state.student
+        pointer = record.student_pointer or state.student
         assert pointer is not None
         record.student_version = pointer.version
         if self._student_open(record):

@@ -163,7 +163,7 @@ async def route_page(route: str, request: Request) -> Response:
     state = request.app.state
     route_state = state.routes.get(route)
     context = await asyncio.to_thread(views.route_page, state.store, route_state, _since(request), state.training.drift)
-    return _page("route.html", **context)
+    return _page("route.html", **context, rollout=state.training.canaries.status(route))
 
 
 @endpoints.get("/static/{name}")

@@ -39,11 +39,13 @@ class FeedbackService:
         self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._recent_max = recent_max
         self._redactors: dict[str, Redactor] = {}
+        # Called with (route, target, student_version, rating, score) per feedback stored.
+        self.observers: list[Callable[[str, str, str | None, str | None, float | None], None]] = []
 
     def remember(self, record: RequestRecord) -> None:
         """The request observer: who sent each finished request, until its row is surely stored."""
         self._recent[record.id] = {"id": record.id, "route": record.route, "target": record.target,
-                                   "client_key_id": record.client_key_id}
+                                   "client_key_id": record.client_key_id, "student_version": record.student_version}
         while len(self._recent) > self._recent_max:
             self._recent.popitem(last=False)
 
@@ -61,6 +63,8 @@ class FeedbackService:
             raise Unavailable("Feedback could not be stored right now; try again.",
                               headers={"retry-after": "1"}) from None
         self.count(row["route"], row["target"], feedback.rating or "none")
+        for observer in self.observers:
+            observer(row["route"], row["target"], owner.get("student_version"), feedback.rating, feedback.score)
         logger.info("feedback", extra={"route": row["route"], "target": row["target"], "request_id": owner["id"],
                                        "rating": feedback.rating, "corrected": feedback.correction is not None})
         return {"id": f"feedback-{row['id']}", "object": "feedback", "request_id": owner["id"],

@@ -17,6 +17,7 @@ from core.store import Store
 from core.tasks import cancel_and_wait
 from core.upstream import StudentBackend
 from gateway.route_table import RouteTable
+from gateway.training.canary import CanaryRollouts
 from gateway.training.drift import DriftWatch
 from gateway.training.schedule import TrainingScheduler
 from gateway.training.swap import Swapper
@@ -33,9 +34,10 @@ class TrainingLoop:
                                detectors=detectors, max_lora_rank=settings.vllm.max_lora_rank)
         # Tracked whether or not retraining is scheduled: metrics and the dashboard show it.
         self.drift = DriftWatch(settings, routes, router, store)
+        self.canaries = CanaryRollouts(routes, self.swapper, store)
         # Scheduled retraining needs the config file: the training child process reads it.
-        self.scheduler = TrainingScheduler(settings, store, self.swapper, config_path=config_path, drift=self.drift) \
-            if config_path is not None else None
+        self.scheduler = TrainingScheduler(settings, store, self.swapper, config_path=config_path, drift=self.drift,
+                                           canaries=self.canaries) if config_path is not None else None
         self.restore_timeout_s = restore_timeout_s
         self.restored: dict[str, str] | None = None
         self._restore_task: asyncio.Task[None] | None = None
@@ -43,13 +45,16 @@ class TrainingLoop:
     def start(self, *, restore: bool = True) -> None:
         """Start the schedule; ``restore=False`` when a supervisor reloads the adapters each
         time the server it launched becomes ready (see gateway/vllm_supervisor.py)."""
+        self.canaries.start()
         if restore:
             self._restore_task = asyncio.create_task(self._restore_when_ready(), name="restore-live-students")
         if self.scheduler is not None:
             self.scheduler.start()
 
     async def restore_now(self) -> dict[str, str]:
-        """Load every route's live adapter into the (re)started server; returns the outcomes."""
+        """Load every route's live adapter into the (re)started server; returns the outcomes.
+        A canary's adapter is gone with the old server: its canary ends, unjudged."""
+        await self.canaries.abandon_all("student server restart")
         self.restored = await self.swapper.restore_live()
         return self.restored
 
@@ -65,6 +70,7 @@ class TrainingLoop:
         logger.info("live students restored", extra={"outcomes": self.restored})
 
     async def stop(self) -> None:
+        await self.canaries.stop()
         await cancel_and_wait(self._restore_task)
         if self.scheduler is not None:
             await self.scheduler.shutdown()

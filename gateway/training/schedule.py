@@ -34,6 +34,7 @@ from typing import Any
 
 from core.config import RouteConfig, Settings
 from core.store import Store
+from gateway.training.canary import CanaryRollouts
 from gateway.training.drift import DriftWatch
 from gateway.training.swap import SwapError, Swapper
 
@@ -48,7 +49,7 @@ class TrainingScheduler:
     def __init__(self, settings: Settings, store: Store, swapper: Swapper, *, config_path: str | Path,
                  python: str = sys.executable, cwd: str | Path | None = None,
                  extra_args: Sequence[str] = (), train_timeout_s: float = 3600.0,
-                 drift: DriftWatch | None = None) -> None:
+                 drift: DriftWatch | None = None, canaries: CanaryRollouts | None = None) -> None:
         self.settings = settings
         self.store = store
         self.swapper = swapper
@@ -58,6 +59,7 @@ class TrainingScheduler:
         self.extra_args = list(extra_args)
         self.train_timeout_s = train_timeout_s
         self.drift = drift
+        self.canaries = canaries
         self.scheduler: Any = None
         self._children: set[asyncio.subprocess.Process] = set()
         self.last_outcome: dict[str, dict[str, Any]] = {}
@@ -142,6 +144,8 @@ class TrainingScheduler:
         return pulled
 
     async def _tick(self, config: RouteConfig) -> dict[str, Any]:
+        if self.canaries is not None and (run := self.canaries.active(config.name)) is not None:
+            return {"action": "canary_running", "version": run.version}  # one candidate at a time
         fresh = await asyncio.to_thread(self.new_examples, config.name)
         drift = self.drift.due(config.name) if self.drift is not None else None
         early = drift is not None and fresh >= config.drift.min_new_examples
@@ -158,12 +162,22 @@ class TrainingScheduler:
             return {"action": "train_failed", "new_examples": fresh}
         if candidate.get("status") != "candidate":
             return {"action": "rejected", "version": candidate.get("version"), "note": candidate.get("note")}
+        if self._canary_first(config):
+            try:
+                await self.canaries.begin(config.name, candidate["version"])  # type: ignore[union-attr]
+            except SwapError as error:
+                return {"action": "canary_failed", "version": candidate["version"], "error": str(error)}
+            return {"action": "canary", "version": candidate["version"], "share": config.rollout.canary_share}
         try:
             swap = await self.swapper.promote(config.name, candidate["version"])
         except SwapError as error:
             return {"action": "promotion_failed", "version": candidate["version"], "error": str(error)}
         self.store.record_route_event(config.name, "scheduler", "promote", swap.previous, {"version": swap.version})
         return {"action": "promoted", "version": swap.version, "previous": swap.previous}
+
+    def _canary_first(self, config: RouteConfig) -> bool:
+        """A canary needs a live version to be compared with: the first one goes live at once."""
+        return self.canaries is not None and config.rollout.enabled and self.canaries.has_live(config.name)
 
     def command(self, route: str) -> list[str]:
         return [self.python, "-m", "cli.main", "train", "--config", self.config_path, "--route", route,

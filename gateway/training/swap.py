@@ -195,6 +195,40 @@ class Swapper:
             self.registry.mark(route, live.version, "retired", note=ROLLED_BACK_NOTE)
             return result
 
+    async def load_canary(self, route: str, version: str) -> StudentPointer:
+        """Load a candidate beside the live version (validated, smoke-tested, its detector
+        registered for a later promotion); returns its pointer. Switches nothing: the canary
+        rollout decides what it serves. Raises SwapError and marks the candidate ``failed``."""
+        async with self._lock(route):
+            candidate = self.registry.get(route, version)
+            if candidate is None or candidate.status != "candidate":
+                raise SwapError(f"version {version} of {route} is not a candidate")
+            name = adapter_name(route, version)
+            try:
+                validate_adapter_dir(Path(candidate.adapter_path), self.max_lora_rank)
+                await self._load(name, candidate.adapter_path)
+            except (SwapError, UpstreamFailure) as error:
+                self._fail(candidate, f"load failed: {error}")
+                raise SwapError(f"version {version} of {route} did not load: {error}") from error
+            try:
+                await self._smoke_test(route, name)
+                if self.detectors is not None and candidate.detector_path:
+                    await self.detectors.aload_detector(route, version, candidate.detector_path)
+            except (SwapError, UpstreamFailure, OSError, ValueError, KeyError) as error:
+                await self._unload_quietly(name)
+                self._fail(candidate, f"smoke test failed: {error}")
+                raise SwapError(f"version {version} of {route} failed its smoke test: {error}") from error
+            return StudentPointer(version, name, calibrated_threshold(candidate.metrics))
+
+    async def unload_canary(self, route: str, pointer: StudentPointer, status: str, note: str) -> bool:
+        """Retire a canary nothing routes to any more: drain, unload, drop its detector, and
+        mark the version (``rejected`` by the test, ``candidate`` when an operator ended it).
+        Returns whether it drained in time."""
+        async with self._lock(route):
+            drained, _ = await self._retire(route, pointer)
+            self.registry.mark(route, pointer.version, status, note=note[:500])
+            return drained
+
     async def _swap(self, candidate: CandidateVersion) -> SwapResult:
         route, version = candidate.route, candidate.version
         name = adapter_name(route, version)

@@ -26,6 +26,7 @@ from rich.table import Table
 
 from core.config import Prices, Settings
 from core.store import STORE_ERRORS, reporting
+from core.store.canaries import canary_tally, feedback_totals
 from core.store.sqlite import ReadOnlyStore
 from harness.demo import report
 from harness.demo.goals import FULL_LAST_WINDOW, goals
@@ -158,6 +159,9 @@ def _assemble(options: DemoOptions, settings: Settings, outcomes: list[Outcome],
         "last_window": {"requests": window, **report.summarize(outcomes[-window:], stream_refs[-window:], costs)},
         "heldout": report.heldout_section(heldout_outcomes, heldout_refs, costs),
         "savings": {**savings, "training": training_summary(charges, settings.costs, sent_at)},
+        # Canary rollouts (rollout.canary_share; off in configs/default.yaml) and feedback (the
+        # demo sends none): counted from the store whatever the config.
+        "rollout": {"canaries": canary_tally(store), "feedback": feedback_totals(store)},
     }
     result["goals"] = goals(result, options.quick)
     return result
