@@ -206,7 +206,7 @@ class Swapper:
             name = adapter_name(route, version)
             try:
                 validate_adapter_dir(Path(candidate.adapter_path), self.max_lora_rank)
-                await self._load(name, candidate.adapter_path)
+                await self._load_everywhere(name, candidate.adapter_path)
             except (SwapError, UpstreamFailure) as error:
                 self._fail(candidate, f"load failed: {error}")
                 raise SwapError(f"version {version} of {route} did not load: {error}") from error
