@@ -22,6 +22,7 @@ from core.config import RouteConfig, Settings, TrainingConfig
 from core.registry import CandidateVersion, Registry
 from core.store import Store
 from trainer.dataset import Dataset, Example, build_dataset, labels_for_route
+from trainer.learned_fit import fit_learned_router
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,10 @@ class Trainer:
         detail["train"] = trained
         detector_path = self._fit_detector(config, dataset, out_dir / "detector")
         make_private(out_dir)
-        metrics = self._evaluate(config, dataset, adapter_dir, labels, detector_path, version)
+        metrics, agrees = self._evaluate(config, dataset, adapter_dir, labels, detector_path, version)
+        metrics["learned_router"] = fit_learned_router(config, version, self._embedder, dataset.holdout, agrees,
+                                                       detector_path, out_dir / "learned_router")
+        make_private(out_dir)
         detail["gate"] = metrics["gate"]
         live = self.registry.live(config.name)
         candidate = CandidateVersion(
@@ -224,8 +228,9 @@ class Trainer:
         return [tuple(int(value) for value in row) for row in nearest]
 
     def _evaluate(self, config: RouteConfig, dataset: Dataset, adapter_dir: Path, labels: set[str] | None,
-                  detector_path: Path | None, version: str) -> dict[str, Any]:
-        """Candidate and live student on the same holdout, and the gate's verdict."""
+                  detector_path: Path | None, version: str) -> tuple[dict[str, Any], list[bool]]:
+        """Candidate and live student on the same holdout, and the gate's verdict; with, per
+        holdout example, whether the candidate agreed with the teacher."""
         from trainer.evaluate import evaluate_adapter, gate
 
         base = config.student.base_model
@@ -242,7 +247,7 @@ class Trainer:
         return {"candidate": candidate.to_dict(), "live": live.to_dict() if live else None,
                 "live_version": live_version.version if live_version else None,
                 "gate": {"passed": decision.passed, "reason": decision.reason, "metric": decision.metric,
-                         "candidate": decision.candidate, "live": decision.live}}
+                         "candidate": decision.candidate, "live": decision.live}}, candidate.agrees
 
     def _record_run(self, route: str, started: float, outcome: str, version: str, detail: dict[str, Any]) -> None:
         import json

@@ -2,7 +2,7 @@
 
 Per route, under a lock: validate the adapter directory, ``load_lora_adapter`` under a new
 versioned name, smoke-test one chat request on that name, register the version's OOD
-detector, record the new live version in the store, switch the route's pointer (one
+detector (and its learned router, when its training cycle saved one), record the new live version in the store, switch the route's pointer (one
 assignment on the event loop), then wait until the requests that chose the old adapter have
 finished and unload it (PLATFORM.md: unloading without the drain failed requests). Any
 failure before the switch leaves the old version serving and marks the candidate ``failed``;
@@ -32,6 +32,7 @@ from gateway.route_table import (
     StudentPointer,
     adapter_name,
     calibrated_threshold,
+    learned_router_path,
 )
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class DetectorSink(Protocol):
     """
 
     async def aload_detector(self, route: str, version: str, path: str | Path) -> Any: ...
+
+    async def aload_learned(self, route: str, version: str, path: str | Path) -> Any: ...
 
     def drop_detector(self, route: str, version: str) -> None: ...
 
@@ -180,8 +183,7 @@ class Swapper:
         loaded = time.perf_counter()
         try:
             await self._smoke_test(route, name)
-            if self.detectors is not None and candidate.detector_path:
-                await self.detectors.aload_detector(route, version, candidate.detector_path)
+            learned = await self._load_routers(candidate)
         except (SwapError, UpstreamFailure, OSError, ValueError, KeyError) as error:
             await self._unload_quietly(name)
             self._fail(candidate, f"smoke test failed: {error}")
@@ -189,7 +191,8 @@ class Swapper:
         smoked = time.perf_counter()
         await self._record_live(candidate, name)
         # The switch: from here on new requests choose the new adapter (and its detector).
-        self.routes.switch_student(route, StudentPointer(version, name, calibrated_threshold(candidate.metrics)))
+        self.routes.switch_student(route, StudentPointer(version, name, calibrated_threshold(candidate.metrics),
+                                                         learned))
         logger.info("student promoted", extra={"route": route, "version": version,
                                                "previous": previous.version if previous else None})
         drained, unloaded = await self._retire(route, previous)
@@ -197,6 +200,20 @@ class Swapper:
         return SwapResult(route, version, previous.version if previous else None,
                           load_ms=(loaded - started) * 1000, smoke_ms=(smoked - loaded) * 1000,
                           drain_ms=(finished - smoked) * 1000, drained=drained, unloaded=unloaded)
+
+    async def _load_routers(self, candidate: CandidateVersion) -> dict[str, Any] | None:
+        """Register the version's OOD detector and learned router, keyed by its version (so
+        nothing changes before the switch); returns the learned router's summary, or None."""
+        if self.detectors is None:
+            return None
+        route, version = candidate.route, candidate.version
+        if candidate.detector_path:
+            await self.detectors.aload_detector(route, version, candidate.detector_path)
+        path = learned_router_path(candidate.metrics)
+        if path is None:
+            return None
+        await self.detectors.aload_learned(route, version, path)
+        return {key: value for key, value in candidate.metrics["learned_router"].items() if key != "path"}
 
     async def _record_live(self, candidate: CandidateVersion, name: str) -> None:
         """Write the new live version to the store *before* the pointer switches, so memory
@@ -281,12 +298,12 @@ class Swapper:
         try:
             validate_adapter_dir(Path(live.adapter_path), self.max_lora_rank)
             await self._load(name, live.adapter_path)
-            if self.detectors is not None and live.detector_path:
-                await self.detectors.aload_detector(live.route, live.version, live.detector_path)
+            learned = await self._load_routers(live)
         except (SwapError, UpstreamFailure, OSError, ValueError, KeyError) as error:
             logger.error("live student could not be restored; serving the route from the teacher",
                          extra={"route": live.route, "version": live.version, "error": str(error)})
             self.routes.switch_student(live.route, None)
             return f"failed: {error}"
-        self.routes.switch_student(live.route, StudentPointer(live.version, name, calibrated_threshold(live.metrics)))
+        self.routes.switch_student(live.route, StudentPointer(live.version, name, calibrated_threshold(live.metrics),
+                                                              learned))
         return "loaded"
