@@ -1,10 +1,12 @@
-"""An optional learned router: P(student agrees with teacher | prompt embedding, OOD score).
+"""The learned router: P(this student version agrees with the teacher | prompt embedding, OOD score).
 
-Trained from shadow results (a student answer and a teacher answer for the same prompt).
-A logistic regression on the embedding plus the OOD score: small, fast to fit, and its
-coefficients save as plain arrays (``.npz`` + JSON, no pickle). The OOD router consults it
-when one is set for a route: the request goes to the teacher when the predicted agreement
-is under ``min_agree``.
+A logistic regression on the embedding plus the version's OOD score, trained in the
+version's training cycle on its own holdout answers (trainer/learned_fit.py): small, fast
+to fit, and its coefficients save as plain arrays (``.npz`` + JSON, no pickle). Where the
+route enables it (``learned_router.enabled``) the OOD router consults the serving version's
+one: the request goes to the teacher when the predicted agreement is under ``min_agree``.
+Unweighted classes, so that ``min_agree`` reads as a probability (class-balanced weights
+vetoed 41-52 % of CLINC150 test prompts at 0.5 for students agreeing 55-66 % of the time).
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ class LearnedRouter:
 
         labels = np.asarray(agree, dtype=int)
         if len(set(labels.tolist())) < 2:
-            raise ValueError("learned router needs both agreeing and disagreeing shadow results")
-        model = LogisticRegression(C=self.c, max_iter=1000, class_weight="balanced")
+            raise ValueError("learned router needs both agreeing and disagreeing answers")
+        model = LogisticRegression(C=self.c, max_iter=1000, class_weight=None)
         model.fit(self.features(embeddings, ood_scores), labels)
         self.coef = model.coef_[0].astype(np.float32)
         self.intercept = float(model.intercept_[0])
@@ -98,7 +100,7 @@ def cross_validated_auroc(features: np.ndarray, labels: np.ndarray, c: float, fo
         return None
     predicted = np.empty(len(labels), dtype=np.float64)
     for fit, held in StratifiedKFold(folds, shuffle=True, random_state=seed).split(features, labels):
-        model = LogisticRegression(C=c, max_iter=1000, class_weight="balanced").fit(features[fit], labels[fit])
+        model = LogisticRegression(C=c, max_iter=1000, class_weight=None).fit(features[fit], labels[fit])
         predicted[held] = model.predict_proba(features[held])[:, 1]
     return float(roc_auc_score(labels, predicted))
 

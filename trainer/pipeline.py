@@ -108,7 +108,7 @@ class Trainer:
         detector_path = self._fit_detector(config, dataset, out_dir / "detector")
         make_private(out_dir)
         metrics, agrees = self._evaluate(config, dataset, adapter_dir, labels, detector_path, version)
-        metrics["learned_router"] = fit_learned_router(config, version, self._embedder, dataset.holdout, agrees,
+        metrics["learned_router"] = fit_learned_router(config, version, self.embedder, dataset.holdout, agrees,
                                                        detector_path, out_dir / "learned_router")
         make_private(out_dir)
         detail["gate"] = metrics["gate"]
@@ -189,7 +189,8 @@ class Trainer:
         return next((version for version in self.registry.list(route)
                      if version.status in ("candidate", "rejected") and Path(version.adapter_path).exists()), None)
 
-    def _embedder(self) -> Any:
+    def embedder(self) -> Any:
+        """The router's embedder, made on first use: the detector and learned router are fitted with it."""
         if self._embedder_instance is None:
             self._embedder_instance = (self.embedder_factory() if self.embedder_factory
                                        else _default_embedder(self.settings))
@@ -209,7 +210,7 @@ class Trainer:
         answers = [example.answer for example in dataset.train]
         labels = answers if config.labels_dataset is not None else None
         voting = config.cascade.disagreement_penalty > 0
-        return Path(fit_detector_for_texts(texts, labels, config.ood_detector, path, self._embedder(),
+        return Path(fit_detector_for_texts(texts, labels, config.ood_detector, path, self.embedder(),
                                            answers=answers if voting else None, vote_k=config.cascade.neighbours))
 
     def neighbours(self, config: RouteConfig, examples: Sequence[Example],
@@ -223,7 +224,7 @@ class Trainer:
         detector = load_detector(detector_path)
         if getattr(detector, "answer_hashes", None) is None:
             return None
-        embeddings = self._embedder().encode([example.prompt_text for example in examples])
+        embeddings = self.embedder().encode([example.prompt_text for example in examples])
         _, nearest = detector.score_with_neighbours(embeddings)
         return [tuple(int(value) for value in row) for row in nearest]
 
