@@ -150,9 +150,11 @@ class LearnedRouterConfig(StrictModel):
     the prompt's embedding and OOD score predicting whether this version agrees with the
     teacher, trained each cycle on the candidate's own holdout answers and swapped in with it.
 
-    Off by default: on CLINC150 it served no more at equal agreement than the cascade alone
-    (README, "The learned router"). ``min_pairs``: fewer holdout answers than this (or only
-    one class among them) and the version ships without one.
+    Off by default: on CLINC150 it added nothing consistent to the cascade at equal served
+    agreement (README, "The learned router"). Trained and swapped in whether or not it is
+    enabled (it costs one embedding of the holdout), so enabling it needs no retraining.
+    ``min_pairs``: fewer holdout answers than this (or only one class) and the version ships
+    without one, and its training run says why.
     """
 
     enabled: bool = False

@@ -2,8 +2,9 @@
 
 Evidence: where *this* candidate agreed with the teacher on its holdout (the evaluation
 already answers every holdout prompt). The live version's shadow pairs describe another
-model: on CLINC150 they predicted the candidate's agreement worse (README, "The learned
-router"). The features are the prompt's embedding and its score under the candidate's own
+model: trained on them, the router vetoed 72 % of the candidate's CLINC150 test prompts
+(the previous version agreed on 53 %) and served half as much at equal agreement (README,
+"The learned router"). The features are the prompt's embedding and its score under the candidate's own
 OOD detector, as the router computes them when it serves this version.
 """
 
