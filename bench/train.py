@@ -7,7 +7,9 @@ training cycles run through ``Trainer.run`` (curation, training, evaluation, the
 version and trains on the new answers plus a replay sample (the product's continual
 training). Both are scored on the same fixed CLINC150 test prompts (never trained on):
 agreement, validity, and the share and agreement of the answers the cascade would serve at
-the version's own calibrated ``confidence_threshold`` (with the neighbours' vote, as served).
+the version's own calibrated ``confidence_threshold`` (with the neighbours' vote, as served),
+and the same with the version's learned router vetoing first (``learned_router`` per cycle:
+served share with and without it at equal served agreement; README "The learned router").
 Prints one JSON object: the last cycle's summary at the top level, the whole curve under ``curve``.
 
     PYTHONPATH=. .venv/bin/python bench/train.py --examples 500,1000,3000 --out var/bench/train.json
@@ -106,7 +108,8 @@ def make_settings(args: argparse.Namespace, work: Path, base: Path, *, warm: boo
         "routes": [{"name": ROUTE, "teacher": {"model": "openai/replay-teacher"}, "labels_dataset": str(CLINC),
                     "student": {"system_prompt": default.student.system_prompt},
                     "confidence_threshold": default.confidence_threshold, "training": training,
-                    "cascade": default.cascade.model_dump(), "gate": default.gate.model_dump()}],
+                    "cascade": default.cascade.model_dump(), "gate": default.gate.model_dump(),
+                    "learned_router": default.learned_router.model_dump()}],
     })
 
 
@@ -126,8 +129,48 @@ def score_on_test(trainer: Any, route: RouteConfig, candidate: Any, pairs: list[
                               labels=labels_for_route(route), cascade=fixed,
                               confidence_threshold=threshold if threshold is not None else 0.0,
                               neighbours=trainer.neighbours(route, holdout, candidate.detector_path))
-    return {key: round(value, 4) if isinstance(value, float) else value
-            for key, value in result.to_dict().items() if key != "wall_s"}
+    scores = {key: round(value, 4) if isinstance(value, float) else value
+              for key, value in result.to_dict().items() if key != "wall_s"}
+    return {**scores, "learned_router": learned_on_test(trainer, route, candidate, holdout, result)}
+
+
+def served(agrees: list[bool], keep: list[bool]) -> dict[str, float]:
+    count = sum(keep)
+    return {"served_share": round(count / len(keep), 4),
+            "served_agreement": round(sum(a for a, k in zip(agrees, keep, strict=True) if k) / count, 4) if count else 0.0}
+
+
+def learned_on_test(trainer: Any, route: RouteConfig, candidate: Any, holdout: list[Any], result: Any) -> dict[str, Any]:
+    """The version's learned router as a veto before its cascade, on the test prompts: what is
+    served at the shipped threshold with and without it, and at equal served agreement (0.90,
+    0.95) the most each can serve, the cascade threshold chosen on the test prompts themselves
+    (the same advantage for both)."""
+    from router.learned import LearnedRouter
+    from router.ood import load_detector
+    from trainer.cascade import calibrate_threshold
+
+    trained = candidate.metrics.get("learned_router") or {}
+    if "path" not in trained:
+        return {"trained": trained}
+    embeddings = trainer.embedder().encode([example.prompt_text for example in holdout])
+    p_agree = LearnedRouter.load(trained["path"]).predict_agree(
+        embeddings, load_detector(candidate.detector_path).score(embeddings))
+    passed = [bool(p >= route.learned_router.min_agree) for p in p_agree]
+    cascade, agrees = result.cascade_scores, result.agrees
+    threshold = result.confidence_threshold
+    out: dict[str, Any] = {"trained": trained, "vetoed_share": round(1 - sum(passed) / len(passed), 4),
+                           "shipped": {"cascade": served(agrees, [c >= threshold for c in cascade]),
+                                       "with_learned": served(agrees, [c >= threshold and ok
+                                                                       for c, ok in zip(cascade, passed, strict=True)])}}
+    for target in (0.9, 0.95):
+        row = {}
+        for name, mask in (("cascade", [True] * len(passed)), ("with_learned", passed)):
+            kept = [index for index, ok in enumerate(mask) if ok]
+            best = calibrate_threshold([cascade[i] for i in kept], [agrees[i] for i in kept], target)
+            row[name] = served(agrees, [ok and best is not None and c >= best
+                                        for c, ok in zip(cascade, mask, strict=True)])
+        out[f"at_agreement_{target}"] = row
+    return out
 
 
 def cycle(settings: Settings, store: SQLiteStore, work: Path, args: argparse.Namespace,

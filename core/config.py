@@ -18,6 +18,7 @@ from core.config_base import REPLAY_TEACHER_MODEL, ConfigError, Prices, StrictMo
 from core.route_config import (
     CascadeConfig,
     GateConfig,
+    LearnedRouterConfig,
     RedactConfig,
     RouteConfig,
     StudentConfig,
@@ -387,7 +388,7 @@ def settings_for_command(path: str | Path, route: str | None = None) -> Settings
 
 __all__ = [
     "REPLAY_TEACHER_MODEL", "AuthConfig", "BreakerConfig", "CascadeConfig", "ClientKeyConfig", "ConfigError",
-    "CostsConfig", "GateConfig", "Prices", "RateLimitConfig", "RedactConfig",
+    "CostsConfig", "GateConfig", "LearnedRouterConfig", "Prices", "RateLimitConfig", "RedactConfig",
     "RouteConfig", "RouterConfig", "Settings", "StoreConfig", "StudentConfig", "SuperviseConfig", "TeacherConfig",
     "TracingConfig", "TrainingConfig", "VLLMConfig", "load_settings", "parse_settings", "settings_for_command",
 ]

@@ -86,12 +86,20 @@ class StudentPointer:
     adapter_name: str  # the model name vLLM serves it under
     # The version's own cascade threshold, calibrated on the holdout when it was trained.
     confidence_threshold: float | None = None
+    # The version's learned router as trained (pairs, cv_auroc); None: it has none loaded.
+    learned_router: dict[str, Any] | None = None
 
 
 def calibrated_threshold(metrics: dict[str, Any]) -> float | None:
     """The cascade threshold a version's evaluation calibrated (None: none recorded)."""
     value = (metrics.get("candidate") or {}).get("confidence_threshold")
     return float(value) if value is not None else None
+
+
+def learned_router_path(metrics: dict[str, Any]) -> str | None:
+    """Where a version's training cycle saved its learned router (None: it trained none)."""
+    path = (metrics.get("learned_router") or {}).get("path")
+    return str(path) if path else None
 
 
 def adapter_name(route: str, version: str) -> str:
@@ -138,7 +146,18 @@ class RouteState:
             confidence_threshold=self.confidence_threshold(),
             shadow_rate=float(self.setting("shadow_rate")),
             student_version=self.student.version if self.student else None,
+            learned_min_agree=self.config.learned_router.min_agree if self.learned_router_active() else None,
         )
+
+    def learned_router_active(self) -> bool:
+        """Enabled for the route and loaded for the serving version."""
+        return self.config.learned_router.enabled and bool(self.student and self.student.learned_router)
+
+    def describe_learned_router(self) -> dict[str, Any]:
+        trained = (self.student.learned_router if self.student else None) or {}
+        return {"enabled": self.config.learned_router.enabled, "active": self.learned_router_active(),
+                "min_agree": self.config.learned_router.min_agree,
+                "pairs": trained.get("pairs"), "holdout_auroc": trained.get("cv_auroc")}
 
     def describe(self) -> dict[str, Any]:
         policy = self.policy()
@@ -153,6 +172,7 @@ class RouteState:
             "teacher_model": self.config.teacher.model,
             "teacher_client": self.config.teacher.resolved_client(),  # httpx or litellm
             "student_base_model": self.config.student.base_model,
+            "learned_router": self.describe_learned_router(),
             "overrides": dict(self.overrides),
             "ignored_overrides": dict(self.ignored_overrides),
             "canary": self.canary.describe() if self.canary is not None else None,

@@ -24,6 +24,9 @@ class RoutePolicy:
     confidence_threshold: float | None
     shadow_rate: float
     student_version: str | None  # None: no student yet (cold start)
+    # The learned router's veto (router/learned.py): under this predicted agreement the
+    # teacher answers. None: off for the route, or the serving version has no learned router.
+    learned_min_agree: float | None = None
 
 
 @dataclass

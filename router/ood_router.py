@@ -71,7 +71,8 @@ class OODRouter:
         self._detectors: dict[tuple[str, str], OODDetector] = {}
         # Detectors refused for an embedder mismatch: their routes' auto traffic goes to the teacher.
         self._refused: dict[tuple[str, str], str] = {}
-        self._learned: dict[str, LearnedRouter] = {}
+        # Learned routers, keyed like detectors: swapped in with the version they were trained for.
+        self._learned: dict[tuple[str, str], LearnedRouter] = {}
         self._random = random.Random(seed)
         self._quiet_after = 0.0
         self._blas = _limit_blas_threads()
@@ -105,17 +106,37 @@ class OODRouter:
         return await asyncio.to_thread(self.load_detector, route, version, path)
 
     def drop_detector(self, route: str, version: str) -> None:
+        """Forget a retired version's detector and learned router."""
         self._detectors.pop((route, version), None)
         self._refused.pop((route, version), None)
+        self._learned.pop((route, version), None)
 
     def detector(self, route: str, version: str | None) -> OODDetector | None:
         return self._detectors.get((route, version)) if version is not None else None
 
-    def set_learned(self, route: str, model: LearnedRouter | None) -> None:
+    def set_learned(self, route: str, version: str, model: LearnedRouter | None) -> None:
+        """Register (None: remove) the learned router trained for ``version`` of ``route``."""
         if model is None:
-            self._learned.pop(route, None)
+            self._learned.pop((route, version), None)
         else:
-            self._learned[route] = model
+            self._learned[(route, version)] = model
+
+    def load_learned(self, route: str, version: str, path: str | Path) -> LearnedRouter:
+        """Load a saved learned router and register it (blocking file read)."""
+        model = LearnedRouter.load(path)
+        if model.coef is not None and len(model.coef) != self.embedder.dim + 1:
+            raise EmbedderMismatch(f"learned router of {route} {version} takes {len(model.coef) - 1}-dimensional "
+                                   f"embeddings; the router's embedder {self.embedder.id} gives {self.embedder.dim}")
+        self.set_learned(route, version, model)
+        logger.info("learned router set", extra={"route": route, "version": version, **model.meta})
+        return model
+
+    async def aload_learned(self, route: str, version: str, path: str | Path) -> LearnedRouter:
+        """``load_learned`` in a worker thread, for callers on the event loop."""
+        return await asyncio.to_thread(self.load_learned, route, version, path)
+
+    def learned(self, route: str, version: str | None) -> LearnedRouter | None:
+        return self._learned.get((route, version)) if version is not None else None
 
     async def warmup(self) -> None:
         """Load the embedding model now rather than on the first request."""
@@ -156,14 +177,12 @@ class OODRouter:
         if score > policy.ood_threshold:
             return Decision("teacher", score, [f"ood_score {score:.3f} > ood_threshold {policy.ood_threshold:.3f}"])
         reasons = [f"ood_score {score:.3f} <= ood_threshold {policy.ood_threshold:.3f}"]
-        learned = self._learned.get(policy.route)
-        if learned is not None:
+        learned = self.learned(policy.route, policy.student_version)
+        if learned is not None and policy.learned_min_agree is not None:
             p_agree = float(learned.predict_agree(embedding, [score])[0])
-            verdict = "<" if p_agree < learned.min_agree else ">="
-            reasons.append(f"learned p_agree {p_agree:.3f} {verdict} {learned.min_agree:.3f}")
-            if p_agree < learned.min_agree:
-                return Decision("teacher", score, reasons, extra={"p_agree": p_agree})
-            return Decision("student", score, reasons, extra={"p_agree": p_agree})
+            vetoed = p_agree < policy.learned_min_agree
+            reasons.append(f"learned p_agree {p_agree:.3f} {'<' if vetoed else '>='} {policy.learned_min_agree:.3f}")
+            return Decision("teacher" if vetoed else "student", score, reasons, extra={"p_agree": p_agree})
         return Decision("student", score, reasons)
 
     def _with_student_extras(self, policy: RoutePolicy, decision: Decision) -> Decision:
@@ -212,13 +231,12 @@ class OODRouter:
         self.embedder.close()
 
 
-def build_ood_router(settings: Any, store: Any, *, embedder: Embedder | None = None,
-                     learned_dir: str | Path | None = None) -> OODRouter:
+def build_ood_router(settings: Any, store: Any, *, embedder: Embedder | None = None) -> OODRouter:
     """The gateway's router: one detector per route's live student version, from the store.
 
     Reads ``student_versions.detector_path`` of each route's live version; a route whose live
-    version has none routes by mode rules only until the hot swap registers one. A learned
-    router is used for a route when ``<learned_dir>/<route>.npz`` exists. The embedder is the
+    version has none routes by mode rules only until the hot swap registers one (the hot swap,
+    and its restore at start, also registers the version's learned router). The embedder is the
     one ``settings.router`` names (built here if ``init-router`` has not built it yet); a
     detector fitted with another is refused. The embedder warms up in a background thread.
     """
@@ -233,9 +251,6 @@ def build_ood_router(settings: Any, store: Any, *, embedder: Embedder | None = N
                 loaded += 1
         elif live is not None:
             logger.warning("live student has no ood detector", extra={"route": route.name, "version": live["version"]})
-        learned_path = Path(learned_dir) / f"{route.name}.npz" if learned_dir else None
-        if learned_path is not None and learned_path.exists():
-            router.set_learned(route.name, LearnedRouter.load(learned_path))
     if loaded:
         threading.Thread(target=router.embedder.encode, args=(["warm up"],), name="embed-warmup", daemon=True).start()
     return router

@@ -137,14 +137,17 @@ async def test_concurrent_decisions_share_batches(router: OODRouter) -> None:
 
 
 async def test_learned_router_can_veto_the_student(router: OODRouter) -> None:
-    learned = LearnedRouter(min_agree=0.5)
+    learned = LearnedRouter()
     learned.coef = np.zeros(385, dtype=np.float32)
     learned.intercept = -3.0  # predicts disagreement everywhere
-    router.set_learned("r", learned)
-    decision = await router.decide(policy(), user("hi"))
+    router.set_learned("r", "v1", learned)
+    enabled = RoutePolicy("r", Mode.auto, 1.0, None, 0.0, "v1", learned_min_agree=0.5)
+    decision = await router.decide(enabled, user("hi"))
     assert decision.target == "teacher" and decision.extra["p_agree"] < 0.5
-    router.set_learned("r", None)
-    assert (await router.decide(policy(), user("hi"))).target == "student"
+    assert "learned p_agree 0.047 < 0.500" in decision.reasons
+    assert (await router.decide(policy(), user("hi"))).target == "student"  # not enabled for the route
+    router.set_learned("r", "v1", None)
+    assert (await router.decide(enabled, user("hi"))).target == "student"
 
 
 def test_build_ood_router_loads_the_live_versions_detector(tmp_path: Path) -> None:

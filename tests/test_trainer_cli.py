@@ -67,6 +67,8 @@ def test_train_then_versions(config: Path, tmp_path: Path, clinc_path: Path,
     listed = json.loads(capsys.readouterr().out)
     assert [item["version"] for item in listed] == ["v1"]
     assert listed[0]["metrics"]["candidate"]["confidence_threshold"] == -0.5  # what the cascade serves it at
+    learned = listed[0]["metrics"]["learned_router"]  # tried on the candidate's own holdout answers
+    assert learned["pairs"] == listed[0]["holdout_examples"] and ("path" in learned or "skipped" in learned)
     assert run_cli(["versions", "--config", str(config), "--route", ROUTE]) == 0
     assert "v1" in capsys.readouterr().out
 
@@ -139,3 +141,5 @@ def test_bench_train_quick(tmp_path: Path, student_base_dir: Path) -> None:
     assert second["warm"]["trained_on"] < second["warm"]["train_examples"]  # new answers + replay only
     assert [row[0] for row in result["table"]] == [200, 300] and result["table"][1][6] > 0  # warm cycle time
     assert 0 <= second["warm"]["test"]["served_share"] <= 1 and second["warm"]["test"]["examples"] == 60
+    # ~30 holdout answers: under learned_router.min_pairs, so the version ships without one, and says why.
+    assert "< min_pairs" in second["warm"]["test"]["learned_router"]["trained"]["skipped"]

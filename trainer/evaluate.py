@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Collection, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ from core.config import CascadeConfig, GateConfig
 from trainer.dataset import Example
 
 logger = logging.getLogger(__name__)
+
+PER_EXAMPLE = ("agrees", "cascade_scores")
 
 
 @dataclass
@@ -37,13 +39,17 @@ class EvalResult:
     # The threshold the cascade serves this version at: the route's fixed one, or (with
     # cascade.target_agreement) this version's own, calibrated on the holdout.
     confidence_threshold: float | None = None
+    # Per example, in holdout order; kept out of ``to_dict`` (the registry's metrics): whether
+    # the answer agreed with the teacher (the learned router trains on it) and its cascade score.
+    agrees: list[bool] = field(default_factory=list, repr=False)
+    cascade_scores: list[float] = field(default_factory=list, repr=False)
 
     def metric(self, name: str) -> float:
         value = getattr(self, name)
         return float(value) if value is not None else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {key: value for key, value in asdict(self).items() if key not in PER_EXAMPLE}
 
 
 @dataclass
@@ -72,13 +78,12 @@ def score_answers(examples: Sequence[Example], answers: Sequence[str], labels: C
                   wall_s: float) -> EvalResult:
     """Agreement and validity of ``answers`` against the teacher's answers in ``examples``."""
     label_set = {normalize_answer(label) for label in labels} if labels is not None else None
-    agree = sum(answers_agree(answer, example.answer)
-                for example, answer in zip(examples, answers, strict=True))
+    agrees = [answers_agree(answer, example.answer) for example, answer in zip(examples, answers, strict=True)]
     valid = sum(is_valid(answer, label_set, example.json_request)
                 for example, answer in zip(examples, answers, strict=True))
     count = max(1, len(examples))
-    return EvalResult(agreement=agree / count, validity=valid / count, examples=len(examples),
-                      latency_ms_per_example=wall_s * 1000 / count, wall_s=wall_s)
+    return EvalResult(agreement=sum(agrees) / count, validity=valid / count, examples=len(examples),
+                      latency_ms_per_example=wall_s * 1000 / count, wall_s=wall_s, agrees=agrees)
 
 
 def load_for_inference(base_dir: str | Path, adapter_dir: str | Path | None) -> tuple[Any, Any]:
@@ -172,9 +177,9 @@ def _add_served(result: EvalResult, holdout: Sequence[Example], answers: Sequenc
     scores = [penalised(mean_logprob, answer, neighbours[index] if neighbours else (),
                         cascade.disagreement_penalty)
               for index, (answer, mean_logprob) in enumerate(zip(answers, mean_logprobs, strict=True))]
+    result.cascade_scores = scores
     if cascade.target_agreement is not None:
-        agrees = [answers_agree(answer, example.answer) for example, answer in zip(holdout, answers, strict=True)]
-        calibration = cross_fitted(scores, agrees, cascade.target_agreement, seed)
+        calibration = cross_fitted(scores, result.agrees, cascade.target_agreement, seed)
         served, result.confidence_threshold = calibration.served, calibration.threshold
     else:
         assert fixed_threshold is not None

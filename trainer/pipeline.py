@@ -22,6 +22,7 @@ from core.config import RouteConfig, Settings, TrainingConfig
 from core.registry import CandidateVersion, Registry
 from core.store import Store
 from trainer.dataset import Dataset, Example, build_dataset, labels_for_route
+from trainer.learned_fit import fit_learned_router
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,10 @@ class Trainer:
         detail["train"] = trained
         detector_path = self._fit_detector(config, dataset, out_dir / "detector")
         make_private(out_dir)
-        metrics = self._evaluate(config, dataset, adapter_dir, labels, detector_path, version)
+        metrics, agrees = self._evaluate(config, dataset, adapter_dir, labels, detector_path, version)
+        metrics["learned_router"] = fit_learned_router(config, version, self.embedder, dataset.holdout, agrees,
+                                                       detector_path, out_dir / "learned_router")
+        make_private(out_dir)
         detail["gate"] = metrics["gate"]
         live = self.registry.live(config.name)
         candidate = CandidateVersion(
@@ -185,7 +189,8 @@ class Trainer:
         return next((version for version in self.registry.list(route)
                      if version.status in ("candidate", "rejected") and Path(version.adapter_path).exists()), None)
 
-    def _embedder(self) -> Any:
+    def embedder(self) -> Any:
+        """The router's embedder, made on first use: the detector and learned router are fitted with it."""
         if self._embedder_instance is None:
             self._embedder_instance = (self.embedder_factory() if self.embedder_factory
                                        else _default_embedder(self.settings))
@@ -205,7 +210,7 @@ class Trainer:
         answers = [example.answer for example in dataset.train]
         labels = answers if config.labels_dataset is not None else None
         voting = config.cascade.disagreement_penalty > 0
-        return Path(fit_detector_for_texts(texts, labels, config.ood_detector, path, self._embedder(),
+        return Path(fit_detector_for_texts(texts, labels, config.ood_detector, path, self.embedder(),
                                            answers=answers if voting else None, vote_k=config.cascade.neighbours))
 
     def neighbours(self, config: RouteConfig, examples: Sequence[Example],
@@ -219,13 +224,14 @@ class Trainer:
         detector = load_detector(detector_path)
         if getattr(detector, "answer_hashes", None) is None:
             return None
-        embeddings = self._embedder().encode([example.prompt_text for example in examples])
+        embeddings = self.embedder().encode([example.prompt_text for example in examples])
         _, nearest = detector.score_with_neighbours(embeddings)
         return [tuple(int(value) for value in row) for row in nearest]
 
     def _evaluate(self, config: RouteConfig, dataset: Dataset, adapter_dir: Path, labels: set[str] | None,
-                  detector_path: Path | None, version: str) -> dict[str, Any]:
-        """Candidate and live student on the same holdout, and the gate's verdict."""
+                  detector_path: Path | None, version: str) -> tuple[dict[str, Any], list[bool]]:
+        """Candidate and live student on the same holdout, and the gate's verdict; with, per
+        holdout example, whether the candidate agreed with the teacher."""
         from trainer.evaluate import evaluate_adapter, gate
 
         base = config.student.base_model
@@ -242,7 +248,7 @@ class Trainer:
         return {"candidate": candidate.to_dict(), "live": live.to_dict() if live else None,
                 "live_version": live_version.version if live_version else None,
                 "gate": {"passed": decision.passed, "reason": decision.reason, "metric": decision.metric,
-                         "candidate": decision.candidate, "live": decision.live}}
+                         "candidate": decision.candidate, "live": decision.live}}, candidate.agrees
 
     def _record_run(self, route: str, started: float, outcome: str, version: str, detail: dict[str, Any]) -> None:
         import json

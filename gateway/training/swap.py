@@ -2,8 +2,8 @@
 
 Per route, under a lock: validate the adapter directory, ``load_lora_adapter`` under a new
 versioned name on every student server (``vllm.urls``), smoke-test one chat request on that
-name on each, register the version's OOD detector, record the new live version in the
-store, switch the route's pointer (one assignment on the event loop), then wait until the
+name on each, register the version's OOD detector (and its learned router, when its training
+cycle saved one), record the new live version in the store, switch the route's pointer (one assignment on the event loop), then wait until the
 requests that chose the old adapter have finished and unload it from every server
 (PLATFORM.md: unloading without the drain failed requests). The route switches only when
 every server has the new adapter: any failure before the switch (on any one server) unloads
@@ -37,6 +37,7 @@ from gateway.route_table import (
     StudentPointer,
     adapter_name,
     calibrated_threshold,
+    learned_router_path,
 )
 from gateway.upstream.pool import load_adapter_once
 
@@ -79,6 +80,8 @@ class DetectorSink(Protocol):
     """
 
     async def aload_detector(self, route: str, version: str, path: str | Path) -> Any: ...
+
+    async def aload_learned(self, route: str, version: str, path: str | Path) -> Any: ...
 
     def drop_detector(self, route: str, version: str) -> None: ...
 
@@ -212,13 +215,12 @@ class Swapper:
                 raise SwapError(f"version {version} of {route} did not load: {error}") from error
             try:
                 await self._smoke_test(route, name)
-                if self.detectors is not None and candidate.detector_path:
-                    await self.detectors.aload_detector(route, version, candidate.detector_path)
+                learned = await self._load_routers(candidate)
             except (SwapError, UpstreamFailure, OSError, ValueError, KeyError) as error:
                 await self._unload_quietly(name)
                 self._fail(candidate, f"smoke test failed: {error}")
                 raise SwapError(f"version {version} of {route} failed its smoke test: {error}") from error
-            return StudentPointer(version, name, calibrated_threshold(candidate.metrics))
+            return StudentPointer(version, name, calibrated_threshold(candidate.metrics), learned)
 
     async def unload_canary(self, route: str, pointer: StudentPointer, status: str, note: str) -> bool:
         """Retire a canary nothing routes to any more: drain, unload, drop its detector, and
@@ -245,8 +247,7 @@ class Swapper:
         loaded = time.perf_counter()
         try:
             await self._smoke_test(route, name)
-            if self.detectors is not None and candidate.detector_path:
-                await self.detectors.aload_detector(route, version, candidate.detector_path)
+            learned = await self._load_routers(candidate)
         except (SwapError, UpstreamFailure, OSError, ValueError, KeyError) as error:
             await self._unload_quietly(name)
             self._fail(candidate, f"smoke test failed: {error}")
@@ -254,7 +255,8 @@ class Swapper:
         smoked = time.perf_counter()
         await self._record_live(candidate, name)
         # The switch: from here on new requests choose the new adapter (and its detector).
-        self.routes.switch_student(route, StudentPointer(version, name, calibrated_threshold(candidate.metrics)))
+        self.routes.switch_student(route, StudentPointer(version, name, calibrated_threshold(candidate.metrics),
+                                                         learned))
         logger.info("student promoted", extra={"route": route, "version": version,
                                                "previous": previous.version if previous else None})
         drained, unloaded = await self._retire(route, previous)
@@ -263,6 +265,20 @@ class Swapper:
                           load_ms=(loaded - started) * 1000, smoke_ms=(smoked - loaded) * 1000,
                           drain_ms=(finished - smoked) * 1000, drained=drained, unloaded=unloaded,
                           servers=len(self._members()))
+
+    async def _load_routers(self, candidate: CandidateVersion) -> dict[str, Any] | None:
+        """Register the version's OOD detector and learned router, keyed by its version (so
+        nothing changes before the switch); returns the learned router's summary, or None."""
+        if self.detectors is None:
+            return None
+        route, version = candidate.route, candidate.version
+        if candidate.detector_path:
+            await self.detectors.aload_detector(route, version, candidate.detector_path)
+        path = learned_router_path(candidate.metrics)
+        if path is None:
+            return None
+        await self.detectors.aload_learned(route, version, path)
+        return {key: value for key, value in candidate.metrics["learned_router"].items() if key != "path"}
 
     async def _record_live(self, candidate: CandidateVersion, name: str) -> None:
         """Write the new live version to the store *before* the pointer switches, so memory
@@ -375,14 +391,14 @@ class Swapper:
             failed = await self._load_on_members(name, live.adapter_path)
             if len(failed) == len(self._members()):
                 raise failed[0][1]
-            if self.detectors is not None and live.detector_path:
-                await self.detectors.aload_detector(live.route, live.version, live.detector_path)
+            learned = await self._load_routers(live)
         except (SwapError, UpstreamFailure, OSError, ValueError, KeyError) as error:
             logger.error("live student could not be restored; serving the route from the teacher",
                          extra={"route": live.route, "version": live.version, "error": str(error)})
             self.routes.switch_student(live.route, None)
             return f"failed: {error}"
-        self.routes.switch_student(live.route, StudentPointer(live.version, name, calibrated_threshold(live.metrics)))
+        self.routes.switch_student(live.route, StudentPointer(live.version, name, calibrated_threshold(live.metrics),
+                                                              learned))
         take_out = getattr(self.student, "take_out", None)
         for url, failure in failed:
             # Out of service until the pool's recovery loads the live adapters into it.
