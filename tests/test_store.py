@@ -123,7 +123,8 @@ def test_request_log_reads_and_counts(store_backend: StoreBackend) -> None:
     assert [r["request_id"] for r in store.iter_shadow_results("a", after=6.5)] == ["r4"]
     # Trusted teacher answers after 1.0 (r2, r3) plus the shadow result on a trusted request (r5).
     assert store.count_new_examples("a", 1.0) == 3
-    assert store.request_owner("r5") == {"id": "r5", "route": "a", "target": "student", "client_key_id": None}
+    assert store.request_owner("r5") == {"id": "r5", "route": "a", "target": "student", "client_key_id": None,
+                                         "student_version": None}
     assert store.request_owner("nope") is None
 
 
