@@ -247,6 +247,29 @@ def test_warm_start_continues_from_the_live_adapter(tmp_path: Path, student_base
     assert warm.final_loss < cold.final_loss / 2, (first.final_loss, warm.final_loss, cold.final_loss)
 
 
+def test_full_finetune_trains_the_head_tied_to_the_embeddings(tmp_path: Path, student_base_dir: Path,
+                                                              clinc_path: Path) -> None:
+    """The local base's head starts equal to its embeddings; training moves them as one table,
+    and the served model (base + exported adapter, here at full rank) keeps them equal, also
+    after a warm start from such an adapter."""
+    import torch
+
+    from trainer.evaluate import load_for_inference
+    from trainer.train import TrainParams, train_adapter
+
+    examples = [Example([{"role": "user", "content": text}], label, text) for text, label in _pairs(clinc_path, 2)]
+    params = TrainParams(max_steps=6, batch_size=16, learning_rate=3e-3, lora_rank=384)
+    train_adapter(student_base_dir, examples, tmp_path / "v1", params, progress=False)
+    train_adapter(student_base_dir, examples, tmp_path / "v2",
+                  params.model_copy(update={"init_adapter": str(tmp_path / "v1")}), progress=False)
+    base, _ = load_for_inference(student_base_dir, None)
+    for version in ("v1", "v2"):
+        served, _ = load_for_inference(student_base_dir, tmp_path / version)
+        head, embeddings = served.lm_head.weight, served.model.embed_tokens.weight
+        assert torch.allclose(head, embeddings, atol=1e-4), version
+        assert (embeddings - base.model.embed_tokens.weight).abs().max() > 1e-3, version  # it did train
+
+
 def test_cycle_warm_starts_from_live_on_new_answers_plus_replay(trained: dict[str, Any], clinc_path: Path) -> None:
     import time as time_module
 

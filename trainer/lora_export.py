@@ -51,7 +51,9 @@ def factor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 def delta_state(tuned: Any, base_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``tuned - base`` for each exportable 2-D weight that changed."""
     deltas = {}
-    for name, parameter in tuned.named_parameters():
+    # Every name of a shared table (a head trained tied to the embeddings): each module of
+    # the untied served model gets the change.
+    for name, parameter in tuned.named_parameters(remove_duplicate=False):
         module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else name
         if module in EXPORTABLE_MODULES and parameter.dim() == 2 and name in base_weights:
             delta = parameter.detach().float().cpu() - base_weights[name].float()

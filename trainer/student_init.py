@@ -156,23 +156,32 @@ def _new_model(tokenizer: Any, hidden_size: int, num_layers: int, num_heads: int
 
 
 def _init_embeddings(model: Any, tokenizer: Any, hidden_size: int) -> None:
-    """Input embeddings from MiniLM when the widths match; the LM head stays random.
+    """Input embeddings from MiniLM when the widths match, and the LM head equal to them.
 
-    Measured (1,000 CLINC150 answers): initialising the LM head from the same table as well
-    hurt (similar labels' first tokens start with near-identical output vectors).
+    The config stays untied (vLLM serves a LoRA delta on each of the two), but a head that
+    starts equal to the embeddings is trained *tied* to them (``trainer.train.load_student``):
+    one table, learnt from both sides, so an answer token's output vector is its input
+    embedding. Measured (CLINC150, 900 answers, full fine-tuning, 600 test prompts, three
+    shuffle seeds): untied with a random head 0.59 / 0.60 / 0.52 agreement, tied 0.61 / 0.64 /
+    0.64. A head copied from the table but trained untied had hurt (0.42 vs 0.535 at 1,024
+    tokens).
     """
     if hidden_size != MINILM_WIDTH:
         logger.info("student width is not MiniLM's: embeddings start random", extra={"hidden_size": hidden_size})
-        return
-    found = minilm_embeddings(tokenizer)
-    if found is None:
-        return
+    else:
+        found = minilm_embeddings(tokenizer)
+        if found is not None:
+            import torch
+
+            table, hits = found
+            with torch.no_grad():
+                model.model.embed_tokens.weight.copy_(table)
+            logger.info("student embeddings initialised from MiniLM",
+                        extra={"tokens": len(tokenizer), "with_text": hits})
     import torch
 
-    table, hits = found
     with torch.no_grad():
-        model.model.embed_tokens.weight.copy_(table)
-    logger.info("student embeddings initialised from MiniLM", extra={"tokens": len(tokenizer), "with_text": hits})
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight)
 
 
 def _encode_prompts(tokenizer: Any, texts: list[str]) -> list[list[int]]:

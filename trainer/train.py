@@ -201,9 +201,26 @@ def load_student(base_dir: Path, params: TrainParams) -> tuple[Any, Any, dict[st
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, params.init_adapter).merge_and_unload()
+        tie_head_to_embeddings(model)
         freeze_unexportable(model)
         return model, tokenizer, base_weights
     return _lora_model(model, params), tokenizer, None
+
+
+def tie_head_to_embeddings(model: Any) -> bool:
+    """Share one table between the LM head and the input embeddings for full fine-tuning,
+    when they start equal (the locally built base; a warm start whose adapter kept them so).
+
+    The saved config stays untied: the export writes the table's change to both modules.
+    A head that differs (a real model's, or an older local base's random one) is left alone.
+    """
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or head.weight is embeddings.weight or head.weight.shape != embeddings.weight.shape:
+        return False
+    if not torch.allclose(head.weight, embeddings.weight, atol=1e-5):
+        return False
+    head.weight = embeddings.weight
+    return True
 
 
 def _lora_model(model: Any, params: TrainParams) -> Any:
