@@ -207,19 +207,8 @@ class Swapper:
             if candidate is None or candidate.status != "candidate":
                 raise SwapError(f"version {version} of {route} is not a candidate")
             name = adapter_name(route, version)
-            try:
-                validate_adapter_dir(Path(candidate.adapter_path), self.max_lora_rank)
-                await self._load_everywhere(name, candidate.adapter_path)
-            except (SwapError, UpstreamFailure) as error:
-                self._fail(candidate, f"load failed: {error}")
-                raise SwapError(f"version {version} of {route} did not load: {error}") from error
-            try:
-                await self._smoke_test(route, name)
-                learned = await self._load_routers(candidate)
-            except (SwapError, UpstreamFailure, OSError, ValueError, KeyError) as error:
-                await self._unload_quietly(name)
-                self._fail(candidate, f"smoke test failed: {error}")
-                raise SwapError(f"version {version} of {route} failed its smoke test: {error}") from error
+            await self._load_checked(candidate, name)
+            learned = await self._smoke_checked(candidate, name)
             return StudentPointer(version, name, calibrated_threshold(candidate.metrics), learned)
 
     async def unload_canary(self, route: str, pointer: StudentPointer, status: str, note: str) -> bool:
@@ -238,20 +227,9 @@ class Swapper:
         if previous is not None and previous.version == version:
             raise SwapError(f"version {version} of {route} is already serving")
         started = time.perf_counter()
-        try:
-            validate_adapter_dir(Path(candidate.adapter_path), self.max_lora_rank)
-            await self._load_everywhere(name, candidate.adapter_path)
-        except (SwapError, UpstreamFailure) as error:
-            self._fail(candidate, f"load failed: {error}")
-            raise SwapError(f"version {version} of {route} did not load: {error}") from error
+        await self._load_checked(candidate, name)
         loaded = time.perf_counter()
-        try:
-            await self._smoke_test(route, name)
-            learned = await self._load_routers(candidate)
-        except (SwapError, UpstreamFailure, OSError, ValueError, KeyError) as error:
-            await self._unload_quietly(name)
-            self._fail(candidate, f"smoke test failed: {error}")
-            raise SwapError(f"version {version} of {route} failed its smoke test: {error}") from error
+        learned = await self._smoke_checked(candidate, name)
         smoked = time.perf_counter()
         await self._record_live(candidate, name)
         # The switch: from here on new requests choose the new adapter (and its detector).
@@ -265,6 +243,27 @@ class Swapper:
                           load_ms=(loaded - started) * 1000, smoke_ms=(smoked - loaded) * 1000,
                           drain_ms=(finished - smoked) * 1000, drained=drained, unloaded=unloaded,
                           servers=len(self._members()))
+
+    async def _load_checked(self, candidate: CandidateVersion, name: str) -> None:
+        """Validate the adapter and load it on every server; on failure mark it ``failed``."""
+        try:
+            validate_adapter_dir(Path(candidate.adapter_path), self.max_lora_rank)
+            await self._load_everywhere(name, candidate.adapter_path)
+        except (SwapError, UpstreamFailure) as error:
+            self._fail(candidate, f"load failed: {error}")
+            raise SwapError(f"version {candidate.version} of {candidate.route} did not load: {error}") from error
+
+    async def _smoke_checked(self, candidate: CandidateVersion, name: str) -> dict[str, Any] | None:
+        """Smoke-test the loaded adapter and register its routers (see ``_load_routers``); on
+        failure unload it again and mark it ``failed``."""
+        try:
+            await self._smoke_test(candidate.route, name)
+            return await self._load_routers(candidate)
+        except (SwapError, UpstreamFailure, OSError, ValueError, KeyError) as error:
+            await self._unload_quietly(name)
+            self._fail(candidate, f"smoke test failed: {error}")
+            raise SwapError(f"version {candidate.version} of {candidate.route} failed its smoke test: "
+                            f"{error}") from error
 
     async def _load_routers(self, candidate: CandidateVersion) -> dict[str, Any] | None:
         """Register the version's OOD detector and learned router, keyed by its version (so
