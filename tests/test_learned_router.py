@@ -8,7 +8,6 @@ never on the other five, so a learned router fitted on the holdout must tell the
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from router.artifacts import create_embedder
 from router.learned import LearnedRouter, fit_for_version
 from router.ood import fit_detector_for_texts
 from router.ood_router import OODRouter
-from tests.helpers import CLINC, ROOT, UvicornThread
+from tests.helpers import CLINC, ROOT, UvicornThread, fake_adapter
 from tests.operators import _student_reply
 from trainer.dataset import Example
 from trainer.learned_fit import fit_learned_router
@@ -72,15 +71,6 @@ def route_settings(tmp_path: Path, learned: dict[str, Any], teacher_url: str = "
 def static_embedder(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The gateway's default embedder, built once per machine under var/models/router."""
     return create_embedder(route_settings(tmp_path_factory.mktemp("embedder"), {}).router, build=True)
-
-
-def fake_adapter(directory: Path) -> str:
-    """An adapter directory that passes the swap's checks (config, rank, whole safetensors)."""
-    directory.mkdir(parents=True)
-    (directory / "adapter_config.json").write_text(json.dumps({"r": 8}))
-    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
-    (directory / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
-    return str(directory)
 
 
 def trained_version(settings: Settings, scenario: dict[str, Any], embedder: Any, out: Path) -> CandidateVersion:
