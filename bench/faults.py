@@ -165,7 +165,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     gateway = Child(python_module("cli.main", "serve", "--config", str(workdir / "faults.yaml"), "--port", str(port),
                                   "--log-dir", str(workdir)), f"http://127.0.0.1:{port}/healthz",
                     workdir / "gateway.log", env={"DISTILLGATE_ADMIN_TOKEN": "faults-admin"})
-    gateway.start()
+    # serve builds the router's embedder on a machine's first start (~20 s idle, 87 s seen on a
+    # loaded 2-core machine): more than Child's default 90 s with the rest of the start-up.
+    gateway.start(timeout_s=600)
     client = Client(f"http://127.0.0.1:{port}")
     try:
         until(lambda: client.student_server()["state"] == "ready", 900, 1.0)

@@ -162,7 +162,7 @@ def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     workdir / "gateway.log", env={"DISTILLGATE_ADMIN_TOKEN": "soak"})
     try:
         teacher.start()
-        gateway.start()
+        gateway.start(timeout_s=600)  # a first start builds the router's embedder
         url = f"http://127.0.0.1:{gateway_port}"
         warm = Traffic(url)
         asyncio.run(warm.run(3, 2, 20))  # first requests pay imports and connection set-up
