@@ -18,9 +18,11 @@ import pytest
 from core.config import Settings
 from core.registry import CandidateVersion, Registry
 from core.store import SQLiteStore
+from core.upstream import UpstreamFailure
 from gateway.app import Components, create_app
 from gateway.route_table import RouteTable
 from gateway.training.replica_sync import ReplicaSync, read_shared_state
+from gateway.training.swap import Swapper
 from gateway.upstream.student import VLLMStudent
 from tests.helpers import UvicornThread, fake_adapter
 from tests.operators import ScoringRouter, _student_reply, wait_for
@@ -135,5 +137,43 @@ def test_a_local_change_racing_the_read_is_not_overwritten(make_settings: Callab
         assert routes.get(ROUTE).overrides == {"ood_threshold": 0.9}
         asyncio.run(sync.poll_once())  # the next poll reads the store, which has it too
         assert routes.get(ROUTE).overrides == {"ood_threshold": 0.9}
+    finally:
+        store.close()
+
+
+class RefusingStudent:
+    """A student server that refuses every adapter load (its disk does not hold the adapter)."""
+
+    def __init__(self) -> None:
+        self.loads = 0
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        self.loads += 1
+        raise UpstreamFailure("no such file", status_code=404)
+
+    async def unload_adapter(self, name: str) -> None:
+        return None
+
+    async def chat(self, model: str, body: dict, timeout_s: float) -> None:
+        raise AssertionError("a follower does not smoke-test")
+
+
+def test_a_version_that_does_not_load_here_keeps_the_old_one_and_is_not_failed(
+        make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    settings = make_settings("http://teacher.test")
+    store = SQLiteStore(settings.store.path)
+    try:
+        registry = Registry(store)
+        registry.record(CandidateVersion(ROUTE, "v1", "candidate", fake_adapter(tmp_path / "v1")))
+        store.set_live_version(ROUTE, "v1")  # promoted by another replica
+        routes = RouteTable(settings, store)
+        student = RefusingStudent()
+        swapper = Swapper(student, routes, store, route_configs={ROUTE: settings.routes[0]})
+        sync = ReplicaSync(routes, swapper, store, interval_s=1.0)
+        asyncio.run(sync.poll_once())
+        asyncio.run(sync.poll_once())
+        assert routes.get(ROUTE).student is None, "the old state (the teacher) keeps serving"
+        assert student.loads == 1, "given up until the live version changes, not retried every poll"
+        assert registry.get(ROUTE, "v1").status == "live", "the promoting replica judged it; a follower never fails it"
     finally:
         store.close()

@@ -110,6 +110,11 @@ class ReplicaSync:
         if lock.locked():  # this replica is swapping the route itself: its own swap decides
             return False
         async with lock:
+            # Read again under the lock: a swap of this replica's own may have finished since.
+            live = await asyncio.to_thread(self.swapper.registry.live, route)
+            version = live.version if live is not None else None
+            if _serving(self.routes.get(route).student) == version:
+                return False
             return await self._follow(route, version)
 
     async def _follow(self, route: str, version: str | None) -> bool:
