@@ -180,6 +180,9 @@ class StoreConfig(StrictModel):
     queue_max: int = Field(10_000, gt=0)
     # How long a write waits for a lock held by another connection before it fails (and is retried).
     busy_timeout_ms: int = Field(5_000, ge=0)
+    # How often a replica reads the routes' overrides and live versions back from the store, to
+    # apply what another replica (sharing the store) changed: admin PATCHes, promotions, rollbacks.
+    sync_interval_s: float = Field(2.0, gt=0)
     spool: SpoolConfig = SpoolConfig()
     # Rows the store refuses for what they hold (poison rows), one JSON line each.
     # Default: ``<store path>.deadletter.jsonl`` beside the database.

@@ -66,7 +66,7 @@ def validate_overrides(changes: dict[str, Any]) -> dict[str, Any]:
             for key, value in validated.model_dump(exclude_unset=True).items()}
 
 
-def _usable_overrides(route: str, stored: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+def usable_overrides(route: str, stored: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """Split persisted overrides into those the current code accepts and those it ignores
     (written by an older version, or by hand): a bad one is reported, never a 500 per request."""
     usable, ignored = {}, {}
@@ -109,7 +109,7 @@ def adapter_name(route: str, version: str) -> str:
 class RouteState:
     def __init__(self, config: RouteConfig, overrides: dict[str, Any]) -> None:
         self.config = config
-        self.overrides, self.ignored_overrides = _usable_overrides(config.name, overrides)
+        self.overrides, self.ignored_overrides = usable_overrides(config.name, overrides)
         self.student: StudentPointer | None = None
         # A candidate serving a share of the student traffic beside ``student`` (see
         # gateway/training/canary.py); None outside a canary rollout.
@@ -185,11 +185,20 @@ class RouteTable:
         self._routes = {route.name: RouteState(route, store.route_overrides(route.name)) for route in settings.routes}
         self._in_flight: Counter[str] = Counter()
         self._drained = asyncio.Event()
+        self._served_model_name = settings.vllm.served_model_name
+        # Counts this replica's own override changes, so the replica sync never applies a
+        # store read that raced one of them (see gateway/training/replica_sync.py).
+        self.generation = 0
         # A live version's pointer is set once its adapter is loaded into vLLM (the training
         # loop restores it at start); until then the route serves from the teacher.
         for state in self._routes.values():
-            if state.config.student.serve_base_model:
-                state.student = StudentPointer(BASE_MODEL_VERSION, settings.vllm.served_model_name)
+            state.student = self.initial_pointer(state.config.name)
+
+    def initial_pointer(self, name: str) -> StudentPointer | None:
+        """What a route serves with no live version: the base model if configured, else nothing."""
+        if self.get(name).config.student.serve_base_model:
+            return StudentPointer(BASE_MODEL_VERSION, self._served_model_name)
+        return None
 
     def get(self, name: str) -> RouteState:
         state = self._routes.get(name)
@@ -206,6 +215,7 @@ class RouteTable:
         applied = validate_overrides(changes)
         if not applied:
             raise InvalidRequest("no setting to change: send one of " + ", ".join(RouteOverrides.model_fields))
+        self.generation += 1
         self._store.set_route_overrides(name, applied, actor)
         state.overrides.update(applied)
         for field in applied:
@@ -220,6 +230,7 @@ class RouteTable:
                    if field not in RouteOverrides.model_fields and field not in state.ignored_overrides]
         if unknown:
             raise InvalidRequest(f"{unknown[0]}: unknown setting", param=unknown[0])
+        self.generation += 1
         self._store.clear_route_overrides(name, fields, actor)
         for field in fields:
             state.overrides.pop(field, None)

@@ -19,6 +19,7 @@ from core.upstream import StudentBackend
 from gateway.route_table import RouteTable
 from gateway.training.canary import CanaryRollouts
 from gateway.training.drift import DriftWatch
+from gateway.training.replica_sync import ReplicaSync
 from gateway.training.schedule import TrainingScheduler
 from gateway.training.swap import Swapper
 
@@ -38,6 +39,9 @@ class TrainingLoop:
         # Scheduled retraining needs the config file: the training child process reads it.
         self.scheduler = TrainingScheduler(settings, store, self.swapper, config_path=config_path, drift=self.drift,
                                            canaries=self.canaries) if config_path is not None else None
+        # Other replicas on the same store: their admin changes and promotions reach this one.
+        self.replica_sync = ReplicaSync(routes, self.swapper, store, interval_s=settings.store.sync_interval_s,
+                                        follow_promotions=lambda: self.restored is not None)
         self.restore_timeout_s = restore_timeout_s
         self.restored: dict[str, str] | None = None
         self._restore_task: asyncio.Task[None] | None = None
@@ -46,6 +50,7 @@ class TrainingLoop:
         """Start the schedule; ``restore=False`` when a supervisor reloads the adapters each
         time the server it launched becomes ready (see gateway/vllm_supervisor.py)."""
         self.canaries.start()
+        self.replica_sync.start()
         if restore:
             self._restore_task = asyncio.create_task(self._restore_when_ready(), name="restore-live-students")
         if self.scheduler is not None:
@@ -70,6 +75,7 @@ class TrainingLoop:
         logger.info("live students restored", extra={"outcomes": self.restored})
 
     async def stop(self) -> None:
+        await self.replica_sync.stop()
         await self.canaries.stop()
         await cancel_and_wait(self._restore_task)
         if self.scheduler is not None:
