@@ -79,3 +79,14 @@ def test_migration_backfills_rollups_equal_to_raw_aggregates(store_backend: Stor
 
 def test_bucket_edges() -> None:
     assert bucket_of(0.0) == 0 and bucket_of(1.0) == 1 and bucket_of(1e9) == len(LATENCY_EDGES_MS)
+
+
+def test_writes_update_rollups_and_a_replay_counts_once(store_backend: StoreBackend) -> None:
+    store = store_backend.open()
+    rows = _rows(300)
+    store.insert_requests(rows[:200])
+    store.insert_requests(rows[150:])  # 50 replayed from the spool, 100 new
+    store.insert_requests([{**rows[3], "status_code": 502, "cost_usd": 0.5}])  # a replay that rewrites a row
+    rolled = store.query(_ROLLED)
+    assert sum(r["requests"] for r in rolled) == 300
+    _close(rolled, store.query(_RAW))

@@ -14,6 +14,8 @@ the readers are not switched over yet (see the branch's report).
 
 from __future__ import annotations
 
+from typing import Any
+
 LATENCY_EDGES_MS: list[float] = [2 ** (i / 4) for i in range(0, 73)]  # 1 ms .. 262144 ms
 BUCKETS = len(LATENCY_EDGES_MS) + 1
 BUCKET_COLUMNS = [f"lat_{i:02d}" for i in range(BUCKETS)]
@@ -66,3 +68,45 @@ def backfill_sql(floor_minute: str) -> str:
     quoted = ", ".join(f'"{name}"' for name in names)
     return (f'INSERT INTO "request_rollups" ({quoted}) SELECT {", ".join(keys + sums)} FROM requests '
             f"GROUP BY {', '.join(keys)}")
+
+
+def _key(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (int(row["created_at"] // 60), row.get("route") or "", row.get("target") or "",
+            row.get("student_version") or "", row.get("client_key_id") or "")
+
+
+def _counters(row: dict[str, Any]) -> list[float]:
+    latency = row.get("latency_ms")
+    values: list[float] = [1, int((row.get("status_code") or 0) >= 400), int(row.get("target") == "student"),
+                           row.get("fallback") or 0, row.get("prompt_tokens") or 0, row.get("completion_tokens") or 0,
+                           row.get("cost_usd") or 0.0, row.get("teacher_cost_usd") or 0.0, int(latency is not None)]
+    histogram = [0] * BUCKETS
+    if latency is not None:
+        histogram[bucket_of(latency)] = 1
+    return values + histogram
+
+
+def deltas(old_rows: list[dict[str, Any]], new_rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """What writing ``new_rows`` changes in the rollups, as upsert parameters: each new row adds,
+    each row it replaces (same id, a spool replay) first takes its own contribution back, so a
+    replayed row is counted once."""
+    sums: dict[tuple[Any, ...], list[float]] = {}
+    for sign, rows in ((-1, old_rows), (1, new_rows)):
+        for row in rows:
+            total = sums.setdefault(_key(row), [0] * (len(COUNTER_COLUMNS) + BUCKETS))
+            for index, value in enumerate(_counters(row)):
+                total[index] += sign * value
+    return [[*key, *values] for key, values in sums.items() if any(values)]
+
+
+def upsert_sql() -> str:
+    """Additive upsert (``?`` placeholders; SQLite and PostgreSQL both accept ON CONFLICT)."""
+    names = KEY_COLUMNS + COUNTER_COLUMNS + BUCKET_COLUMNS
+    adds = ", ".join(f'"{n}" = request_rollups."{n}" + excluded."{n}"' for n in COUNTER_COLUMNS + BUCKET_COLUMNS)
+    return (f'INSERT INTO request_rollups ({", ".join(chr(34) + n + chr(34) for n in names)}) '
+            f'VALUES ({", ".join("?" for _ in names)}) ON CONFLICT ({", ".join(KEY_COLUMNS)}) DO UPDATE SET {adds}')
+
+
+# The columns a replaced row's contribution is computed from.
+OLD_ROW_COLUMNS = "id, created_at, route, target, student_version, client_key_id, status_code, fallback, " \
+                  "prompt_tokens, completion_tokens, cost_usd, teacher_cost_usd, latency_ms"
