@@ -90,3 +90,31 @@ def test_writes_update_rollups_and_a_replay_counts_once(store_backend: StoreBack
     rolled = store.query(_ROLLED)
     assert sum(r["requests"] for r in rolled) == 300
     _close(rolled, store.query(_RAW))
+
+
+def _by(rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    return sorted(({k: (float(v) if k.endswith("usd") else v) for k, v in r.items()} for r in rows),
+                  key=lambda r: str(r[key]))
+
+
+def test_summaries_from_rollups_equal_the_raw_queries(store_backend: StoreBackend) -> None:
+    from core.store import reporting
+
+    store = store_backend.open()
+    store.insert_requests(_rows(500))
+    for start in (0.0, 1_700_000_000.0 + 1234.5, 1_700_000_000.0 + 3000.0):  # all, mid-minute, late
+        params = reporting._rollup_params(start)
+        _close(_by(store.query(reporting._SUMMARY_ROLLUP_SQL, params), "route"),
+               _by(store.query(reporting._SUMMARY_SQL, [start]), "route"))
+        _close(_by(store.query(reporting._KEY_SUMMARY_ROLLUP_SQL, params), "client_key_id"),
+               _by(store.query(reporting._KEY_SUMMARY_SQL, [start]), "client_key_id"))
+
+
+def test_purge_keeps_rollups(store_backend: StoreBackend) -> None:
+    """Decided: rollups hold no prompt or answer, so retention deletes bodies and keeps the
+    counters; a report over a purged window still shows its traffic and cost."""
+    store = store_backend.open()
+    store.insert_requests(_rows(100))
+    store.purge_before(1_700_000_000.0 + 50 * 7.3)
+    assert store.count_requests() == 50
+    assert sum(r["requests"] for r in store.query(_ROLLED)) == 100
