@@ -36,7 +36,8 @@ def _rows(count: int) -> list[dict[str, Any]]:
 
 def _rerun_backfill(backend: StoreBackend) -> None:
     """Make the store look as if it predates m008, so that reopening it migrates and backfills."""
-    statements = ['DROP TABLE "request_rollups"', "DELETE FROM _migrations WHERE name = 'm008_request_rollups'"]
+    statements = ['DROP TABLE "request_rollups"', 'DROP INDEX "idx_requests_created_at"',
+                  "DELETE FROM _migrations WHERE name = 'm008_request_rollups'"]
     if backend.kind == "sqlite":
         opened = backend.open()
         path, _ = opened.path, opened.close()
