@@ -204,6 +204,18 @@ def m007_feedback(db: Schema) -> None:
     db.create_index("feedback", ["route", "created_at"])
 
 
+def m008_request_rollups(db: Schema) -> None:
+    """Per-minute rollups of the request log (core/store/rollups.py), backfilled from the rows
+    already there so that an existing store's reports keep their history."""
+    from core.store import rollups
+
+    db.create_table("request_rollups", rollups.columns(), tuple(rollups.KEY_COLUMNS))
+    db.create_index("request_rollups", ["minute"])
+    # The window's part-minute is read from the raw rows by time alone (no route): an index for it.
+    db.create_index("requests", ["created_at"])
+    db.execute(rollups.backfill_sql(db.dialect.floor_div("created_at", "60")))
+
+
 MIGRATIONS: list[Callable[[Schema], None]] = [
     m001_requests,
     m002_shadow,
@@ -212,6 +224,7 @@ MIGRATIONS: list[Callable[[Schema], None]] = [
     m005_version_reservations,
     m006_sec_train_trusted,
     m007_feedback,
+    m008_request_rollups,
 ]
 
 

@@ -20,6 +20,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from core.store import rollups
 from core.store.common import PURGED_TABLES, json_or_raw
 from core.store.dialect import POSTGRES
 from core.store.migrations import migrate
@@ -69,7 +70,16 @@ class PostgresStore(RegistryMixin):
     # -- request log -------------------------------------------------------------------------
     def insert_requests(self, rows: list[dict[str, Any]]) -> None:
         """Upserted by id: a row both committed and still in the spool is written once."""
-        self._insert("requests", rows, conflict=("id",))
+        rows = list({row["id"]: row for row in rows}.values())
+        if not rows:
+            return
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        with self._cursor() as cursor:  # one transaction: the rows and their rollups
+            cursor.execute(f"select {rollups.OLD_ROW_COLUMNS} from requests where id = any(%s)", [[r["id"] for r in rows]])
+            old = cursor.fetchall()
+            cursor.executemany(insert_sql("requests", columns, ("id",), False),
+                               [[_adapt(row.get(column)) for column in columns] for row in rows])
+            cursor.executemany(POSTGRES.translate(rollups.upsert_sql()), rollups.deltas(old, rows))
 
     def insert_shadow_results(self, rows: list[dict[str, Any]]) -> None:
         self._insert("shadow_results", rows)

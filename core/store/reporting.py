@@ -42,6 +42,28 @@ select route,""" + _REQUEST_COUNTS + """
        coalesce(sum(teacher_cost_usd), 0.0) as teacher_cost_usd
 from requests where created_at >= ? group by route
 """
+# The same from the per-minute rollups (core/store/rollups.py): whole minutes in the window
+# from the rollups, the part-minute at the window's start from the raw rows, so the result is
+# the raw query's exactly. Params: first whole minute, window start, first whole minute's start.
+_ROLLUP_UNION = """
+  select route, client_key_id, requests, errors, student_requests, fallbacks, prompt_tokens, completion_tokens,
+         cost_usd, teacher_cost_usd from request_rollups where minute >= ?
+  union all
+  select route, coalesce(client_key_id, ''), 1, case when status_code >= 400 then 1 else 0 end,
+         case when target = 'student' then 1 else 0 end, coalesce(fallback, 0), coalesce(prompt_tokens, 0),
+         coalesce(completion_tokens, 0), coalesce(cost_usd, 0.0), coalesce(teacher_cost_usd, 0.0)
+  from requests where created_at >= ? and created_at < ?
+"""
+_ROLLUP_SUMS = """
+       sum(requests) as requests, sum(errors) as errors, sum(student_requests) as student_requests,"""
+_SUMMARY_ROLLUP_SQL = "select route," + _ROLLUP_SUMS + """
+       sum(fallbacks) as fallbacks, sum(prompt_tokens) as prompt_tokens, sum(completion_tokens) as completion_tokens,
+       sum(cost_usd) as cost_usd, sum(teacher_cost_usd) as teacher_cost_usd
+from (""" + _ROLLUP_UNION + ") window_rows group by route"
+_KEY_SUMMARY_ROLLUP_SQL = "select nullif(client_key_id, '') as client_key_id," + _ROLLUP_SUMS + """
+       sum(cost_usd) as cost_usd, sum(teacher_cost_usd) as teacher_cost_usd
+from (""" + _ROLLUP_UNION + """) window_rows group by nullif(client_key_id, '')
+order by cost_usd desc, client_key_id"""
 _SHADOW_SQL = """
 select route, count(*) as comparisons, coalesce(sum(agree), 0) as agreements,
        coalesce(sum(cost_usd), 0.0) as shadow_cost_usd
@@ -187,6 +209,11 @@ class RouteSummary:
         return data
 
 
+def _rollup_params(start: float) -> list[float]:
+    first_minute = math.ceil(start / 60)
+    return [first_minute, start, first_minute * 60.0]
+
+
 def _rank(n: int, quantile: float) -> int:
     """Nearest-rank percentile: the 0-based index of the q-quantile among n sorted values."""
     return max(0, min(n - 1, math.ceil(quantile * n) - 1))
@@ -212,7 +239,7 @@ def route_summaries(store: Queryable, routes: list[str], since_s: float | None =
     route found in the store. Training runs are priced with ``costs`` (default prices when None)."""
     start = window_start(since_s)
     summaries = {route: RouteSummary(route) for route in routes}
-    for row in store.query(_SUMMARY_SQL, [start]):
+    for row in store.query(_SUMMARY_ROLLUP_SQL, _rollup_params(start)):
         summary = summaries.setdefault(row["route"], RouteSummary(row["route"]))
         for key, value in row.items():
             if key != "route":
@@ -277,7 +304,7 @@ class KeySummary:
 def key_summaries(store: Queryable, since_s: float | None = None) -> list[KeySummary]:
     """One summary per client key seen in the window (requests without a key as one), the
     costliest first."""
-    return [KeySummary(**row) for row in store.query(_KEY_SUMMARY_SQL, [window_start(since_s)])]
+    return [KeySummary(**row) for row in store.query(_KEY_SUMMARY_ROLLUP_SQL, _rollup_params(window_start(since_s)))]
 
 
 def month_start_utc(now: float | None = None) -> float:

@@ -14,6 +14,7 @@ from typing import Any
 
 import sqlite_utils
 
+from core.store import rollups
 from core.store.common import (
     PURGED_TABLES,
     check_status,
@@ -61,8 +62,21 @@ class SQLiteStore:
 
     # -- request log -------------------------------------------------------------------------
     def insert_requests(self, rows: list[dict[str, Any]]) -> None:
+        """Upserted by id, and the per-minute rollups updated in the same transaction."""
+        rows = list({row["id"]: row for row in rows}.values())
         with self._transaction():
+            old = self._old_rows([row["id"] for row in rows])
             self.db["requests"].insert_all(rows, batch_size=len(rows) or 1, replace=True)
+            self.db.conn.executemany(rollups.upsert_sql(), rollups.deltas(old, rows))
+
+    def _old_rows(self, ids: list[str]) -> list[dict[str, Any]]:
+        """The rows a batch replaces (a spool replay): their rollup contribution is taken back."""
+        found: list[dict[str, Any]] = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            found += self.db.query(f"select {rollups.OLD_ROW_COLUMNS} from requests where id in "
+                                   f"({', '.join('?' for _ in chunk)})", chunk)
+        return found
 
     def insert_shadow_results(self, rows: list[dict[str, Any]]) -> None:
         with self._transaction():
