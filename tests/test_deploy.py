@@ -47,9 +47,11 @@ def dockerfile() -> str:
 
 
 def needed_env(settings: Settings) -> set[str]:
-    """Every environment variable configs/deploy.yaml reads, plus the metrics token that
-    serving beyond loopback requires."""
+    """Every secret environment variable configs/deploy.yaml reads (the PostgreSQL DSN among
+    them), plus the metrics token that serving beyond loopback requires."""
     names = {settings.auth.client_keys_env, settings.auth.admin_token_env, METRICS_TOKEN_ENV}
+    if settings.store.dsn_env:
+        names.add(settings.store.dsn_env)
     names |= {key.key_env for key in settings.auth.keys}
     for route in settings.routes:
         names |= {name for name in (route.teacher.api_key_env, route.teacher.fallback_api_key_env) if name}
@@ -63,7 +65,10 @@ def app_serves(settings: Settings) -> Callable[[str], bool]:
 
     from gateway.app import create_app
 
-    app = create_app(settings)
+    with pytest.MonkeyPatch.context() as env:  # the app reads the Redis URL when built (not connecting)
+        if settings.rate_limit.storage_env:
+            env.setenv(settings.rate_limit.storage_env, "redis://127.0.0.1:6379/0")
+        app = create_app(settings)
 
     def serves(path: str) -> bool:
         scope = {"type": "http", "method": "GET", "path": path, "root_path": "", "headers": [], "query_string": b""}
@@ -133,6 +138,19 @@ def test_deploy_config_is_for_containers(settings: Settings) -> None:
         assert route.teacher.api_key_env, f"route {route.name}: a real teacher's key comes from the environment"
 
 
+def test_deploy_config_shares_the_store_and_rate_limits(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replicas share one PostgreSQL (its DSN from the environment only) and one Redis."""
+    assert settings.store.kind == "postgres" and settings.store.dsn_env
+    assert settings.rate_limit.storage is None and settings.rate_limit.storage_env
+    text = CONFIG.read_text()
+    assert not re.search(r"postgres(ql)?://", text), "a DSN in the config: it belongs in the environment"
+    assert not re.search(r"rediss?://", text), "the Redis URL comes from rate_limit.storage_env"
+    monkeypatch.setenv(settings.store.dsn_env, "postgresql://u:p@db:5432/d")
+    monkeypatch.setenv(settings.rate_limit.storage_env, "redis://redis:6379/0")
+    assert settings.store.dsn() == "postgresql://u:p@db:5432/d"
+    assert settings.rate_limit.storage_url() == "redis://redis:6379/0"
+
+
 def test_k8s_config_is_a_copy_of_configs_deploy() -> None:
     assert (DEPLOY / "k8s" / "base" / "config.yaml").read_text() == CONFIG.read_text(), \
         "copy configs/deploy.yaml to deploy/k8s/base/config.yaml"
@@ -156,6 +174,9 @@ def test_dockerfile(dockerfile: str, settings: Settings) -> None:
     # Every path of the config lies in the image's tree (data, router, the var/ volumes).
     assert PurePosixPath(str(settings.routes[0].labels_dataset)).is_relative_to(workdir(dockerfile))
     assert PurePosixPath(str(settings.store.path)).is_relative_to(workdir(dockerfile) / "var")
+    # store.kind postgres needs psycopg in the image.
+    extras = re.search(r'^RUN pip install "\.\[([\w,]+)\]"$', dockerfile, re.MULTILINE).group(1).split(",")
+    assert settings.store.kind != "postgres" or "postgres" in extras
 
 
 def test_dockerfile_healthcheck_is_the_apps(dockerfile: str, settings: Settings,
@@ -169,11 +190,9 @@ def test_dockerfile_healthcheck_is_the_apps(dockerfile: str, settings: Settings,
 # -- deploy/compose.yaml ----------------------------------------------------------------------------
 def test_compose_services(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert {"init", "gateway", "vllm", "prometheus", "grafana"} <= set(services)
-    # Kept for the coming PostgreSQL store, which the gateway does not have yet: never started
-    # by default.
-    for name in ("postgres", "redis"):
-        assert services[name]["profiles"] == ["postgres-store"]
+    assert {"init", "gateway", "vllm", "prometheus", "grafana", "postgres", "redis"} <= set(services)
+    for name in services:
+        assert "profiles" not in services[name], f"{name} would not start by default"
     for name in ("init", "gateway"):
         assert services[name]["build"]["dockerfile"] == "deploy/docker/Dockerfile"
         assert (DEPLOY / services[name]["build"]["context"] / "deploy" / "docker" / "Dockerfile").is_file()
@@ -206,11 +225,36 @@ def test_compose_provides_every_secret_the_config_needs(compose: dict[str, Any],
     # With those variables set, `serve` listens beyond loopback without --insecure.
     for name in needed_env(settings):
         monkeypatch.setenv(name, f"test-{name.lower()}")
+    if settings.rate_limit.storage_env:
+        monkeypatch.setenv(settings.rate_limit.storage_env, "redis://redis:6379/0")
     from gateway.app import create_app
 
     app = create_app(settings)
     assert exposure_problems(settings.server.host, app.state.auth_required,
                              app.state.metrics.scrape_token is not None) == []
+
+
+def test_compose_gateway_on_postgres_and_redis(compose: dict[str, Any], settings: Settings) -> None:
+    services = compose["services"]
+    gateway = services["gateway"]
+    for name in ("postgres", "redis"):
+        assert gateway["depends_on"][name]["condition"] == "service_healthy"
+        assert services[name]["healthcheck"]["test"][0] == "CMD"
+    # The DSN is required from deploy/.env (test_compose_provides_every_secret_the_config_needs);
+    # the database it names is the postgres service, whose password comes from deploy/.env too.
+    postgres = services["postgres"]
+    assert re.fullmatch(r"\$\{POSTGRES_PASSWORD:\?.+\}", postgres["environment"]["POSTGRES_PASSWORD"])
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    data = {volume.split(":")[1]: volume.split(":")[0] for volume in postgres["volumes"]}
+    assert data["/var/lib/postgresql/data"] in compose["volumes"]
+    example = (DEPLOY / "env.example").read_text()
+    assert f"postgresql://{postgres['environment']['POSTGRES_USER']}:<POSTGRES_PASSWORD>@postgres:5432/" \
+           f"{postgres['environment']['POSTGRES_DB']}" in example
+    # The Redis URL defaults to the redis service.
+    redis_url = re.fullmatch(r"\$\{(\w+):-(.+)\}", gateway["environment"][settings.rate_limit.storage_env])
+    assert redis_url and redis_url.group(1) == settings.rate_limit.storage_env
+    assert urlsplit(redis_url.group(2)).hostname == "redis" and urlsplit(redis_url.group(2)).port == 6379
+    assert "redis-cli" in services["redis"]["healthcheck"]["test"]
 
 
 def test_compose_gateway_healthcheck_is_the_apps(compose: dict[str, Any], settings: Settings,
@@ -323,8 +367,11 @@ def test_k8s_objects_validate(rendered: tuple[str, list[dict[str, Any]]]) -> Non
     _overlay, objects = rendered
     kinds = {(obj["kind"], obj["metadata"]["name"]) for obj in objects}
     assert {("Deployment", "distillgate"), ("Service", "distillgate"), ("Deployment", "vllm"), ("Service", "vllm"),
-            ("CronJob", "distillgate-train"), ("PersistentVolumeClaim", "distillgate-store"),
-            ("PersistentVolumeClaim", "distillgate-shared")} <= kinds
+            ("CronJob", "distillgate-train"), ("PersistentVolumeClaim", "distillgate-shared"),
+            ("Deployment", "redis"), ("Service", "redis"), ("PodDisruptionBudget", "distillgate")} <= kinds
+    # The store is an external PostgreSQL (by DSN): no database and no store volume shipped.
+    assert not any(obj["kind"] == "StatefulSet" for obj in objects)
+    assert ("PersistentVolumeClaim", "distillgate-store") not in kinds
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
 
@@ -353,8 +400,14 @@ def test_k8s_gateway(rendered: tuple[str, list[dict[str, Any]]], settings: Setti
                      app_serves: Callable[[str], bool]) -> None:
     _overlay, objects = rendered
     deployment = find(objects, "Deployment", "distillgate")
-    assert deployment["spec"]["replicas"] == 1  # SQLite store: one gateway until the PostgreSQL store
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    # Replicas share the PostgreSQL store (followed every sync_interval_s) and Redis.
+    assert settings.store.kind == "postgres"
+    assert deployment["spec"]["replicas"] >= 2
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    budget = find(objects, "PodDisruptionBudget", "distillgate")
+    assert budget["spec"]["minAvailable"] >= 1
+    assert budget["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     gateway = container(deployment, "gateway")
     assert gateway["args"] == ["serve", "--config", CONFIG_IN_IMAGE]
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -366,6 +419,14 @@ def test_k8s_gateway(rendered: tuple[str, list[dict[str, Any]]], settings: Setti
     env = {item["name"]: item for item in gateway["env"]}
     assert needed_env(settings) <= set(env)
     assert all("secretKeyRef" in env[name]["valueFrom"] for name in needed_env(settings))
+    assert settings.store.dsn_env in needed_env(settings)
+    # Redis: the redis Service shipped beside the gateway.
+    redis_url = urlsplit(env[settings.rate_limit.storage_env]["value"])
+    redis_service = find(objects, "Service", redis_url.hostname)
+    assert redis_service["spec"]["ports"][0]["port"] == redis_url.port
+    redis = find(objects, "Deployment", redis_url.hostname)
+    assert redis_service["spec"]["selector"].items() <= redis["spec"]["template"]["metadata"]["labels"].items()
+    assert port_number(container(redis, "redis"), redis_service["spec"]["ports"][0]["targetPort"]) == redis_url.port
     service = find(objects, "Service", "distillgate")
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert port_number(gateway, service["spec"]["ports"][0]["targetPort"]) == settings.server.port
@@ -410,15 +471,16 @@ def test_k8s_training_cronjob(rendered: tuple[str, list[dict[str, Any]]], settin
     find(objects, "Service", gateway_url.hostname)
     assert gateway_url.port == settings.server.port
     assert "secretKeyRef" in env[settings.auth.admin_token_env]["valueFrom"]
-    # SQLite on a ReadWriteOnce volume: the job runs beside the gateway.
-    affinity = pod_spec(cronjob)["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
-    gateway_labels = find(objects, "Deployment", "distillgate")["spec"]["template"]["metadata"]["labels"]
-    assert affinity["labelSelector"]["matchLabels"].items() <= gateway_labels.items()
+    # The same PostgreSQL as the gateways, from the same Secret key: the job runs on any node.
+    gateway_env = {item["name"]: item for item in container(find(objects, "Deployment", "distillgate"), "gateway")["env"]}
+    dsn = env[settings.store.dsn_env]["valueFrom"]["secretKeyRef"]
+    assert dsn == gateway_env[settings.store.dsn_env]["valueFrom"]["secretKeyRef"]
+    assert "affinity" not in pod_spec(cronjob)
     if overlay == "gpu":
         assert train["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert pod_spec(cronjob)["nodeSelector"] and pod_spec(cronjob)["tolerations"]
-        # ... so the gateway must be schedulable on the GPU nodes too.
-        assert pod_spec(find(objects, "Deployment", "distillgate"))["nodeSelector"] == pod_spec(cronjob)["nodeSelector"]
+        # ... and the gateways, which request no GPU, stay off the GPU pool.
+        assert "nodeSelector" not in pod_spec(find(objects, "Deployment", "distillgate"))
 
 
 def test_k8s_volumes_are_shared_at_the_same_paths(rendered: tuple[str, list[dict[str, Any]]],
@@ -441,6 +503,10 @@ def test_k8s_volumes_are_shared_at_the_same_paths(rendered: tuple[str, list[dict
     mounted = {key: PurePosixPath(next(iter(paths))) for key, paths in seen.items()}
     assert mounted[("distillgate-shared", "models")] == PurePosixPath(str(settings.vllm.model_dir)).parent
     assert mounted[("distillgate-shared", "adapters")] == adapters_dir(dockerfile)
-    assert mounted[("distillgate-store", "")] == PurePosixPath(str(settings.store.path)).parent
-    assert claims["distillgate-store"]["spec"]["accessModes"] == ["ReadWriteOnce"]
-    assert claims["distillgate-shared"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claims["distillgate-shared"]["spec"]["accessModes"] == ["ReadWriteMany"]  # replicas on several nodes
+    # store.path's directory (each replica's spool) is the pod's own, never a shared claim.
+    gateway = find(objects, "Deployment", "distillgate")
+    volumes = {volume["name"]: volume for volume in pod_spec(gateway)["volumes"]}
+    spool = next(mount for mount in container(gateway, "gateway")["volumeMounts"]
+                 if PurePosixPath(mount["mountPath"]) == PurePosixPath(str(settings.store.path)).parent)
+    assert "emptyDir" in volumes[spool["name"]]
