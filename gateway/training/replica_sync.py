@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 from typing import Any
 
 from core.store import Store
@@ -26,11 +25,9 @@ from gateway.route_table import (
     BASE_MODEL_VERSION,
     RouteTable,
     StudentPointer,
-    adapter_name,
-    calibrated_threshold,
     usable_overrides,
 )
-from gateway.training.swap import SwapError, Swapper, validate_adapter_dir
+from gateway.training.swap import SwapError, Swapper
 
 logger = logging.getLogger(__name__)
 
@@ -138,26 +135,16 @@ class ReplicaSync:
     async def _load(self, route: str, version: str) -> StudentPointer | None:
         """The swapper's start-up load path for one version: on this replica's servers (any
         that has it already is fine), with its detector and learned router; None if it fails."""
-        swapper = self.swapper
-        candidate = await asyncio.to_thread(swapper.registry.get, route, version)
-        name = adapter_name(route, version)
+        candidate = await asyncio.to_thread(self.swapper.registry.get, route, version)
         try:
             if candidate is None:
                 raise SwapError("the store has no such version")
-            validate_adapter_dir(Path(candidate.adapter_path), swapper.max_lora_rank)
-            failed = await swapper._load_on_members(name, candidate.adapter_path)
-            if len(failed) == len(swapper._members()):
-                raise failed[0][1]
-            learned = await swapper._load_routers(candidate)
+            pointer, _ = await self.swapper.load_live(candidate)
         except (SwapError, UpstreamFailure, OSError, ValueError, KeyError) as error:
             logger.error("replica sync: another replica's live version does not load here; the old one keeps "
                          "serving", extra={"route": route, "version": version, "error": str(error)})
             return None
-        take_out = getattr(swapper.student, "take_out", None)
-        for url, failure in failed:  # as at start: out of service until the pool's recovery loads it
-            if take_out is not None:
-                take_out(url, f"the live adapter {name} did not load: {failure}")
-        return StudentPointer(version, name, calibrated_threshold(candidate.metrics), learned)
+        return pointer
 
 
 def _serving(pointer: StudentPointer | None) -> str | None:

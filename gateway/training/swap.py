@@ -384,25 +384,32 @@ class Swapper:
         return outcomes
 
     async def _restore(self, live: CandidateVersion) -> str:
-        name = adapter_name(live.route, live.version)
         try:
-            validate_adapter_dir(Path(live.adapter_path), self.max_lora_rank)
-            failed = await self._load_on_members(name, live.adapter_path)
-            if len(failed) == len(self._members()):
-                raise failed[0][1]
-            learned = await self._load_routers(live)
+            pointer, failed = await self.load_live(live)
         except (SwapError, UpstreamFailure, OSError, ValueError, KeyError) as error:
             logger.error("live student could not be restored; serving the route from the teacher",
                          extra={"route": live.route, "version": live.version, "error": str(error)})
             self.routes.switch_student(live.route, None)
             return f"failed: {error}"
-        self.routes.switch_student(live.route, StudentPointer(live.version, name, calibrated_threshold(live.metrics),
-                                                              learned))
+        self.routes.switch_student(live.route, pointer)
+        return "loaded" if not failed else f"loaded on {len(self._members()) - failed} of {len(self._members())}"
+
+    async def load_live(self, live: CandidateVersion) -> tuple[StudentPointer, int]:
+        """Load a version that is already live (in the store) without the promotion's checks:
+        on every server that takes it (one that has it already is fine), with its detector and
+        learned router. A server that fails is taken out of service until the pool's recovery
+        loads the live adapters into it. Returns the version's pointer and how many servers
+        failed; raises when none took it. Used at start-up and by replicas following the store."""
+        name = adapter_name(live.route, live.version)
+        validate_adapter_dir(Path(live.adapter_path), self.max_lora_rank)
+        failed = await self._load_on_members(name, live.adapter_path)
+        if len(failed) == len(self._members()):
+            raise failed[0][1]
+        learned = await self._load_routers(live)
         take_out = getattr(self.student, "take_out", None)
         for url, failure in failed:
-            # Out of service until the pool's recovery loads the live adapters into it.
-            logger.warning("live student not restored on one server; it takes no traffic until it is",
+            logger.warning("live student not loaded on one server; it takes no traffic until it is",
                            extra={"route": live.route, "server": url, "error": str(failure)[:300]})
             if take_out is not None:
                 take_out(url, f"the live adapter {name} did not load: {failure}")
-        return "loaded" if not failed else f"loaded on {len(self._members()) - len(failed)} of {len(self._members())}"
+        return StudentPointer(live.version, name, calibrated_threshold(live.metrics), learned), len(failed)
