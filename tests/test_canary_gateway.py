@@ -277,3 +277,32 @@ async def test_a_canary_without_evidence_is_rolled_back_when_it_times_out(canary
     store.close()
     assert verdict is not None and verdict.action == "rollback" and "timed out with too little evidence" in verdict.reason
     assert routes.get(ROUTE).canary is None and swapper.unloaded == [("v2", "rejected")]
+
+
+async def test_an_answer_finishing_while_the_canary_drains_counts_in_its_ending(canary_settings: Settings) -> None:
+    """The rollback stops new requests picking the canary, then drains the ones that did: an
+    answer that completes during the drain is the canary's and its audited evidence says so."""
+    from gateway.chat.record import RequestRecord
+    from gateway.route_table import RouteTable, StudentPointer
+    from gateway.training.canary import CanaryRollouts
+
+    class _DrainingSwapper(_Swapper):
+        async def unload_canary(self, route: str, pointer: Any, status: str, note: str) -> bool:
+            late = RequestRecord(route=route, request={}, stream=False, client_key_id=None, target="student",
+                                 student_version=pointer.version)
+            canaries.observe_request(late)  # in flight when the rollback began, done during the drain
+            return await super().unload_canary(route, pointer, status, note)
+
+    store = SQLiteStore(canary_settings.store.path)
+    routes = RouteTable(canary_settings, store)
+    routes.switch_student(ROUTE, StudentPointer("v1", f"{ROUTE}@v1", -0.1))
+    canaries = CanaryRollouts(routes, _DrainingSwapper(), store)  # type: ignore[arg-type]
+    run = await canaries.begin(ROUTE, "v2")
+    run.canary.served = 4
+    outcome = await canaries.rollback(ROUTE, "operator")
+    audited = json.loads(store.route_audit(ROUTE)[0]["new_json"])
+    store.close()
+    assert outcome["canary"]["served"] == audited["canary"]["served"] == 5
+    canaries.observe_request(RequestRecord(route=ROUTE, request={}, stream=False, client_key_id=None,
+                                           target="student", student_version="v2"))
+    assert run.canary.served == 5  # once ended, nothing counts for it any more

@@ -48,7 +48,8 @@ class CanaryRollouts:
         self.decisions: Counter[tuple[str, str]] = Counter()  # (route, action): what metrics count
         self.last_outcome: dict[str, dict[str, Any]] = {}
         self._task: asyncio.Task[None] | None = None
-        self._ending: set[str] = set()
+        # Runs being ended: no new request picks them, but answers still in flight count for them.
+        self._ending: dict[str, CanaryRun] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -112,7 +113,7 @@ class CanaryRollouts:
 
     def _arm(self, route: str, version: str | None) -> Any:
         try:
-            run = self.routes.get(route).canary
+            run = self.routes.get(route).canary or self._ending.get(route)
         except RouteNotFound:  # a request row of a route gone from the config
             return None
         return run.arm(version) if run is not None else None
@@ -164,7 +165,7 @@ class CanaryRollouts:
             await self.swapper.unload_canary(route, run.pointer, "candidate", f"canary promotion failed: {error}")
             return self._ended(route, actor, run, "promotion_failed", {**evidence, "error": str(error)})
         finally:
-            self._ending.discard(route)
+            self._ending.pop(route, None)
         self.routes.get(route).canary = None
         return self._ended(route, actor, run, "promote", {**evidence, "previous": swap.previous})
 
@@ -194,14 +195,14 @@ class CanaryRollouts:
             note = f"canary {action} by {actor}" + (f": {verdict.reason}" if verdict else "")
             drained = await self.swapper.unload_canary(route, run.pointer, status, note)
         finally:
-            self._ending.discard(route)
+            self._ending.pop(route, None)
         return self._ended(route, actor, run, action, {**self._evidence(run, verdict), "drained": drained})
 
     def _take(self, route: str) -> CanaryRun:
         run = self.active(route)
         if run is None or route in self._ending:
             raise SwapError(f"route {route!r} runs no canary")
-        self._ending.add(route)
+        self._ending[route] = run
         return run
 
     def _ended(self, route: str, actor: str, run: CanaryRun, action: str, evidence: dict[str, Any]) -> dict[str, Any]:
