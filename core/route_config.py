@@ -139,6 +139,10 @@ class CascadeConfig(StrictModel):
     """
 
     target_agreement: float | None = Field(None, gt=0, le=1)
+    # Unset: the threshold's served holdout answers agree >= target_agreement (point estimate).
+    # Set (e.g. 0.75): their one-sided Clopper-Pearson lower bound at this confidence does;
+    # safer where holdouts are small, but a young version may get no threshold at all.
+    calibration_confidence: float | None = Field(None, gt=0, lt=1)
     # The teacher's answers to this many nearest training prompts vote on the student's
     # answer (kNN detector only); each dissent costs disagreement_penalty / neighbours.
     neighbours: int = Field(5, ge=1, le=50)

@@ -25,6 +25,23 @@ def test_the_threshold_is_the_lowest_score_that_still_meets_the_target() -> None
     assert calibrate_threshold(scores, [False] * 6, 0.5) is None  # nothing is good enough
 
 
+def test_a_calibration_confidence_asks_the_bound_not_the_point_estimate_to_reach_the_target() -> None:
+    # 40 answers ranked by score: the first 20 all agree, then every fourth disagrees. The
+    # point estimate reaches 0.95 down to 24 served (23/24 = 0.958); the 75 % lower bound of
+    # 20/20 is only 0.933 and of 23/24 0.892, so at 0.95 the bound serves nothing.
+    scores = [float(-i) for i in range(40)]
+    agrees = [i < 20 or i % 4 != 0 for i in range(40)]
+    assert calibrate_threshold(scores, agrees, 0.95) == -23.0
+    assert calibrate_threshold(scores, agrees, 0.95, confidence=0.75) is None
+    assert calibrate_threshold(scores, agrees, 0.9) == -31.0  # 29/32 = 0.906
+    assert calibrate_threshold(scores, agrees, 0.9, confidence=0.75) == -19.0  # 20/20 (0.933), not 23/24 (0.892)
+    # With more evidence the bound serves too, just fewer answers than the point estimate.
+    many = [float(-i) for i in range(400)]
+    clean = [i < 300 or i % 2 == 0 for i in range(400)]
+    assert calibrate_threshold(many, clean, 0.95) == -332.0
+    assert calibrate_threshold(many, clean, 0.95, confidence=0.75) == -326.0
+
+
 def test_tied_scores_are_served_together() -> None:
     # -0.1 alone would be 1/1, but its tie partner disagrees: the cut can only fall after both.
     assert calibrate_threshold([-0.1, -0.1, -0.2], [True, False, True], 0.9) is None

@@ -25,20 +25,36 @@ class Calibration:
     served: list[int]  # holdout indices served out of fold (the gate's served share and agreement)
 
 
-def calibrate_threshold(scores: Sequence[float], agrees: Sequence[bool], target: float) -> float | None:
-    """The lowest score whose served answers (score >= it) agree at least ``target``; None if none does."""
+def calibrate_threshold(scores: Sequence[float], agrees: Sequence[bool], target: float,
+                        confidence: float | None = None) -> float | None:
+    """The lowest score whose served answers (score >= it) agree at least ``target``; None if none does.
+
+    With ``confidence``, "agree at least ``target``" means the one-sided Clopper-Pearson lower
+    bound of their agreement does: the lowest of many cut points whose point estimate reaches
+    the target is, by that choice, the luckiest one, and small holdouts make it luckier."""
     ranked = sorted(zip(scores, agrees, strict=True), key=lambda pair: pair[0], reverse=True)
     best, agreeing = None, 0
     for served, (score, agrees_here) in enumerate(ranked, start=1):
         agreeing += agrees_here
         # Ties are served together, so only the last of a run of equal scores is a cut point.
         last_of_tie = served == len(ranked) or ranked[served][0] < score
-        if last_of_tie and agreeing >= target * served:
+        if last_of_tie and _reaches(agreeing, served, target, confidence):
             best = score
     return best
 
 
-def cross_fitted(scores: Sequence[float], agrees: Sequence[bool], target: float, seed: str) -> Calibration:
+def _reaches(agreeing: int, served: int, target: float, confidence: float | None) -> bool:
+    if agreeing < target * served:
+        return False  # the bound is never above the point estimate
+    if confidence is None:
+        return True
+    from router.calibration import clopper_pearson_upper
+
+    return 1 - clopper_pearson_upper(served - agreeing, served, confidence) >= target
+
+
+def cross_fitted(scores: Sequence[float], agrees: Sequence[bool], target: float, seed: str,
+                 confidence: float | None = None) -> Calibration:
     """The whole holdout's threshold, and the answers served when each half's threshold is
     applied to the other half."""
     indices = list(range(len(scores)))
@@ -46,7 +62,8 @@ def cross_fitted(scores: Sequence[float], agrees: Sequence[bool], target: float,
     folds = [indices[: len(indices) // 2], indices[len(indices) // 2:]]
     served: list[int] = []
     for fitted, applied in ((folds[0], folds[1]), (folds[1], folds[0])):
-        threshold = calibrate_threshold([scores[i] for i in fitted], [agrees[i] for i in fitted], target)
+        threshold = calibrate_threshold([scores[i] for i in fitted], [agrees[i] for i in fitted], target,
+                                        confidence)
         if threshold is not None:
             served.extend(i for i in applied if scores[i] >= threshold)
-    return Calibration(calibrate_threshold(scores, agrees, target), sorted(served))
+    return Calibration(calibrate_threshold(scores, agrees, target, confidence), sorted(served))

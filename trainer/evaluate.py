@@ -179,7 +179,8 @@ def _add_served(result: EvalResult, holdout: Sequence[Example], answers: Sequenc
               for index, (answer, mean_logprob) in enumerate(zip(answers, mean_logprobs, strict=True))]
     result.cascade_scores = scores
     if cascade.target_agreement is not None:
-        calibration = cross_fitted(scores, result.agrees, cascade.target_agreement, seed)
+        calibration = cross_fitted(scores, result.agrees, cascade.target_agreement, seed,
+                                   cascade.calibration_confidence)
         served, result.confidence_threshold = calibration.served, calibration.threshold
     else:
         assert fixed_threshold is not None
