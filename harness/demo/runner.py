@@ -32,12 +32,16 @@ from harness.demo import report
 from harness.demo.goals import FULL_LAST_WINDOW, goals
 from harness.demo.options import DemoOptions
 from harness.demo.savings import request_position, timeline, training_charges, training_summary
+from harness.demo.shift import drift_retrains, new_intent_figures, shift_section
 from harness.demo.stack import start_stack
 from harness.demo.traffic import (
     Outcome,
     Query,
     app_system_prompt,
+    demo_intents,
+    held_back_intents,
     heldout_queries,
+    load_domains,
     load_splits,
     send_all,
     traffic_stream,
@@ -136,9 +140,9 @@ def _loop_section(tally: dict[str, Any], sent_at: list[float], stream_end: float
 
 
 def _assemble(options: DemoOptions, settings: Settings, outcomes: list[Outcome], heldout_outcomes: list[Outcome],
-              references: list[report.Reference], stream_end: float) -> dict[str, Any]:
+              references: list[report.Reference], stream_end: float, held_back: list[str]) -> dict[str, Any]:
     """Every figure of the run, from the client's outcomes and the gateway's store."""
-    store = ReadOnlyStore(options.out / "distillgate.db")
+    store, route = ReadOnlyStore(options.out / "distillgate.db"), settings.routes[0].name
     tally, costs = reporting.loop_tally(store), reporting.request_costs(store)
     stream_refs, heldout_refs = references[:len(outcomes)], references[len(outcomes):]
     sent_at = sorted(outcome.sent_at for outcome in outcomes)
@@ -163,6 +167,11 @@ def _assemble(options: DemoOptions, settings: Settings, outcomes: list[Outcome],
         # demo sends none): counted from the store whatever the config.
         "rollout": {"canaries": canary_tally(store), "feedback": feedback_totals(store)},
     }
+    if options.shift_at is not None:
+        result["shift"] = {**shift_section(outcomes, options.shift_at, held_back, drift_retrains(store, route),
+                                           tally["versions"], stream_end, settings.routes[0].training.min_new_examples),
+                           "heldout_new_intents": new_intent_figures(
+                               [outcome for outcome in heldout_outcomes if outcome.query.label in held_back])}
     result["goals"] = goals(result, options.quick)
     return result
 
@@ -171,8 +180,13 @@ async def _run(options: DemoOptions, console: Console) -> dict[str, Any]:
     splits = load_splits(options.dataset)
     labels = sorted({query.label for query in splits["train"]})
     system_prompt = app_system_prompt(labels)
-    stream = traffic_stream(splits, options.requests, options.oos_rate, options.seed)
-    heldout = heldout_queries(splits, options.heldout_limit, options.seed)
+    intents = demo_intents(splits, options.intents, options.seed)
+    held_back = held_back_intents(intents, options.shift_share, options.seed, load_domains(options.dataset)) \
+        if options.shift_at is not None else []
+    chosen = intents if options.intents is not None else None
+    stream = traffic_stream(splits, options.requests, options.oos_rate, options.seed, intents=chosen,
+                            held_back=held_back, shift_at=None if options.shift_at is None else options.shift_at - 1)
+    heldout = heldout_queries(splits, options.heldout_limit, options.seed, intents=chosen)
     stack = await asyncio.to_thread(start_stack, options, progress=console.log)
     route = stack.settings.routes[0]
     try:
@@ -187,7 +201,7 @@ async def _run(options: DemoOptions, console: Console) -> dict[str, Any]:
         references = await _references(stack.reference_url, stream + heldout, route.teacher.prices, system_prompt)
     finally:
         stack.stop()
-    result = _assemble(options, stack.settings, outcomes, heldout_outcomes, references, stream_end)
+    result = _assemble(options, stack.settings, outcomes, heldout_outcomes, references, stream_end, held_back)
     return {"stream_wall_s": round(stream_wall_s, 1), **result}
 
 
