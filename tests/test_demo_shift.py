@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -150,12 +151,29 @@ class Driver:
         return self.rows("select version, promoted_at from student_versions where promoted_at is not null "
                          "order by promoted_at")
 
-    def wait_for(self, condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    def poll(self, condition: Callable[[], Any], timeout_s: float) -> Any:
+        """``condition()`` once it is truthy, or what it last returned after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
-        while not (value := condition()):
-            assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f}s: {self.rows('select * from training_runs')}"
+        while not (value := condition()) and time.monotonic() < deadline:
             time.sleep(2.0)
         return value
+
+    def wait_for(self, condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
+        value = self.poll(condition, timeout_s)
+        assert value, f"no {what} within {timeout_s:.0f}s: {self.rows('select * from training_runs')}"
+        return value
+
+    def first_version(self) -> None:
+        """Send the app's traffic before the shift until a version is live: a cycle at each
+        FIRST_CYCLE answers; after a candidate, the scheduler's promotion is waited for (a batch
+        sent meanwhile would count towards the next cycle)."""
+        while not self.promoted():
+            runs = len(self.rows("select id from training_runs"))
+            self.send(self.before, FIRST_CYCLE)
+            run = self.wait_for(lambda runs=runs: self.rows("select outcome from training_runs order by id")[runs:],
+                                400, "training run")[0]
+            if run["outcome"] == "candidate":
+                self.poll(self.promoted, 60)
 
 
 @pytest.mark.integration
@@ -165,12 +183,12 @@ def test_the_shift_starts_an_early_retrain_whose_version_serves_the_new_intents(
     stack = start_stack(options, progress=lambda message: None)
     driver = Driver(stack, options)
     try:
+        # vLLM starts beside the gateway: the first version could otherwise be trained before it
+        # can be loaded (the demo's own stream takes longer to get there).
+        driver.wait_for(lambda: httpx.get(f"{stack.gateway_url}/readyz").json()["checks"]["student"]["ok"], 400,
+                        "student server")
         # 1. The app before the shift: the first cycle trains on 100 answers of 5 intents.
-        while not driver.promoted():
-            driver.send(driver.before, FIRST_CYCLE)
-            runs = len(driver.rows("select id from training_runs"))
-            driver.wait_for(lambda runs=runs: len(driver.rows("select id from training_runs")) > runs, 400,
-                            "training run")
+        driver.first_version()
         assert not drift_retrains(driver.store, driver.route)
         shift_at, shifted = len(driver.outcomes) + 1, time.time()
         # 2. The shift: the 3 held-back intents join; stop as soon as drift starts a cycle.
