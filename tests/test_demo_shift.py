@@ -101,6 +101,31 @@ def test_the_demo_sets_the_drift_trigger_only_with_a_shift(tmp_path: Path) -> No
         DemoOptions(requests=100, shift_at=101)
 
 
+def test_the_shift_is_drawn_and_tabled(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from cli.harness import _shift_table
+    from harness.demo.plot import plot_savings
+
+    outcomes = [_outcome(i, "new" if i % 3 == 0 else "old", "student", "v2" if i > 60 else "v1") for i in range(100)]
+    section = shift_section(outcomes, 40, ["new"], [{"at": 50.0, "new_examples": 30, "version": "v1"}],
+                            [{"version": "v2", "promoted_at": 60.5}], stream_end=100.0, min_new_examples=100)
+    series = {key: [0.0, 1.0] for key in ("actual_cost_usd", "all_teacher_cost_usd", "training_cost_usd",
+                                          "net_savings_usd")}
+    phase = {"first_request": 1, "requests": 100, "in_scope_student_share": 0.5, "in_scope_accuracy": 0.9,
+             "all_teacher_in_scope_accuracy": 0.95, "oos_sent_to_teacher": 1.0}
+    result = {"loop": {"promoted_after_request": [20, 61]}, "phases": [phase], "shift": section,
+              "savings": {"series": {"request": [1, 100], **series}, "break_even_request": None,
+                          "net_savings_usd": 1.0, "training_cost_usd": 0.1, "training": {"runs": []}}}
+    plot_savings(result, tmp_path / "savings.png")
+    assert (tmp_path / "savings.png").stat().st_size > 10_000
+    console = Console(record=True, width=400)
+    console.print(_shift_table({**section, "heldout_new_intents": None}))
+    text = console.export_text()
+    assert "shift at request 40" in text and "first drift retrain after request 51" in text
+    assert "then promoted: v2" in text and "after request 61" in text and "v2: 13" in text
+
+
 # -- integration tier ----------------------------------------------------------------------------
 INTENTS, HELD_BACK_SHARE, SEED = 8, 0.375, 0
 FIRST_CYCLE = 100  # training.min_new_examples: the regular trigger
