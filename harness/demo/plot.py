@@ -19,7 +19,7 @@ def _mark_shift(axis: Any, shift: dict[str, Any] | None) -> None:
     """The shift phase: where the held-back intents joined, and each drift-started cycle."""
     if shift is None:
         return
-    axis.axvline(shift["at_request"], color="darkorange", linewidth=1.6,
+    axis.axvline(shift["at_request"], color="tab:brown", linewidth=1.6,
                  label=f"shift: {len(shift['held_back_intents'])} new intents join")
     for position, cycle in enumerate(shift["drift_retrains"]):
         axis.axvline(cycle["after_request"], color="crimson", linestyle=":", linewidth=1.4,
