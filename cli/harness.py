@@ -40,7 +40,8 @@ def _run_demo(args: Any) -> int:
 def _goals_table(goals: dict[str, dict[str, Any]]) -> Any:
     from rich.table import Table
 
-    table = Table(title="goals (issue 11)")
+    shifted = any(name.startswith("shift:") for name in goals)
+    table = Table(title="goals (issue 11" + ("; shift: issue 17)" if shifted else ")"))
     for column in ("goal", "figure", "target", "status", "note"):
         table.add_column(column)
     colours = {"met": "green", "not met": "red", "undefined": "yellow"}
