@@ -52,8 +52,8 @@ __all__ = ["DemoOptions", "run_demo"]
 
 
 class LiveStats:
-    def __init__(self, total: int, store_path: Path) -> None:
-        self.total, self.store_path = total, store_path
+    def __init__(self, total: int, store_path: Path, shift_at: int | None = None) -> None:
+        self.total, self.store_path, self.shift_at = total, store_path, shift_at
         self.outcomes: list[Outcome] = []
         self.started = time.monotonic()
 
@@ -66,12 +66,23 @@ class LiveStats:
         except STORE_ERRORS:
             return 0.0, 0.0
 
+    def _shift_note(self) -> str:
+        """Where the stream is against the shift phase, and the drift-started cycles so far."""
+        if self.shift_at is None:
+            return ""
+        try:
+            cycles = len(drift_retrains(ReadOnlyStore(self.store_path), None))
+        except STORE_ERRORS:
+            cycles = 0
+        when = "new intents since" if len(self.outcomes) >= self.shift_at else "new intents from"
+        return f" — {when} request {self.shift_at:,}; drift retrains: {cycles}"
+
     def table(self) -> Table:
         recent = self.outcomes[-200:]
         served = [outcome for outcome in recent if outcome.error is None]
         cost, all_teacher = self._cost()
         table = Table(title=f"distillgate demo — {len(self.outcomes)}/{self.total} requests "
-                            f"({time.monotonic() - self.started:.0f}s)")
+                            f"({time.monotonic() - self.started:.0f}s){self._shift_note()}")
         for column in ("student share (last 200)", "accuracy (last 200)", "student version", "failed",
                        "cost $", "all-teacher-estimate $"):
             table.add_column(column)
@@ -86,7 +97,7 @@ class LiveStats:
 
 async def _stream_with_progress(client: openai.AsyncOpenAI, route: str, system_prompt: str, queries: list[Query],
                                 options: DemoOptions, console: Console) -> list[Outcome]:
-    stats = LiveStats(len(queries), options.out / "distillgate.db")
+    stats = LiveStats(len(queries), options.out / "distillgate.db", options.shift_at)
     with Live(stats.table(), console=console, refresh_per_second=2, transient=False) as live:
         async def refresh() -> None:
             while True:

@@ -20,11 +20,11 @@ from harness.demo.traffic import Outcome
 DRIFT_ACTION = "drift_retrain"  # gateway/training/drift.py's audit action (the harness reads the store)
 
 
-def drift_retrains(store: Queryable, route: str) -> list[dict[str, Any]]:
-    """The route's drift-started cycles from its audit log, oldest first: when, why, with how
-    many new answers, and the window's shares at the time."""
-    rows = store.query("select at, new_json from route_audit where route = ? and field = ? order by at",
-                       [route, DRIFT_ACTION])
+def drift_retrains(store: Queryable, route: str | None) -> list[dict[str, Any]]:
+    """The route's (None: every route's) drift-started cycles from the audit log, oldest
+    first: when, why, with how many new answers, and the window's shares at the time."""
+    rows = store.query("select at, new_json from route_audit where field = ? and (? is null or route = ?) order by at",
+                       [DRIFT_ACTION, route, route])
     return [{**json.loads(row["new_json"] or "{}"), "at": row["at"]} for row in rows]
 
 
