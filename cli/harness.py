@@ -19,7 +19,9 @@ def _run_demo(args: Any) -> int:
 
     from harness.demo.runner import DemoOptions, run_demo
 
-    overrides = {key: value for key, value in (("requests", args.requests), ("out", args.out)) if value is not None}
+    overrides = {key: value for key, value in (("requests", args.requests), ("out", args.out),
+                                               ("shift_at", args.shift_at), ("shift_share", args.shift_share))
+                 if value is not None}
     options = DemoOptions.quick_defaults(**overrides) if args.quick else DemoOptions(**overrides)
     console = Console()
     result = run_demo(options, console)
@@ -27,6 +29,8 @@ def _run_demo(args: Any) -> int:
                                                        "training_cost_usd", "net_savings_usd", "break_even_request")}
     console.print_json(json.dumps({"overall": result["overall"], "loop": result["loop"], "heldout": result["heldout"],
                                    "savings": savings, "rollout": result["rollout"]}))
+    if result.get("shift") is not None:
+        console.print(_shift_table(result["shift"]))
     console.print(_goals_table(result["goals"]))
     console.print(f"wrote {options.out / 'report.json'} and {options.out / 'savings.png'}")
     failed = result["overall"]["failed_requests"] + result["heldout"]["failed_requests"]
@@ -36,7 +40,8 @@ def _run_demo(args: Any) -> int:
 def _goals_table(goals: dict[str, dict[str, Any]]) -> Any:
     from rich.table import Table
 
-    table = Table(title="goals (issue 11)")
+    shifted = any(name.startswith("shift:") for name in goals)
+    table = Table(title="goals (issue 11" + ("; shift: issue 17)" if shifted else ")"))
     for column in ("goal", "figure", "target", "status", "note"):
         table.add_column(column)
     colours = {"met": "green", "not met": "red", "undefined": "yellow"}
@@ -47,11 +52,38 @@ def _goals_table(goals: dict[str, dict[str, Any]]) -> Any:
     return table
 
 
+def _shift_table(shift: dict[str, Any]) -> Any:
+    """The shift phase: when it came, when drift started a retrain, and the new intents'
+    figures before vs after the version promoted after it."""
+    from rich.table import Table
+
+    version = shift["version_after_drift"]
+    promoted = f"{version['version']} after request {version['promoted_after_request']:,}" if version else "—"
+    table = Table(title=f"shift at request {shift['at_request']:,}: {len(shift['held_back_intents'])} new intents; "
+                        f"first drift retrain after request {shift['first_drift_retrain_request'] or '—'}; "
+                        f"then promoted: {promoted}")
+    for column in ("new intents", "requests", "student share", "accuracy", "student's accuracy", "answered by"):
+        table.add_column(column)
+    for name, figures in (("before", shift["new_intents_before"]), ("after", shift["new_intents_after"]),
+                          ("held out (final)", shift.get("heldout_new_intents"))):
+        if figures is None:
+            table.add_row(name, "—", "—", "—", "—", "—")
+            continue
+        cells = [figures[key] for key in ("student_share", "accuracy", "student_accuracy")]
+        table.add_row(name, str(figures["requests"]), *("—" if cell is None else f"{cell:.1%}" for cell in cells),
+                      ", ".join(f"{v}: {n}" for v, n in sorted(figures["student_versions"].items())) or "teacher")
+    return table
+
+
 def _register_demo(subparsers: Any) -> None:
     parser = subparsers.add_parser("demo", help="the whole loop on CLINC150 traffic, measured")
     parser.add_argument("--requests", type=int, default=None, help="stream length (default 10000; quick 2000)")
     parser.add_argument("--quick", action="store_true", help="a short run (under 10 minutes); what CI runs")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default var/demo)")
+    parser.add_argument("--shift-at", type=int, default=None,
+                        help="the shift phase: held-back intents join the traffic from this request on (default: none)")
+    parser.add_argument("--shift-share", type=float, default=None,
+                        help="share of the intents held back until --shift-at (default 0.2: two CLINC150 domains)")
     parser.set_defaults(func=_run_demo)
 
 

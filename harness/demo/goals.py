@@ -94,6 +94,26 @@ def quick_goals(result: dict[str, Any]) -> dict[str, Goal]:
     }
 
 
+def shift_goals(result: dict[str, Any]) -> dict[str, Goal]:
+    """The shift phase (issue 17), when the run has one: drift starts a cycle early, and the
+    version promoted after it serves the new intents."""
+    failed, shift = _failed(result), result["shift"]
+    first = shift["first_drift_retrain_request"]
+    early = next((cycle["early"] for cycle in shift["drift_retrains"] if cycle["after_request"] == first), False)
+    after = shift["new_intents_after"] or {}
+    return {
+        "shift: drift starts a training cycle early after the shift": judge(
+            first if early else None, f">= {shift['at_request']}", lambda n: n >= shift["at_request"], failed,
+            missing=NOT_MET, missing_note="no drift-started cycle after the shift with fewer answers than "
+                                          "training.min_new_examples"),
+        "shift: the version promoted after it serves the new intents": judge(
+            after.get("student_share"), "> 0", lambda v: v > 0, failed, missing=NOT_MET,
+            missing_note="no version promoted after a drift-started cycle"),
+    }
+
+
 def goals(result: dict[str, Any], quick: bool) -> dict[str, dict[str, Any]]:
     chosen = quick_goals(result) if quick else full_goals(result)
+    if result.get("shift") is not None:
+        chosen = {**chosen, **shift_goals(result)}
     return {name: goal.to_dict() for name, goal in chosen.items()}

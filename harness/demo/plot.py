@@ -12,6 +12,30 @@ def _mark_promotions(axis: Any, result: dict[str, Any]) -> None:
     for position, request in enumerate(result["loop"]["promoted_after_request"]):
         axis.axvline(request, color="green", linestyle="--", linewidth=0.9,
                      label="promotion" if position == 0 else None)
+    _mark_shift(axis, result.get("shift"))
+
+
+def _mark_shift(axis: Any, shift: dict[str, Any] | None) -> None:
+    """The shift phase: where the held-back intents joined, and each drift-started cycle."""
+    if shift is None:
+        return
+    axis.axvline(shift["at_request"], color="tab:brown", linewidth=1.6,
+                 label=f"shift: {len(shift['held_back_intents'])} new intents join")
+    for position, cycle in enumerate(shift["drift_retrains"]):
+        axis.axvline(cycle["after_request"], color="crimson", linestyle=":", linewidth=1.4,
+                     label="drift starts a retrain" if position == 0 else None)
+
+
+def _shift_title(shift: dict[str, Any] | None) -> str:
+    """The new intents' student share and accuracy before vs after the version drift brought."""
+    if shift is None:
+        return ""
+    before, after, version = shift["new_intents_before"], shift["new_intents_after"], shift["version_after_drift"]
+    if after is None or version is None:
+        return "new intents: no version promoted after a drift-started retrain"
+    return (f"new intents before {version['version']}: student share {before['student_share'] or 0:.0%}, "
+            f"accuracy {before['accuracy'] or 0:.0%}; after: {after['student_share'] or 0:.0%}, "
+            f"{after['accuracy'] or 0:.0%}")
 
 
 def _runs(count: int) -> str:
@@ -51,7 +75,7 @@ def _net_panel(axis: Any, result: dict[str, Any]) -> None:
                    f"({_runs(len(savings['training']['runs']))})", fontsize=10)
 
 
-def _share_panel(axis: Any, phases: list[dict[str, Any]]) -> None:
+def _share_panel(axis: Any, phases: list[dict[str, Any]], shift: dict[str, Any] | None = None) -> None:
     x = [phase["first_request"] + phase["requests"] - 1 for phase in phases]
     axis.plot(x, [phase["in_scope_student_share"] or 0 for phase in phases], marker="o",
               label="student share of in-scope")
@@ -61,6 +85,9 @@ def _share_panel(axis: Any, phases: list[dict[str, Any]]) -> None:
     axis.plot(x, [phase["oos_sent_to_teacher"] or 0 for phase in phases], marker="^", label="OOS sent to teacher")
     axis.set_ylim(0, 1.05)
     axis.set_xlabel("requests")
+    if shift is not None:
+        _mark_shift(axis, shift)
+        axis.set_title(_shift_title(shift), fontsize=10)
     axis.legend(loc="lower right", fontsize=8)
 
 
@@ -74,7 +101,7 @@ def plot_savings(result: dict[str, Any], path: Path) -> None:
         3, 1, figsize=(10, 10), sharex=True, gridspec_kw={"height_ratios": [3, 2, 2]})
     _cost_panel(cost_axis, result)
     _net_panel(net_axis, result)
-    _share_panel(share_axis, result["phases"])
+    _share_panel(share_axis, result["phases"], result.get("shift"))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

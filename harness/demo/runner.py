@@ -32,12 +32,16 @@ from harness.demo import report
 from harness.demo.goals import FULL_LAST_WINDOW, goals
 from harness.demo.options import DemoOptions
 from harness.demo.savings import request_position, timeline, training_charges, training_summary
+from harness.demo.shift import drift_retrains, new_intent_figures, shift_section
 from harness.demo.stack import start_stack
 from harness.demo.traffic import (
     Outcome,
     Query,
     app_system_prompt,
+    demo_intents,
+    held_back_intents,
     heldout_queries,
+    load_domains,
     load_splits,
     send_all,
     traffic_stream,
@@ -48,8 +52,8 @@ __all__ = ["DemoOptions", "run_demo"]
 
 
 class LiveStats:
-    def __init__(self, total: int, store_path: Path) -> None:
-        self.total, self.store_path = total, store_path
+    def __init__(self, total: int, store_path: Path, shift_at: int | None = None) -> None:
+        self.total, self.store_path, self.shift_at = total, store_path, shift_at
         self.outcomes: list[Outcome] = []
         self.started = time.monotonic()
 
@@ -62,12 +66,23 @@ class LiveStats:
         except STORE_ERRORS:
             return 0.0, 0.0
 
+    def _shift_note(self) -> str:
+        """Where the stream is against the shift phase, and the drift-started cycles so far."""
+        if self.shift_at is None:
+            return ""
+        try:
+            cycles = len(drift_retrains(ReadOnlyStore(self.store_path), None))
+        except STORE_ERRORS:
+            cycles = 0
+        when = "new intents since" if len(self.outcomes) >= self.shift_at else "new intents from"
+        return f" — {when} request {self.shift_at:,}; drift retrains: {cycles}"
+
     def table(self) -> Table:
         recent = self.outcomes[-200:]
         served = [outcome for outcome in recent if outcome.error is None]
         cost, all_teacher = self._cost()
         table = Table(title=f"distillgate demo — {len(self.outcomes)}/{self.total} requests "
-                            f"({time.monotonic() - self.started:.0f}s)")
+                            f"({time.monotonic() - self.started:.0f}s){self._shift_note()}")
         for column in ("student share (last 200)", "accuracy (last 200)", "student version", "failed",
                        "cost $", "all-teacher-estimate $"):
             table.add_column(column)
@@ -82,7 +97,7 @@ class LiveStats:
 
 async def _stream_with_progress(client: openai.AsyncOpenAI, route: str, system_prompt: str, queries: list[Query],
                                 options: DemoOptions, console: Console) -> list[Outcome]:
-    stats = LiveStats(len(queries), options.out / "distillgate.db")
+    stats = LiveStats(len(queries), options.out / "distillgate.db", options.shift_at)
     with Live(stats.table(), console=console, refresh_per_second=2, transient=False) as live:
         async def refresh() -> None:
             while True:
@@ -136,9 +151,9 @@ def _loop_section(tally: dict[str, Any], sent_at: list[float], stream_end: float
 
 
 def _assemble(options: DemoOptions, settings: Settings, outcomes: list[Outcome], heldout_outcomes: list[Outcome],
-              references: list[report.Reference], stream_end: float) -> dict[str, Any]:
+              references: list[report.Reference], stream_end: float, held_back: list[str]) -> dict[str, Any]:
     """Every figure of the run, from the client's outcomes and the gateway's store."""
-    store = ReadOnlyStore(options.out / "distillgate.db")
+    store, route = ReadOnlyStore(options.out / "distillgate.db"), settings.routes[0].name
     tally, costs = reporting.loop_tally(store), reporting.request_costs(store)
     stream_refs, heldout_refs = references[:len(outcomes)], references[len(outcomes):]
     sent_at = sorted(outcome.sent_at for outcome in outcomes)
@@ -163,6 +178,11 @@ def _assemble(options: DemoOptions, settings: Settings, outcomes: list[Outcome],
         # demo sends none): counted from the store whatever the config.
         "rollout": {"canaries": canary_tally(store), "feedback": feedback_totals(store)},
     }
+    if options.shift_at is not None:
+        result["shift"] = {**shift_section(outcomes, options.shift_at, held_back, drift_retrains(store, route),
+                                           tally["versions"], stream_end, settings.routes[0].training.min_new_examples),
+                           "heldout_new_intents": new_intent_figures(
+                               [outcome for outcome in heldout_outcomes if outcome.query.label in held_back])}
     result["goals"] = goals(result, options.quick)
     return result
 
@@ -171,8 +191,13 @@ async def _run(options: DemoOptions, console: Console) -> dict[str, Any]:
     splits = load_splits(options.dataset)
     labels = sorted({query.label for query in splits["train"]})
     system_prompt = app_system_prompt(labels)
-    stream = traffic_stream(splits, options.requests, options.oos_rate, options.seed)
-    heldout = heldout_queries(splits, options.heldout_limit, options.seed)
+    intents = demo_intents(splits, options.intents, options.seed)
+    held_back = held_back_intents(intents, options.shift_share, options.seed, load_domains(options.dataset)) \
+        if options.shift_at is not None else []
+    chosen = intents if options.intents is not None else None
+    stream = traffic_stream(splits, options.requests, options.oos_rate, options.seed, intents=chosen,
+                            held_back=held_back, shift_at=None if options.shift_at is None else options.shift_at - 1)
+    heldout = heldout_queries(splits, options.heldout_limit, options.seed, intents=chosen)
     stack = await asyncio.to_thread(start_stack, options, progress=console.log)
     route = stack.settings.routes[0]
     try:
@@ -187,7 +212,7 @@ async def _run(options: DemoOptions, console: Console) -> dict[str, Any]:
         references = await _references(stack.reference_url, stream + heldout, route.teacher.prices, system_prompt)
     finally:
         stack.stop()
-    result = _assemble(options, stack.settings, outcomes, heldout_outcomes, references, stream_end)
+    result = _assemble(options, stack.settings, outcomes, heldout_outcomes, references, stream_end, held_back)
     return {"stream_wall_s": round(stream_wall_s, 1), **result}
 
 

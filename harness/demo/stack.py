@@ -71,6 +71,8 @@ def demo_config(options: DemoOptions, gateway_port: int, teacher_port: int, vllm
     route["teacher"].pop("api_base", None)  # the launched replay teacher's, from its port
     if options.shadow_rate is not None:
         route["shadow_rate"] = options.shadow_rate
+    if (drift := options.drift_overrides()) is not None:
+        route["drift"] = {**(route.get("drift") or {}), **drift}
     training = route.setdefault("training", {})
     training["interval_minutes"] = options.interval_minutes
     if options.min_new_examples is not None:

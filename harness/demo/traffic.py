@@ -11,7 +11,7 @@ import itertools
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,12 @@ def load_splits(path: Path) -> dict[str, list[Query]]:
     return {split: [Query(text, label) for text, label in pairs] for split, pairs in data.items()}
 
 
+def load_domains(dataset: Path) -> dict[str, list[str]] | None:
+    """CLINC150's domains (``domains.json`` beside the dataset): ten of 15 intents each."""
+    path = Path(dataset).with_name("domains.json")
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def app_system_prompt(labels: list[str]) -> str:
     return (
         "You are the intent classifier of a banking, travel and home assistant. Read the customer's "
@@ -62,23 +68,64 @@ def app_system_prompt(labels: list[str]) -> str:
     )
 
 
-def traffic_stream(splits: dict[str, list[Query]], requests: int, oos_rate: float, seed: int) -> list[Query]:
-    """Shuffled in-scope training utterances with out-of-scope ones mixed in at ``oos_rate``."""
+def demo_intents(splits: dict[str, list[Query]], count: int | None, seed: int) -> list[str]:
+    """The in-scope intents of the demo's app: all of CLINC150's, or ``count`` of them chosen by seed."""
+    labels = sorted({query.label for query in splits["train"]})
+    if count is None or count >= len(labels):
+        return labels
+    return sorted(random.Random(f"{seed}:intents").sample(labels, count))
+
+
+def held_back_intents(intents: list[str], share: float, seed: int,
+                      domains: dict[str, list[str]] | None = None) -> list[str]:
+    """The intents the shift phase holds back until its request: about ``share`` of them (at
+    least one, never all). Whole CLINC150 domains at a time when ``domains`` is given (a new
+    feature of an app brings a new kind of question: 2 of 10 domains are 20 % of the
+    intents), else single intents; chosen by seed."""
+    target = min(len(intents) - 1, max(1, round(share * len(intents))))
+    rng = random.Random(f"{seed}:held-back")
+    groups = [[intent for intent in domains[name] if intent in intents] for name in sorted(domains or {})]
+    groups = [group for group in groups if group] or [[intent] for intent in sorted(intents)]
+    if max(len(group) for group in groups) > target:  # domains too coarse for this share: single intents
+        groups = [[intent] for intent in sorted(intents)]
+    rng.shuffle(groups)
+    held: list[str] = []
+    for group in groups:
+        if len(held) + len(group) > target:
+            continue
+        held += group
+    return sorted(held)
+
+
+def traffic_stream(splits: dict[str, list[Query]], requests: int, oos_rate: float, seed: int, *,
+                   intents: Collection[str] | None = None, held_back: Collection[str] = (),
+                   shift_at: int | None = None) -> list[Query]:
+    """Shuffled in-scope training utterances with out-of-scope ones mixed in at ``oos_rate``.
+
+    ``intents``: only these in-scope intents (None: all). ``held_back`` intents are left out of
+    the requests before index ``shift_at`` (0-based) and join the mix from it on, at their
+    natural share: the shift phase. Without either the stream is the same as it always was."""
     rng = random.Random(seed)
-    in_scope = list(splits["train"])
+    in_scope = [query for query in splits["train"] if intents is None or query.label in intents]
     out_of_scope = list(splits.get("oos_train", [])) + list(splits.get("oos_val", []))
     rng.shuffle(in_scope)
     rng.shuffle(out_of_scope)
-    in_scope_cycle, out_of_scope_cycle = itertools.cycle(in_scope), itertools.cycle(out_of_scope)
-    return [
-        next(out_of_scope_cycle) if out_of_scope and rng.random() < oos_rate else next(in_scope_cycle)
-        for _ in range(requests)
-    ]
+    before = [query for query in in_scope if query.label not in held_back] if shift_at is not None else in_scope
+    in_scope_before, in_scope_after = itertools.cycle(before), itertools.cycle(in_scope)
+    out_of_scope_cycle = itertools.cycle(out_of_scope)
+    stream = []
+    for index in range(requests):
+        in_scope_cycle = in_scope_after if shift_at is not None and index >= shift_at else in_scope_before
+        stream.append(next(out_of_scope_cycle) if out_of_scope and rng.random() < oos_rate else next(in_scope_cycle))
+    return stream
 
 
-def heldout_queries(splits: dict[str, list[Query]], limit: int | None, seed: int) -> list[Query]:
-    """CLINC150's test + oos_test (never used as traffic), subsampled evenly when limited."""
-    test, oos_test = list(splits["test"]), list(splits["oos_test"])
+def heldout_queries(splits: dict[str, list[Query]], limit: int | None, seed: int,
+                    intents: Collection[str] | None = None) -> list[Query]:
+    """CLINC150's test + oos_test (never used as traffic; only the demo's ``intents`` when
+    given), subsampled evenly when limited."""
+    test = [query for query in splits["test"] if intents is None or query.label in intents]
+    oos_test = list(splits["oos_test"])
     if limit is not None and limit < len(test) + len(oos_test):
         rng = random.Random(seed)
         share = len(oos_test) / (len(test) + len(oos_test))
