@@ -12,6 +12,8 @@ distance to the nearest class centroid (when labels exist) 0.975, the default. M
 
 The default became k=1 after the near-OOD protocol (whole intents held out, eval-ood
 ``--protocol near``): k=1 beat k=5 on both protocols and with every embedder (README table).
+``knn_lda`` (a label-aware projection, linear discriminant directions) raised both protocols
+with every embedder and training size measured (README table).
 A detector remembers the embedder it was fitted with (``meta["embedder"]``: id and
 dimension); ``check_embedder`` refuses to pair it with another.
 """
@@ -105,15 +107,13 @@ class KNNDetector:
         self.mean = matrix.mean(axis=0).astype(np.float32)
         centred = self._centre(matrix)
         dims = max(1, min(self.dims, matrix.shape[1], len(matrix) - 1))
-        _, vectors = np.linalg.eigh(np.cov(centred.T.astype(np.float64)))
-        self.basis = np.ascontiguousarray(vectors[:, ::-1][:, :dims], dtype=np.float32)
+        self.basis = self._fit_basis(centred, labels, dims)
         self.bank = np.ascontiguousarray(self._project(centred))
         self.centroids, self.centroid_weight = None, 0.0
         sample = np.random.default_rng(0).permutation(len(matrix))[:_CALIBRATION_SAMPLE]
         train_scores = self._knn(self.bank[sample], exclude_self=True)
         if labels is not None and self.use_centroids and len(set(labels)) > 1:
-            means, _, _ = _class_means(centred, labels)
-            self.centroids = _normalize(means)
+            self.centroids = self._class_centroids(centred, labels)
             centroid_part = self._centroid(centred[sample])
             # Equal spread on the training data: same ranking as a sum of z-scores, but stays >= 0.
             self.centroid_weight = float(train_scores.std() / max(centroid_part.std(), 1e-6))
@@ -122,6 +122,15 @@ class KNNDetector:
                      "centroids": self.centroids is not None,
                      "threshold_keep_95": float(np.quantile(train_scores, 0.95))}
         return self
+
+    def _fit_basis(self, centred: np.ndarray, labels: Sequence[str] | None, dims: int) -> np.ndarray:
+        """The (dim, dims) projection: the top principal directions of the training prompts."""
+        _, vectors = np.linalg.eigh(np.cov(centred.T.astype(np.float64)))
+        return np.ascontiguousarray(vectors[:, ::-1][:, :dims], dtype=np.float32)
+
+    def _class_centroids(self, centred: np.ndarray, labels: Sequence[str]) -> np.ndarray:
+        means, _, _ = _class_means(centred, labels)
+        return _normalize(means)
 
     def attach_answers(self, answer_hashes: Sequence[int], vote_k: int) -> None:
         """Remember the teacher's answer to every training prompt (in fit order)."""
@@ -193,6 +202,56 @@ class KNNDetector:
         return save_detector(self, path)
 
 
+class LDAKNNDetector(KNNDetector):
+    """``knn`` in a space learned from the labels: linear discriminant directions.
+
+    The teacher's labels say which differences between prompts matter. Fit: the within-class
+    covariance of the centred prompts (shrunk toward a multiple of the identity, ``shrinkage``)
+    is whitened, and the top ``dims`` directions of the between-class scatter in that whitened
+    space replace ``knn``'s principal directions; the kNN and centroid parts are both scored in
+    it. At request time it is the same one small projection and bank product as ``knn`` (with
+    dims=64, the same size). Without labels (or one class) it falls back to ``knn``'s PCA.
+
+    CLINC150, static embedder: far-OOD AUROC 0.951 -> 0.957, near-OOD (20 % of intents held
+    out) 0.869 -> 0.887; it also wins with 10 % / 30 % held out, 3,000 prompts, onnx (README).
+    """
+
+    name = "knn_lda"
+
+    def __init__(self, k: int = 1, dims: int = 64, use_centroids: bool = True, shrinkage: float = 0.5) -> None:
+        super().__init__(k=k, dims=dims, use_centroids=use_centroids)
+        self.shrinkage = shrinkage
+
+    def _fit_basis(self, centred: np.ndarray, labels: Sequence[str] | None, dims: int) -> np.ndarray:
+        if labels is None or len(set(labels)) < 2:
+            return super()._fit_basis(centred, labels, dims)
+        matrix = centred.astype(np.float64)
+        means, index, _ = _class_means(matrix, labels)
+        residuals = matrix - means[index]
+        within = residuals.T @ residuals / len(matrix)
+        # Shrinkage: rare classes and few prompts leave directions with no spread to whiten.
+        size = within.shape[0]
+        within = (1 - self.shrinkage) * within + self.shrinkage * np.trace(within) / size * np.eye(size)
+        values, vectors = np.linalg.eigh(within)
+        whiten = vectors / np.sqrt(np.maximum(values, 1e-12))
+        between = (means - means.mean(axis=0)) @ whiten
+        # Past the first (classes - 1) directions the between-class scatter is zero: those
+        # kept are whitened within-class directions, still useful to the kNN part.
+        _, directions = np.linalg.eigh(between.T @ between)
+        return np.ascontiguousarray(whiten @ directions[:, ::-1][:, :dims], dtype=np.float32)
+
+    def _centroid(self, centred: np.ndarray) -> np.ndarray:
+        assert self.centroids is not None
+        return 1.0 - (self._project(centred) @ self.centroids.T).max(axis=1)
+
+    def _class_centroids(self, centred: np.ndarray, labels: Sequence[str]) -> np.ndarray:
+        means, _, _ = _class_means(self._project(centred), labels)
+        return _normalize(means)
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "shrinkage": self.shrinkage}
+
+
 class MahalanobisDetector:
     """Mahalanobis distance with a Ledoit-Wolf shrinkage covariance.
 
@@ -250,7 +309,8 @@ class MahalanobisDetector:
         return save_detector(self, path)
 
 
-DETECTORS: dict[str, type] = {KNNDetector.name: KNNDetector, MahalanobisDetector.name: MahalanobisDetector}
+DETECTORS: dict[str, type] = {KNNDetector.name: KNNDetector, LDAKNNDetector.name: LDAKNNDetector,
+                              MahalanobisDetector.name: MahalanobisDetector}
 DEFAULT_DETECTOR = KNNDetector.name
 
 
@@ -288,7 +348,8 @@ def load_detector(path: str | Path) -> Any:
     if header.get("format") != FORMAT_VERSION:
         raise ValueError(f"unsupported detector format {header.get('format')!r} in {path}")
     params = header.get("params", {})
-    init = {key: params[key] for key in ("k", "dims", "use_centroids")} if header["kind"] == "knn" else {}
+    init_keys = {"knn": ("k", "dims", "use_centroids"), "knn_lda": ("k", "dims", "use_centroids", "shrinkage")}
+    init = {key: params[key] for key in init_keys.get(header["kind"], ()) if key in params}
     detector = create_detector(header["kind"], **init)
     detector.restore(arrays, params)
     detector.meta = header.get("meta", {})

@@ -175,7 +175,7 @@ def test_bench_router_quick() -> None:
     report = json.loads(result.stdout)
     assert set(report["embedders"]) == {"static", "onnx"}
     for measured in report["embedders"].values():
-        assert set(measured["detectors"]) == {"knn", "mahalanobis"}
+        assert set(measured["detectors"]) == {"knn", "knn_lda", "mahalanobis"}
         assert measured["detectors"]["knn"]["auroc"] > 0.8 and 0.5 < measured["near_default"]["auroc"] <= 1.0
         assert measured["decide"]["single"]["p50_ms"] > 0 and measured["decide"]["concurrent"]["decisions_per_s"] > 0
         assert measured["decide"]["concurrent"]["concurrency"] == 64

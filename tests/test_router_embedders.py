@@ -49,16 +49,17 @@ def clinc_train() -> tuple[list[str], list[str]]:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("kind", ["static", "onnx", "minilm"])
+@pytest.mark.parametrize(("kind", "detector"), [("static", "knn"), ("onnx", "knn"), ("minilm", "knn"),
+                                               ("static", "knn_lda")])
 def test_every_embedder_gives_decisions_through_a_real_gateway(
-        kind: str, built: Path, clinc_train: tuple[list[str], list[str]], replay_teacher: str,
+        kind: str, detector: str, built: Path, clinc_train: tuple[list[str], list[str]], replay_teacher: str,
         make_settings: Callable[..., Settings], tmp_path: Path) -> None:
     from gateway.app import create_app
 
     settings = make_settings(replay_teacher, replay_teacher, route={"student": {"serve_base_model": True}},
                              router={"embedder": kind, "artifacts_dir": str(built)})
     # What the trainer does: fit with the embedder the config names.
-    path = fit_detector_for_texts(*clinc_train, "knn", tmp_path / "detector", create_embedder(settings.router))
+    path = fit_detector_for_texts(*clinc_train, detector, tmp_path / "detector", create_embedder(settings.router))
     threshold = load_detector(path).meta["threshold_keep_95"]
     app = create_app(settings)
     with UvicornThread(app) as server:
@@ -70,6 +71,7 @@ def test_every_embedder_gives_decisions_through_a_real_gateway(
                 model="clinc-intents", messages=[{"role": "user", "content": text}], max_tokens=8)
             targets[text] = (raw.headers["x-distillgate-target"], float(raw.headers["x-distillgate-ood-score"]))
     assert app.state.decider.embedder.id == create_embedder(settings.router).id
+    assert app.state.decider.detector("clinc-intents", "base").name == detector
     assert targets[IN_SCOPE][0] == "student" and targets[IN_SCOPE][1] <= threshold
     assert targets[OUT_OF_SCOPE][0] == "teacher" and targets[OUT_OF_SCOPE][1] > threshold
 
@@ -175,21 +177,24 @@ async def test_static_router_scores_a_lone_request_inline_and_batches_under_load
     router.close()
 
 
-@pytest.mark.parametrize("kind", ["static", "onnx"])
+@pytest.mark.parametrize(("kind", "detector"), [("static", "knn"), ("onnx", "knn"), ("static", "knn_lda")])
 def test_the_trainer_fits_with_the_embedder_the_config_names(
-        kind: str, built: Path, clinc_train: tuple[list[str], list[str]], tmp_path: Path) -> None:
+        kind: str, detector: str, built: Path, clinc_train: tuple[list[str], list[str]], tmp_path: Path) -> None:
     from types import SimpleNamespace
 
     from trainer.pipeline import Trainer
 
     settings = parse_settings({"store": {"path": str(tmp_path / "db.sqlite")},
                                "router": {"embedder": kind, "artifacts_dir": str(built)},
-                               "routes": [{"name": "r", "teacher": {"model": "openai/x"}}]})
+                               "routes": [{"name": "r", "teacher": {"model": "openai/x"}, "ood_detector": detector,
+                                           "labels_dataset": str(CLINC)}]})
     store = SQLiteStore(settings.store.path)
     examples = [SimpleNamespace(prompt_text=text, answer=label) for text, label in zip(*clinc_train, strict=True)]
     path = Trainer(settings, store, progress=False)._fit_detector(settings.routes[0], SimpleNamespace(train=examples),
                                                                   tmp_path / "detector")
     store.close()
     served_with = create_embedder(settings.router)
-    assert load_detector(path).meta["embedder"] == {"id": served_with.id, "dim": served_with.dim}
+    fitted = load_detector(path)
+    assert fitted.name == detector and fitted.centroids is not None  # fitted with the teacher's labels
+    assert fitted.meta["embedder"] == {"id": served_with.id, "dim": served_with.dim}
     OODRouter(served_with).load_detector("r", "v1", path)  # the gateway takes what the trainer fitted

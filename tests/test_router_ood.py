@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.config import parse_settings
+from core.config_base import ConfigError
 from router.embeddings import Embedder
 from router.eval_ood import ood_metrics
 from router.learned import LearnedRouter
@@ -39,7 +41,7 @@ def subset(embedder: Embedder) -> dict[str, object]:
     }
 
 
-@pytest.mark.parametrize(("kind", "minimum"), [("knn", 0.9), ("mahalanobis", 0.85)])
+@pytest.mark.parametrize(("kind", "minimum"), [("knn", 0.9), ("knn_lda", 0.9), ("mahalanobis", 0.85)])
 def test_detector_separates_in_scope_from_out_of_scope(subset: dict, kind: str, minimum: float) -> None:
     detector = create_detector(kind).fit(subset["train_x"], subset["train_y"])
     in_scores, oos_scores = detector.score(subset["test_x"]), detector.score(subset["oos_x"])
@@ -134,3 +136,44 @@ def test_learned_router_learns_agreement_and_round_trips(tmp_path: Path) -> None
     assert p[scores < 0.3].mean() > 0.7 and p[scores > 0.7].mean() < 0.3
     loaded = LearnedRouter.load(model.save(tmp_path / "learned"))
     np.testing.assert_allclose(loaded.predict_agree(embeddings[:5], scores[:5]), p[:5], rtol=1e-5)
+
+
+def test_knn_lda_separates_held_out_intents_better_than_knn() -> None:
+    """The label-aware space beats plain kNN on unknown intents that look like known ones
+    (30 CLINC150 intents, 40 prompts each, static embedder, 20 % held out, seeds 0-2:
+    measured 0.964 -> 0.976 mean AUROC)."""
+    from router.artifacts import create_embedder, ensure_embedder
+    from router.eval_ood import held_out_intents
+    from tests.helpers import ROOT
+
+    artifacts = ROOT / "var" / "models" / "router"
+    ensure_embedder("static", artifacts)
+    static = create_embedder(parse_settings({"router": {"embedder": "static", "artifacts_dir": str(artifacts)},
+                                             "routes": [{"name": "r", "teacher": {"model": "openai/x"}}]}).router)
+    data = json.loads(CLINC.read_text())
+    intents = sorted({intent for _, intent in data["train"]})[::5]
+    train = [row for intent in intents for row in [r for r in data["train"] if r[1] == intent][:40]]
+    test = [row for row in data["test"] if row[1] in intents]
+    train_x, test_x = static.encode([t for t, _ in train]), static.encode([t for t, _ in test])
+    aurocs: dict[str, list[float]] = {"knn": [], "knn_lda": []}
+    for seed in (0, 1, 2):
+        held = held_out_intents(intents, 0.2, seed)
+        fit = [n for n, (_, intent) in enumerate(train) if intent not in held]
+        unknown = np.array([intent in held for _, intent in test])
+        for kind, values in aurocs.items():
+            scores = create_detector(kind).fit(train_x[fit], [train[n][1] for n in fit]).score(test_x)
+            values.append(ood_metrics(scores[~unknown], scores[unknown])["auroc"])
+    assert np.mean(aurocs["knn_lda"]) > np.mean(aurocs["knn"]) + 0.005, aurocs
+
+
+def test_knn_lda_without_labels_is_knn(subset: dict) -> None:
+    plain = create_detector("knn").fit(subset["train_x"])
+    lda = create_detector("knn_lda").fit(subset["train_x"])
+    np.testing.assert_allclose(lda.score(subset["oos_x"]), plain.score(subset["oos_x"]), rtol=1e-5)
+
+
+def test_route_config_names_the_detector_kinds() -> None:
+    route = {"name": "r", "teacher": {"model": "openai/x"}}
+    assert parse_settings({"routes": [{**route, "ood_detector": "knn_lda"}]}).routes[0].ood_detector == "knn_lda"
+    with pytest.raises(ConfigError, match="ood_detector"):
+        parse_settings({"routes": [{**route, "ood_detector": "lda"}]})
