@@ -20,6 +20,9 @@ Knobs that make it behave like a real provider:
 * usage: token counts are a deterministic approximation (word/punctuation pieces plus a
   per-message overhead, like OpenAI's chat format), so cost accounting is exercised.
 * ``logprobs``/``top_logprobs``: a plausible per-token ``logprobs.content`` for the answer.
+* tools: a request that offers ``tools`` is answered with OpenAI ``tool_calls`` that call the
+  tool named after the utterance's intent (``harness/replay_tools.py``: ``tool_choice``,
+  arguments, out-of-scope utterances).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.answers import normalize_answer
 from core.prompting import content_text, user_text
+from harness.replay_tools import decide_call, offered_functions, tool_calls_answer
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +83,8 @@ class ChatRequest(BaseModel):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
 
 
 def _unit_hash(*parts: object) -> float:
@@ -107,13 +113,14 @@ class LabelBook:
     def true_label(self, utterance: str) -> str:
         return self.answers.get(normalize_answer(utterance), OUT_OF_SCOPE)
 
-    def answer(self, utterance: str, accuracy: float, seed: int) -> str:
-        """The true label, or with probability ``1 - accuracy`` a wrong one, fixed per (seed, utterance)."""
+    def answer(self, utterance: str, accuracy: float, seed: int, candidates: list[str] | None = None) -> str:
+        """The true label, or with probability ``1 - accuracy`` a wrong one, fixed per (seed, utterance).
+        A wrong one is drawn from ``candidates`` (default: every label), e.g. the offered tools."""
         truth = self.true_label(utterance)
         key = normalize_answer(utterance)
-        if _unit_hash(seed, "wrong?", key) < accuracy or len(self.labels) < 2:
+        others = [label for label in (candidates or self.labels) if label != truth]
+        if _unit_hash(seed, "wrong?", key) < accuracy or not others:
             return truth
-        others = [label for label in self.labels if label != truth]
         return others[int(_unit_hash(seed, "which", key) * len(others))]
 
 
@@ -196,14 +203,21 @@ class ReplayTeacher:
 
     def complete(self, request: ChatRequest) -> dict[str, Any]:
         """Everything a response needs, shared by the streamed and the plain shapes."""
-        answer = self.book.answer(user_text(request.messages), self.options.accuracy, self.options.seed)
+        utterance = user_text(request.messages)
+        call, answer = decide_call(self.book, utterance, request.tools, request.tool_choice,
+                                   self.options.accuracy, self.options.seed)
+        tool_calls = None
+        if call is not None:
+            tool_calls = tool_calls_answer(call, offered_functions(request.tools).get(call, {}), utterance,
+                                           f"call_{uuid.uuid4().hex[:24]}")
+            answer = tool_calls[0]["function"]["name"] + tool_calls[0]["function"]["arguments"]
         tokens = answer_tokens(answer)
         limit = request.max_completion_tokens or request.max_tokens
         finish_reason = "stop"
         if limit is not None and limit < len(tokens):
             tokens, finish_reason = tokens[:limit], "length"
         logprobs = None
-        if request.logprobs:
+        if request.logprobs and tool_calls is None:
             logprobs = token_logprobs(tokens, self.book.labels, request.top_logprobs or 0, self.options.seed)
         prompt_tokens = count_prompt_tokens(request.messages)
         return {
@@ -211,17 +225,24 @@ class ReplayTeacher:
             "created": int(time.time()),
             "model": request.model or self.options.model_name,
             "tokens": tokens,
-            "finish_reason": finish_reason,
+            "finish_reason": "tool_calls" if tool_calls is not None else finish_reason,
+            "tool_calls": tool_calls,
             "logprobs": logprobs,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
                       "total_tokens": prompt_tokens + len(tokens)},
         }
 
 
+def _message(result: dict[str, Any]) -> dict[str, Any]:
+    if result.get("tool_calls"):
+        return {"role": "assistant", "content": None, "refusal": None, "tool_calls": result["tool_calls"]}
+    return {"role": "assistant", "content": "".join(result["tokens"]), "refusal": None}
+
+
 def completion_body(result: dict[str, Any]) -> dict[str, Any]:
     choice = {
         "index": 0,
-        "message": {"role": "assistant", "content": "".join(result["tokens"]), "refusal": None},
+        "message": _message(result),
         "logprobs": {"content": result["logprobs"], "refusal": None} if result["logprobs"] is not None else None,
         "finish_reason": result["finish_reason"],
     }
@@ -245,7 +266,14 @@ async def stream_events(result: dict[str, Any], include_usage: bool) -> AsyncIte
         return [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
 
     yield _chunk(result, choice({"role": "assistant", "content": ""}), None, include_usage)
-    for index, token in enumerate(result["tokens"]):
+    for index, call in enumerate(result.get("tool_calls") or []):  # OpenAI: name first, then arguments
+        function = call["function"]
+        yield _chunk(result, choice({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                                     "function": {"name": function["name"], "arguments": ""}}]}),
+                     None, include_usage)
+        yield _chunk(result, choice({"tool_calls": [{"index": index, "function": {"arguments": function["arguments"]}}]}),
+                     None, include_usage)
+    for index, token in enumerate([] if result.get("tool_calls") else result["tokens"]):
         logprobs = {"content": [result["logprobs"][index]], "refusal": None} if result["logprobs"] else None
         yield _chunk(result, choice({"content": token}, logprobs), None, include_usage)
     yield _chunk(result, choice({}, finish_reason=result["finish_reason"]), None, include_usage)
