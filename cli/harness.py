@@ -20,7 +20,8 @@ def _run_demo(args: Any) -> int:
     from harness.demo.runner import DemoOptions, run_demo
 
     overrides = {key: value for key, value in (("requests", args.requests), ("out", args.out),
-                                               ("shift_at", args.shift_at), ("shift_share", args.shift_share))
+                                               ("shift_at", args.shift_at), ("shift_share", args.shift_share),
+                                               ("tools", args.tools))
                  if value is not None}
     options = DemoOptions.quick_defaults(**overrides) if args.quick else DemoOptions(**overrides)
     console = Console()
@@ -32,7 +33,13 @@ def _run_demo(args: Any) -> int:
     if result.get("shift") is not None:
         console.print(_shift_table(result["shift"]))
     console.print(_goals_table(result["goals"]))
-    console.print(f"wrote {options.out / 'report.json'} and {options.out / 'savings.png'}")
+    if "tools" in result:
+        from harness.demo.tools_route import console_table
+
+        console.print(console_table(result["tools"]))
+        console.print_json(json.dumps({"tools": {key: result["tools"][key] for key in ("overall", "versions")}}))
+    console.print(f"wrote {options.out / 'report.json'} and {options.out / 'savings.png'}"
+                  + (f" and {options.out / 'tools.png'}" if "tools" in result else ""))
     failed = result["overall"]["failed_requests"] + result["heldout"]["failed_requests"]
     return 0 if failed == 0 else 1
 
@@ -84,6 +91,8 @@ def _register_demo(subparsers: Any) -> None:
                         help="the shift phase: held-back intents join the traffic from this request on (default: none)")
     parser.add_argument("--shift-share", type=float, default=None,
                         help="share of the intents held back until --shift-at (default 0.2: two CLINC150 domains)")
+    parser.add_argument("--tools", action="store_true", default=None,
+                        help="add the tool-calling route (clinc-tools) beside the main one; writes tools.png")
     parser.set_defaults(func=_run_demo)
 
 

@@ -402,7 +402,7 @@ def loop_tally(store: Queryable) -> dict[str, Any]:
     shadow = store.query("select coalesce(sum(cost_usd), 0.0) as cost, count(*) as n from shadow_results")[0]
     runs = store.query("select count(*) as n from training_runs")[0]["n"]
     swaps = store.query("select count(*) as n from student_versions where promoted_at is not null")[0]["n"]
-    versions = store.query("select version, status, note, metrics_json, train_examples, created_at, promoted_at "
+    versions = store.query("select route, version, status, note, metrics_json, train_examples, created_at, promoted_at "
                            "from student_versions order by created_at")
     return {"shadow_cost_usd": float(shadow["cost"]), "shadow_requests": int(shadow["n"]),
             "retrains": int(runs), "swaps": int(swaps), "versions": versions}

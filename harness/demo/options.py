@@ -44,6 +44,11 @@ class DemoOptions(BaseModel):
     interval_minutes: float = Field(0.25, gt=0)
     shadow_rate: float | None = Field(None, ge=0, le=1, description="None: the route's own")
     seed: int = 0
+    # The tool-calling route (harness/demo/tools_route.py), opt-in: its training runs share
+    # the machine with the main route's.
+    tools: bool = False
+    tools_share: float = Field(0.1, gt=0, le=1, description="the tool stream's length and rate, per main request")
+    tools_min_new_examples: int = Field(150, ge=1)
     # The app's in-scope intents: None, all of CLINC150's 150; else this many, chosen by seed
     # (a small app, as the shift test runs).
     intents: int | None = Field(None, ge=2)

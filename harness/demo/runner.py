@@ -28,7 +28,7 @@ from core.config import Prices, Settings
 from core.store import STORE_ERRORS, reporting
 from core.store.canaries import canary_tally, feedback_totals
 from core.store.sqlite import ReadOnlyStore
-from harness.demo import report
+from harness.demo import report, tools_route
 from harness.demo.goals import FULL_LAST_WINDOW, goals
 from harness.demo.options import DemoOptions
 from harness.demo.savings import request_position, timeline, training_charges, training_summary
@@ -155,6 +155,9 @@ def _assemble(options: DemoOptions, settings: Settings, outcomes: list[Outcome],
     """Every figure of the run, from the client's outcomes and the gateway's store."""
     store, route = ReadOnlyStore(options.out / "distillgate.db"), settings.routes[0].name
     tally, costs = reporting.loop_tally(store), reporting.request_costs(store)
+    # The main route's versions only (with --tools the tool route has its own, in "tools").
+    tally["versions"] = [row for row in tally["versions"] if row.get("route", settings.routes[0].name)
+                         == settings.routes[0].name]
     stream_refs, heldout_refs = references[:len(outcomes)], references[len(outcomes):]
     sent_at = sorted(outcome.sent_at for outcome in outcomes)
     charges = training_charges(reporting.training_compute(store), settings.costs, stream_end)
@@ -203,7 +206,11 @@ async def _run(options: DemoOptions, console: Console) -> dict[str, Any]:
     try:
         client = _client(stack.gateway_url, stack.credentials.client_key)
         started = time.monotonic()
+        tool_traffic = tools_route.start_tool_traffic(
+            client, splits, options.requests, options.rate_per_s, options.tools_share, options.oos_rate,
+            options.seed) if options.tools else None
         outcomes = await _stream_with_progress(client, route.name, system_prompt, stream, options, console)
+        tool_outcomes = await tool_traffic if tool_traffic is not None else []
         stream_end, stream_wall_s = time.time(), time.monotonic() - started
         console.log(f"stream done in {stream_wall_s:.0f}s; evaluating on {len(heldout)} held-out queries")
         # With the key not trusted for training: no version is trained on the held-out queries.
@@ -213,6 +220,9 @@ async def _run(options: DemoOptions, console: Console) -> dict[str, Any]:
     finally:
         stack.stop()
     result = _assemble(options, stack.settings, outcomes, heldout_outcomes, references, stream_end, held_back)
+    if options.tools:
+        phase = max(1, round(options.phase_size * options.tools_share))
+        result["tools"] = tools_route.tools_section(tool_outcomes, ReadOnlyStore(options.out / "distillgate.db"), phase)
     return {"stream_wall_s": round(stream_wall_s, 1), **result}
 
 
@@ -239,4 +249,6 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
     from harness.demo.plot import plot_savings
 
     plot_savings(result, options.out / "savings.png")
+    if "tools" in result:
+        tools_route.plot_tools(result["tools"], options.out / "tools.png")
     return result

@@ -23,6 +23,7 @@ import yaml
 from core.config import Settings, parse_settings
 from harness.children import ROOT, Child, free_port, python_module
 from harness.demo.options import DemoOptions
+from harness.demo.tools_route import add_tool_route
 
 ENV_PREFIX = "DISTILLGATE_"
 
@@ -88,6 +89,8 @@ def demo_config(options: DemoOptions, gateway_port: int, teacher_port: int, vllm
     vllm.update(url=f"http://127.0.0.1:{vllm_port}", model_dir=_absolute(vllm.get("model_dir", "var/models/base")),
                 python=_absolute(vllm.get("python", ".venv-vllm/bin/python")))
     route.setdefault("student", {}).pop("base_model", None)  # vllm.model_dir names it
+    if options.tools:
+        add_tool_route(base, options.tools_min_new_examples)
     base["replay_teacher"] = {**(base.get("replay_teacher") or {}), "launch": True, "port": teacher_port,
                               "latency_ms": options.teacher_latency_ms,
                               "latency_jitter_ms": options.teacher_latency_ms / 3,
