@@ -268,3 +268,22 @@ def test_student_requests_cost_less_than_teacher_requests(demo_out: Path) -> Non
     assert rows == report_["overall"]["requests"] + report_["heldout"]["queries"]
     assert averages["teacher"] > 0 and "student" in averages
     assert averages["student"] < averages["teacher"]
+
+
+async def test_paced_traffic_keeps_query_order_and_reports_each_outcome() -> None:
+    """Both demo streams (the main route's and the tool route's) send through ``paced``: with
+    several workers the answers finish out of order, and the results still come back in order."""
+    import asyncio
+
+    from harness.demo.traffic import paced
+
+    queries = [Query(f"utterance {index}", "balance") for index in range(12)]
+    seen: list[int] = []
+
+    async def send(index: int, query: Query) -> tuple[int, str]:
+        await asyncio.sleep(0.001 * (12 - index))  # later queries answer sooner
+        return index, query.text
+
+    results = await paced(queries, send, concurrency=4, rate_per_s=None, on_outcome=lambda r: seen.append(r[0]))
+    assert results == [(index, f"utterance {index}") for index in range(12)]
+    assert sorted(seen) == list(range(12)) and seen != list(range(12))

@@ -26,7 +26,7 @@ import openai
 
 from core.store import STORE_ERRORS
 from core.store.sqlite import ReadOnlyStore
-from harness.demo.traffic import Query
+from harness.demo.traffic import Query, paced
 from harness.replay_tools import tool_arguments
 
 TOOL_ROUTE = "clinc-tools"
@@ -111,19 +111,10 @@ async def _send_one(client: openai.AsyncOpenAI, index: int, query: Query) -> Too
 async def send_tool_traffic(client: openai.AsyncOpenAI, queries: list[Query], rate_per_s: float | None,
                             concurrency: int = 4) -> list[ToolOutcome]:
     """The tool route's stream at its own rate, beside the main one; outcomes in query order."""
-    outcomes: list[ToolOutcome | None] = [None] * len(queries)
-    cursor = iter(enumerate(queries))
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+    async def send(index: int, query: Query) -> ToolOutcome:
+        return await _send_one(client, index, query)
 
-    async def worker() -> None:
-        for index, query in cursor:
-            if rate_per_s:
-                await asyncio.sleep(max(0.0, started + index / rate_per_s - loop.time()))
-            outcomes[index] = await _send_one(client, index, query)
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return [outcome for outcome in outcomes if outcome is not None]
+    return await paced(queries, send, concurrency, rate_per_s)
 
 
 def _share(outcomes: list[ToolOutcome], right: str) -> float | None:

@@ -11,14 +11,15 @@ import itertools
 import json
 import random
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import openai
 
 OUT_OF_SCOPE = "oos"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,17 @@ async def send_all(client: openai.AsyncOpenAI, route: str, system_prompt: str, q
                    rate_per_s: float | None = None) -> list[Outcome]:
     """Send every query with at most ``concurrency`` in flight and, when ``rate_per_s`` is set,
     at that arrival rate (traffic spread over time, as an app's is); outcomes in query order."""
-    outcomes: list[Outcome | None] = [None] * len(queries)
+    async def send(index: int, query: Query) -> Outcome:
+        return await _send_one(client, route, system_prompt, index, query)
+
+    return await paced(queries, send, concurrency, rate_per_s, on_outcome)
+
+
+async def paced(queries: list[Query], send: Callable[[int, Query], Awaitable[T]], concurrency: int,
+                rate_per_s: float | None = None, on_outcome: Callable[[T], None] | None = None) -> list[T]:
+    """``send`` each query, at most ``concurrency`` in flight, at ``rate_per_s`` (None: as fast
+    as they go); results in query order."""
+    outcomes: list[T | None] = [None] * len(queries)
     cursor = iter(enumerate(queries))
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -166,7 +177,7 @@ async def send_all(client: openai.AsyncOpenAI, route: str, system_prompt: str, q
         for index, query in cursor:
             if rate_per_s:
                 await asyncio.sleep(max(0.0, started + index / rate_per_s - loop.time()))
-            outcome = await _send_one(client, route, system_prompt, index, query)
+            outcome = await send(index, query)
             outcomes[index] = outcome
             if on_outcome:
                 on_outcome(outcome)
