@@ -114,3 +114,30 @@ def test_percentile_is_within_the_stated_bound() -> None:
             exact = values[max(0, math.ceil(quantile * len(values)) - 1)]
             read = rollup_reads.percentile(counts, quantile)
             assert (read is not None and exact / BOUND <= read <= exact * BOUND) or exact >= 2 ** 18
+
+
+@pytest.mark.parametrize("width", [60, 900, 3600, 6 * 3600, 86400, 7 * 86400])
+def test_cost_series_from_the_tiers_equals_the_raw_log(store_backend: StoreBackend, width: int) -> None:
+    """Each bucket width reads the tiers that fit in it; the figures are the raw query's."""
+    store = store_backend.open()
+    store.insert_requests(_rows(600))
+    for start in (0.0, BASE + 86400 * 2 + 3 * 3600 + 7.5):
+        tiers = rollup_reads.cost_series_tiers(width)
+        got = store.query(rollup_reads.cost_series_sql(tiers, store.dialect.floor_div("t", "?")),
+                          [width, width, *rollup_reads.window_params(start, ["a"], tiers=tiers)])
+        raw = store.query(reporting._COST_SERIES_SQL.format(bucket=store.dialect.floor_div("created_at", "?")),
+                          [width, width, "a", start])
+        assert got and (len(got) > 1 or width == 7 * 86400)
+        _close([{**r, "bucket": float(r["bucket"])} for r in got], [{**r, "bucket": float(r["bucket"])} for r in raw])
+
+
+def test_month_spend_from_the_tiers_equals_the_raw_log(store_backend: StoreBackend) -> None:
+    store = store_backend.open()
+    month = 1_701_388_800.0  # 2023-12-01 UTC
+    shift = month - 3.3 * 86400 - BASE  # the month starts mid-log
+    store.insert_requests([{**r, "created_at": r["created_at"] + shift} for r in _rows(600)])
+    now = month + 5 * 86400
+    raw = {r["client_key_id"]: r["cost_usd"] for r in store.query(reporting._KEY_SPEND_SQL, [month])}
+    got = reporting.month_spend_by_key(store, now)
+    assert got.keys() == raw.keys() == {"k1", "k2"}
+    assert all(got[key] == pytest.approx(raw[key], abs=1e-9) for key in raw)

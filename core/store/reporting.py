@@ -262,8 +262,8 @@ def month_start_utc(now: float | None = None) -> float:
 
 def month_spend_by_key(store: Queryable, now: float | None = None) -> dict[str, float]:
     """Each client key's spend (sum of its requests' ``cost_usd``) this calendar month, UTC."""
-    return {row["client_key_id"]: float(row["cost_usd"])
-            for row in store.query(_KEY_SPEND_SQL, [month_start_utc(now)])}
+    rows = store.query(_KEY_SUMMARY_ROLLUP_SQL, rollup_reads.params(month_start_utc(now)))
+    return {row["client_key_id"]: float(row["cost_usd"]) for row in rows if row["client_key_id"] is not None}
 
 
 def known_routes(store: Queryable) -> list[str]:
@@ -289,8 +289,10 @@ def cost_series(store: Queryable, route: str, since_s: float | None = None,
         return []
     width = _bucket_seconds(now - max(start, first))
     points, cost, teacher_cost = [], 0.0, 0.0
-    query = _COST_SERIES_SQL.format(bucket=store.dialect.floor_div("created_at", "?"))
-    for row in store.query(query, [width, width, route, start]):
+    # From the rollup tiers whose rows each fall in one bucket (_COST_SERIES_SQL is the raw reference).
+    tiers = rollup_reads.cost_series_tiers(width)
+    query = rollup_reads.cost_series_sql(tiers, store.dialect.floor_div("t", "?"))
+    for row in store.query(query, [width, width, *rollup_reads.window_params(start, [route], tiers=tiers)]):
         cost += row["cost_usd"]
         teacher_cost += row["teacher_cost_usd"]
         points.append({**row, "bucket_s": width, "cumulative_cost_usd": cost,

@@ -8,10 +8,11 @@ histograms, within the bucket error stated in ``percentile``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Protocol
 
-from core.store.rollups import BUCKET_COLUMNS, DAY, HOUR, LATENCY_EDGES_MS, MINUTE, bucket_of
+from core.store.rollups import BUCKET_COLUMNS, LATENCY_EDGES_MS, TIERS, Tier, bucket_of
 
 
 class _Queryable(Protocol):
@@ -25,21 +26,49 @@ _RAW_COUNTERS = """1, case when status_code >= 400 then 1 else 0 end, case when 
          coalesce(teacher_cost_usd, 0.0)"""
 
 
-def _tiers_union(columns: str) -> str:
-    """The three tiers' rows in the window (params from ``params``, less the raw edge's two)."""
-    return f"""
-  select {columns} from {MINUTE.table} where minute >= ? and minute < ?
-  union all
-  select {columns} from {HOUR.table} where hour >= ? and hour < ?
-  union all
-  select {columns} from {DAY.table} where day >= ?"""
+def tier_bounds(start: float, tiers: tuple[Tier, ...] = TIERS) -> list[int]:
+    """The first whole minute at or after ``start``, the first whole hour at or after that, ...
+    each in its own tier's unit."""
+    bounds = [math.ceil(start / tiers[0].seconds)]
+    for finer, coarser in itertools.pairwise(tiers):
+        bounds.append(math.ceil(bounds[-1] * finer.seconds / coarser.seconds))
+    return bounds
 
 
-_WINDOW_ROWS = "select route, client_key_id, " + _COUNTERS + " from (" + _tiers_union(
-    "route, client_key_id, " + _COUNTERS) + """
-  union all
-  select route, coalesce(client_key_id, ''), """ + _RAW_COUNTERS + """
-  from requests where created_at >= ? and created_at < ?) window_rows"""
+def window_sql(tier_columns: str, raw_columns: str | None = None, where: str = "",
+               tiers: tuple[Tier, ...] = TIERS) -> str:
+    """A union of the rows covering ``created_at >= start``: each tier from its bound to the
+    next coarser tier's, the coarsest to the end, then (with ``raw_columns``) the raw rows of
+    the part-minute at the start. ``{time}`` in the columns is the part's time in seconds;
+    ``where`` (``and ...``) filters every part. Params: ``window_params``, then each part's
+    ``where`` params after its own (``window_params`` interleaves them)."""
+    parts = []
+    for index, tier in enumerate(tiers):
+        upper = f" and {tier.key} < ?" if index + 1 < len(tiers) else ""
+        # In floating point: an INTEGER product would overflow PostgreSQL's 32 bits in 2038.
+        columns = tier_columns.format(time=f"{tier.key} * {float(tier.seconds)!r}")
+        parts.append(f"select {columns} from {tier.table} where {tier.key} >= ?{upper} {where}")
+    if raw_columns is not None:
+        parts.append(f"select {raw_columns.format(time='created_at')} from requests "
+                     f"where created_at >= ? and created_at < ? {where}")
+    return "\n  union all\n  ".join(parts)
+
+
+def window_params(start: float, where_params: list[Any] | None = None, raw: bool = True,
+                  tiers: tuple[Tier, ...] = TIERS) -> list[Any]:
+    bounds, extra, result = tier_bounds(start, tiers), where_params or [], []
+    for index, tier in enumerate(tiers):
+        result.append(bounds[index])
+        if index + 1 < len(tiers):
+            result.append(bounds[index + 1] * tiers[index + 1].seconds // tier.seconds)
+        result += extra
+    if raw:
+        result += [start, bounds[0] * tiers[0].seconds * 1.0, *extra]
+    return result
+
+
+_WINDOW_ROWS = "select route, client_key_id, " + _COUNTERS + " from (" + window_sql(
+    "route, client_key_id, " + _COUNTERS, "route, coalesce(client_key_id, ''), " + _RAW_COUNTERS) + ") window_rows"
 _SUMS = """
        sum(requests) as requests, sum(errors) as errors, sum(student_requests) as student_requests,"""
 SUMMARY_SQL = "select route," + _SUMS + """
@@ -51,7 +80,7 @@ KEY_SUMMARY_SQL = "select nullif(client_key_id, '') as client_key_id," + _SUMS +
 from (""" + _WINDOW_ROWS + """) summed group by nullif(client_key_id, '')
 order by cost_usd desc, client_key_id"""
 HISTOGRAM_SQL = ("select route, target, " + ", ".join(f"sum({c}) as {c}" for c in BUCKET_COLUMNS)
-                 + " from (" + _tiers_union("route, target, " + ", ".join(BUCKET_COLUMNS))
+                 + " from (" + window_sql("route, target, " + ", ".join(BUCKET_COLUMNS))
                  + ") window_rows group by route, target")
 _EDGE_LATENCY_SQL = """
 select route, coalesce(target, '') as target, latency_ms from requests
@@ -59,21 +88,26 @@ where created_at >= ? and created_at < ? and latency_ms is not null
 """
 
 
-def tier_bounds(start: float) -> tuple[int, int, int]:
-    """The first whole minute, hour and day at or after ``start``."""
-    first_minute = math.ceil(start / 60)
-    first_hour = math.ceil(first_minute / 60)
-    return first_minute, first_hour, math.ceil(first_hour / 24)
-
-
-def _tier_params(start: float) -> list[Any]:
-    minute, hour, day = tier_bounds(start)
-    return [minute, hour * 60, hour, day * 24, day]
-
-
 def params(start: float) -> list[Any]:
     """Parameters of ``SUMMARY_SQL`` and ``KEY_SUMMARY_SQL`` for the window ``created_at >= start``."""
-    return [*_tier_params(start), start, tier_bounds(start)[0] * 60.0]
+    return window_params(start)
+
+
+def cost_series_tiers(width_s: int) -> tuple[Tier, ...]:
+    """The tiers whose rows each fall in one ``width_s`` bucket: those whose width divides it."""
+    return tuple(tier for tier in TIERS if width_s % tier.seconds == 0)
+
+
+def cost_series_sql(tiers: tuple[Tier, ...], floor_div: str) -> str:
+    """Per bucket (``floor_div``: the dialect's ``t`` divided by ``?``, times the width) for one route:
+    requests, student requests, cost and all-teacher cost. Params: width, width, then
+    ``window_params(start, [route], tiers=tiers)``."""
+    rows = window_sql("{time} as t, requests, student_requests, cost_usd, teacher_cost_usd",
+                      "{time} as t, 1, case when target = 'student' then 1 else 0 end, coalesce(cost_usd, 0.0), "
+                      "coalesce(teacher_cost_usd, 0.0)", "and route = ?", tiers)
+    return f"""select {floor_div} * ? as bucket, sum(requests) as requests,
+       sum(student_requests) as student_requests, sum(cost_usd) as cost_usd, sum(teacher_cost_usd) as teacher_cost_usd
+from ({rows}) window_rows group by bucket order by bucket"""
 
 
 def percentile(counts: list[int], quantile: float) -> float | None:
@@ -106,7 +140,7 @@ def latency_histograms(store: _Queryable, start: float) -> dict[str, dict[str, l
             for index, count in enumerate(counts):
                 total[index] += count
 
-    for row in store.query(HISTOGRAM_SQL, _tier_params(start)):
+    for row in store.query(HISTOGRAM_SQL, window_params(start, raw=False)):
         add(row["route"], row["target"], [int(row[c] or 0) for c in BUCKET_COLUMNS])
     for row in store.query(_EDGE_LATENCY_SQL, [start, tier_bounds(start)[0] * 60.0]):
         counts = [0] * len(BUCKET_COLUMNS)
