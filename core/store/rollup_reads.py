@@ -67,18 +67,34 @@ def window_params(start: float, where_params: list[Any] | None = None, raw: bool
     return result
 
 
-_WINDOW_ROWS = "select route, client_key_id, " + _COUNTERS + " from (" + window_sql(
-    "route, client_key_id, " + _COUNTERS, "route, coalesce(client_key_id, ''), " + _RAW_COUNTERS) + ") window_rows"
 _SUMS = """
        sum(requests) as requests, sum(errors) as errors, sum(student_requests) as student_requests,"""
-SUMMARY_SQL = "select route," + _SUMS + """
+
+
+def _window_rows(tiers: tuple[Tier, ...]) -> str:
+    return "select route, client_key_id, " + _COUNTERS + " from (" + window_sql(
+        "route, client_key_id, " + _COUNTERS, "route, coalesce(client_key_id, ''), " + _RAW_COUNTERS,
+        tiers=tiers) + ") window_rows"
+
+
+def summary_sql(tiers: tuple[Tier, ...] = TIERS) -> str:
+    """Per route over a window (params: ``window_params(start, tiers=tiers)``)."""
+    return "select route," + _SUMS + """
        sum(fallbacks) as fallbacks, sum(prompt_tokens) as prompt_tokens, sum(completion_tokens) as completion_tokens,
        sum(cost_usd) as cost_usd, sum(teacher_cost_usd) as teacher_cost_usd
-from (""" + _WINDOW_ROWS + ") summed group by route"
-KEY_SUMMARY_SQL = "select nullif(client_key_id, '') as client_key_id," + _SUMS + """
+from (""" + _window_rows(tiers) + ") summed group by route"
+
+
+def key_summary_sql(tiers: tuple[Tier, ...] = TIERS) -> str:
+    """Per client key over a window, the costliest first (params as ``summary_sql``)."""
+    return "select nullif(client_key_id, '') as client_key_id," + _SUMS + """
        sum(cost_usd) as cost_usd, sum(teacher_cost_usd) as teacher_cost_usd
-from (""" + _WINDOW_ROWS + """) summed group by nullif(client_key_id, '')
+from (""" + _window_rows(tiers) + """) summed group by nullif(client_key_id, '')
 order by cost_usd desc, client_key_id"""
+
+
+SUMMARY_SQL = summary_sql()
+KEY_SUMMARY_SQL = key_summary_sql()
 HISTOGRAM_SQL = ("select route, target, " + ", ".join(f"sum({c}) as {c}" for c in BUCKET_COLUMNS)
                  + " from (" + window_sql("route, target, " + ", ".join(BUCKET_COLUMNS))
                  + ") window_rows group by route, target")
