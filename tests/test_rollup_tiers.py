@@ -141,3 +141,13 @@ def test_month_spend_from_the_tiers_equals_the_raw_log(store_backend: StoreBacke
     got = reporting.month_spend_by_key(store, now)
     assert got.keys() == raw.keys() == {"k1", "k2"}
     assert all(got[key] == pytest.approx(raw[key], abs=1e-9) for key in raw)
+
+
+def test_purge_keeps_every_tier(store_backend: StoreBackend) -> None:
+    """Retention deletes request bodies and keeps the counters, in every tier."""
+    store = store_backend.open()
+    store.insert_requests(_rows(200))
+    store.purge_before(BASE + 100 * 1013.7)
+    assert store.count_requests() == 100
+    for tier in TIERS:
+        assert store.query(f"select sum(requests) as n from {tier.table}")[0]["n"] == 200, tier
