@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--days", type=float, default=30.0)
     parser.add_argument("--body-bytes", type=int, default=2000)
+    parser.add_argument("--insert-sample", type=int, default=5_000, help="rows per insert-rate measurement")
     parser.add_argument("--dsn", default=None, help="a PostgreSQL database to seed (empty); SQLite in a temp dir if unset")
     args = parser.parse_args()
     rng, now, body = random.Random(1), time.time(), "x" * args.body_bytes
@@ -161,7 +162,7 @@ def main() -> None:
         # Live traffic: a batch's rows are seconds apart (here 20 ms), so each tier gets about
         # one upsert per route, target and key a batch, not one per row.
         sample = [{**row, "created_at": now - 100 + index * 0.02}
-                  for index, row in enumerate(_rows(10**9, 5_000, now, args.days * 86400, rng, body))]
+                  for index, row in enumerate(_rows(10**9, args.insert_sample, now, args.days * 86400, rng, body))]
         out["insert_rows_per_s"] = _insert_rates(store, sample)
         began = time.perf_counter()
         for start in range(0, args.rows, 20_000):
