@@ -1,12 +1,13 @@
-"""Per-minute request rollups: what ``report``, ``report --by key`` and the dashboard sum,
+"""Request rollups per minute, hour and day: what ``report``, ``report --by key`` and the dashboard sum,
 kept as additive counters so a summary reads thousands of rollup rows instead of millions of
 request rows (issue 15).
 
 Key: (minute, route, target, student_version, client_key_id); a missing value is stored as ''
 because PostgreSQL forbids NULL in a primary key. Latency is a histogram over fixed edges
 ``LATENCY_EDGES_MS`` (factor 2**(1/4) apart, 1 ms .. 2**18 ms): a percentile read from it is
-the upper edge of the bucket holding the nearest-rank value, so it is within one bucket (at most
-+19% relative) of the exact value. Bucket 0 is [0, 1 ms); the last is [2**18 ms, inf).
+the geometric middle of the bucket holding the nearest-rank value, within a factor 2**(1/8) of
+the exact value (core/store/rollup_reads.py ``percentile``). Bucket 0 is [0, 1 ms); the last is
+[2**18 ms, inf). The time key is the minute (hour, day) number: Unix time // its width.
 
 Three tiers with the same columns, keyed by minute, hour and day (UTC) in ``TIERS``: the writer
 adds each batch to all three in the request insert's transaction, so a report reads whole days
