@@ -151,3 +151,17 @@ def test_purge_keeps_every_tier(store_backend: StoreBackend) -> None:
     assert store.count_requests() == 100
     for tier in TIERS:
         assert store.query(f"select sum(requests) as n from {tier.table}")[0]["n"] == 200, tier
+
+
+def test_a_days_tokens_can_pass_two_to_the_31(store_backend: StoreBackend) -> None:
+    """An hour's and a day's token sums are BIGINT on PostgreSQL: past 2**31 the writer's
+    upsert would otherwise fail, and the request rows with it."""
+    from core.store.reporting import route_summaries
+
+    store = store_backend.open()
+    rows = [{**row, "route": "a", "created_at": BASE + 60 * i, "prompt_tokens": 1_500_000_000} for i, row in
+            enumerate(_rows(2))]
+    store.insert_requests(rows[:1])
+    store.insert_requests(rows[1:])
+    [summary] = route_summaries(store, ["a"], since_s=None)
+    assert summary.prompt_tokens == 3_000_000_000 and isinstance(summary.prompt_tokens, int)

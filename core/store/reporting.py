@@ -1,9 +1,11 @@
 """Reporting queries over the store, shared by the dashboard, ``distillgate report`` and the
-metrics collectors. Every reporting SQL string lives in this module, written once in the SQL
+metrics collectors. Every reporting SQL string lives in this module (the windowed reads of
+the rollup tiers in core/store/rollup_reads.py), written once in the SQL
 that SQLite and PostgreSQL both accept (``?`` placeholders; the one expression they write
 differently comes from the store's dialect).
 
-All figures are computed from the request log and the shadow results: ``cost_usd`` is what
+All figures are computed from the request log (through its rollups, for the request counts,
+costs, latencies and cost series) and the shadow results: ``cost_usd`` is what
 a request actually cost, ``teacher_cost_usd`` what the same request would have cost on the
 teacher (the all-teacher counterfactual), so savings = all-teacher cost - actual cost.
 """

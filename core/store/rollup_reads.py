@@ -80,7 +80,8 @@ def _window_rows(tiers: tuple[Tier, ...]) -> str:
 def summary_sql(tiers: tuple[Tier, ...] = TIERS) -> str:
     """Per route over a window (params: ``window_params(start, tiers=tiers)``)."""
     return "select route," + _SUMS + """
-       sum(fallbacks) as fallbacks, sum(prompt_tokens) as prompt_tokens, sum(completion_tokens) as completion_tokens,
+       sum(fallbacks) as fallbacks, cast(sum(prompt_tokens) as bigint) as prompt_tokens,
+       cast(sum(completion_tokens) as bigint) as completion_tokens,
        sum(cost_usd) as cost_usd, sum(teacher_cost_usd) as teacher_cost_usd
 from (""" + _window_rows(tiers) + ") summed group by route"
 

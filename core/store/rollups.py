@@ -21,6 +21,8 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
+from core.store.dialect import BigInt
+
 LATENCY_EDGES_MS: list[float] = [2 ** (i / 4) for i in range(0, 73)]  # 1 ms .. 262144 ms
 BUCKETS = len(LATENCY_EDGES_MS) + 1
 BUCKET_COLUMNS = [f"lat_{i:02d}" for i in range(BUCKETS)]
@@ -49,6 +51,8 @@ TIERS = (MINUTE, HOUR, DAY)
 def columns(tier: Tier = MINUTE) -> dict[str, type]:
     cols: dict[str, type] = {tier.key: int, "route": str, "target": str, "student_version": str, "client_key_id": str}
     cols.update({name: (float if name.endswith("usd") else int) for name in COUNTER_COLUMNS})
+    if tier is not MINUTE:  # an hour's or a day's tokens can pass 2**31 (m008's minutes cannot)
+        cols.update({name: BigInt for name in ("prompt_tokens", "completion_tokens")})
     cols.update({name: int for name in BUCKET_COLUMNS})
     return cols
 
