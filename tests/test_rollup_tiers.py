@@ -159,8 +159,9 @@ def test_a_days_tokens_can_pass_two_to_the_31(store_backend: StoreBackend) -> No
     from core.store.reporting import route_summaries
 
     store = store_backend.open()
-    rows = [{**row, "route": "a", "created_at": BASE + 60 * i, "prompt_tokens": 1_500_000_000} for i, row in
-            enumerate(_rows(2))]
+    [row] = _rows(1)  # two requests of one group, a minute apart: one hourly and one daily row
+    rows = [{**row, "id": f"big{i}", "route": "a", "created_at": BASE + 60 * i, "prompt_tokens": 1_500_000_000}
+            for i in range(2)]
     store.insert_requests(rows[:1])
     store.insert_requests(rows[1:])
     [summary] = route_summaries(store, ["a"], since_s=None)
