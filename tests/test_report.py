@@ -60,9 +60,12 @@ def test_report_json_numbers_add_up(filled: Path, capsys: pytest.CaptureFixture[
     assert route["teacher_cost_usd"] == pytest.approx(100 * 0.001)
     assert route["savings_usd"] == pytest.approx(route["teacher_cost_usd"] - route["cost_usd"])
     assert route["agreement"] == pytest.approx(0.7)
-    assert route["latency_ms"]["student"] == {"p50": 30, "p99": 60}
-    assert route["latency_ms"]["teacher"] == {"p50": 120, "p99": 140}
-    assert route["latency_ms"]["all"] == {"p50": 50, "p99": 139}  # nearest rank over 1..60, 101..140
+    # Nearest rank over 1..60, 101..140, read from the rollups' histograms: within their
+    # stated bound, 2**(1/8) either way (core/store/rollup_reads.py percentile).
+    for target, exact in (("student", {"p50": 30, "p99": 60}), ("teacher", {"p50": 120, "p99": 140}),
+                          ("all", {"p50": 50, "p99": 139})):
+        for name, value in exact.items():
+            assert value / 2 ** (1 / 8) <= route["latency_ms"][target][name] <= value * 2 ** (1 / 8), (target, name)
     assert route["live_version"] == "v1"
 
 

@@ -34,10 +34,11 @@ def _rows(count: int) -> list[dict[str, Any]]:
             for i in range(count)]
 
 
-def _rerun_backfill(backend: StoreBackend) -> None:
+def _rerun_backfill(backend: StoreBackend, statements: list[str] | None = None) -> None:
     """Make the store look as if it predates m008, so that reopening it migrates and backfills."""
-    statements = ['DROP TABLE "request_rollups"', 'DROP INDEX "idx_requests_created_at"',
-                  "DELETE FROM _migrations WHERE name = 'm008_request_rollups'"]
+    statements = statements or ['DROP TABLE "request_rollups"', 'DROP INDEX "idx_requests_created_at"',
+                  'DROP TABLE "request_rollups_hourly"', 'DROP TABLE "request_rollups_daily"',
+                  "DELETE FROM _migrations WHERE name in ('m008_request_rollups', 'm009_rollup_tiers')"]
     if backend.kind == "sqlite":
         opened = backend.open()
         path, _ = opened.path, opened.close()

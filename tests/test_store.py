@@ -182,7 +182,7 @@ def test_reporting_reads_the_same_on_both(store_backend: StoreBackend) -> None:
     store.insert_requests(rows)
     [summary] = route_summaries(store, ["a"], since_s=None)
     assert (summary.requests, summary.errors, summary.student_requests) == (6, 1, 3)
-    assert summary.savings_usd == pytest.approx(3.0) and summary.latency("p50") == 2.0
+    assert summary.savings_usd == pytest.approx(3.0) and 2.0 / 2 ** (1 / 8) <= summary.latency("p50") <= 2.0 * 2 ** (1 / 8)  # histogram bound
     assert isinstance(summary.requests, int) and isinstance(summary.cost_usd, float)
     assert [(k.client_key_id, k.requests) for k in key_summaries(store)] in ([("k1", 4), (None, 2)],
                                                                              [(None, 2), ("k1", 4)])

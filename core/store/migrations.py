@@ -216,6 +216,16 @@ def m008_request_rollups(db: Schema) -> None:
     db.execute(rollups.backfill_sql(db.dialect.floor_div("created_at", "60")))
 
 
+def m009_rollup_tiers(db: Schema) -> None:
+    """Hourly and daily rollups (core/store/rollups.py ``TIERS``), so that a week's or the whole
+    log's report reads days, not minutes; backfilled from the minute rollups, which m008 filled."""
+    from core.store import rollups
+
+    for tier in (rollups.HOUR, rollups.DAY):
+        db.create_table(tier.table, rollups.columns(tier), tuple(tier.key_columns))
+        db.execute(rollups.coarsen_sql(tier, db.dialect.floor_div("minute", str(tier.seconds // 60))))
+
+
 MIGRATIONS: list[Callable[[Schema], None]] = [
     m001_requests,
     m002_shadow,
@@ -225,6 +235,7 @@ MIGRATIONS: list[Callable[[Schema], None]] = [
     m006_sec_train_trusted,
     m007_feedback,
     m008_request_rollups,
+    m009_rollup_tiers,
 ]
 
 

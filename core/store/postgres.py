@@ -79,7 +79,8 @@ class PostgresStore(RegistryMixin):
             old = cursor.fetchall()
             cursor.executemany(insert_sql("requests", columns, ("id",), False),
                                [[_adapt(row.get(column)) for column in columns] for row in rows])
-            cursor.executemany(POSTGRES.translate(rollups.upsert_sql()), rollups.deltas(old, rows))
+            for tier, params in rollups.deltas(old, rows).items():
+                cursor.executemany(POSTGRES.translate(rollups.upsert_sql(tier)), params)
 
     def insert_shadow_results(self, rows: list[dict[str, Any]]) -> None:
         self._insert("shadow_results", rows)

@@ -1,9 +1,11 @@
 """Reporting queries over the store, shared by the dashboard, ``distillgate report`` and the
-metrics collectors. Every reporting SQL string lives in this module, written once in the SQL
+metrics collectors. Every reporting SQL string lives in this module (the windowed reads of
+the rollup tiers in core/store/rollup_reads.py), written once in the SQL
 that SQLite and PostgreSQL both accept (``?`` placeholders; the one expression they write
 differently comes from the store's dialect).
 
-All figures are computed from the request log and the shadow results: ``cost_usd`` is what
+All figures are computed from the request log (through its rollups, for the request counts,
+costs, latencies and cost series) and the shadow results: ``cost_usd`` is what
 a request actually cost, ``teacher_cost_usd`` what the same request would have cost on the
 teacher (the all-teacher counterfactual), so savings = all-teacher cost - actual cost.
 """
@@ -12,13 +14,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from core.config import CostsConfig
+from core.store import rollup_reads
 from core.store.dialect import Dialect
 
 
@@ -42,28 +44,10 @@ select route,""" + _REQUEST_COUNTS + """
        coalesce(sum(teacher_cost_usd), 0.0) as teacher_cost_usd
 from requests where created_at >= ? group by route
 """
-# The same from the per-minute rollups (core/store/rollups.py): whole minutes in the window
-# from the rollups, the part-minute at the window's start from the raw rows, so the result is
-# the raw query's exactly. Params: first whole minute, window start, first whole minute's start.
-_ROLLUP_UNION = """
-  select route, client_key_id, requests, errors, student_requests, fallbacks, prompt_tokens, completion_tokens,
-         cost_usd, teacher_cost_usd from request_rollups where minute >= ?
-  union all
-  select route, coalesce(client_key_id, ''), 1, case when status_code >= 400 then 1 else 0 end,
-         case when target = 'student' then 1 else 0 end, coalesce(fallback, 0), coalesce(prompt_tokens, 0),
-         coalesce(completion_tokens, 0), coalesce(cost_usd, 0.0), coalesce(teacher_cost_usd, 0.0)
-  from requests where created_at >= ? and created_at < ?
-"""
-_ROLLUP_SUMS = """
-       sum(requests) as requests, sum(errors) as errors, sum(student_requests) as student_requests,"""
-_SUMMARY_ROLLUP_SQL = "select route," + _ROLLUP_SUMS + """
-       sum(fallbacks) as fallbacks, sum(prompt_tokens) as prompt_tokens, sum(completion_tokens) as completion_tokens,
-       sum(cost_usd) as cost_usd, sum(teacher_cost_usd) as teacher_cost_usd
-from (""" + _ROLLUP_UNION + ") window_rows group by route"
-_KEY_SUMMARY_ROLLUP_SQL = "select nullif(client_key_id, '') as client_key_id," + _ROLLUP_SUMS + """
-       sum(cost_usd) as cost_usd, sum(teacher_cost_usd) as teacher_cost_usd
-from (""" + _ROLLUP_UNION + """) window_rows group by nullif(client_key_id, '')
-order by cost_usd desc, client_key_id"""
+# The same from the rollup tiers (core/store/rollup_reads.py): equal to the raw queries
+# (tests/test_rollups.py), which stay as the reference and for the benchmark's "before".
+_SUMMARY_ROLLUP_SQL = rollup_reads.SUMMARY_SQL
+_KEY_SUMMARY_ROLLUP_SQL = rollup_reads.KEY_SUMMARY_SQL
 _SHADOW_SQL = """
 select route, count(*) as comparisons, coalesce(sum(agree), 0) as agreements,
        coalesce(sum(cost_usd), 0.0) as shadow_cost_usd
@@ -82,20 +66,6 @@ select route, started_at, finished_at, outcome, version, detail_json from traini
 where started_at >= ? order by started_at
 """
 _SHADOW_COSTS_SQL = "select created_at, coalesce(cost_usd, 0.0) as cost_usd from shadow_results order by created_at"
-_LATENCY_GROUPS_SQL = """
-select route, coalesce(target, 'none') as target, count(*) as n
-from requests where created_at >= ? and latency_ms is not null group by route, coalesce(target, 'none')
-union all
-select route, 'all' as target, count(*) as n
-from requests where created_at >= ? and latency_ms is not null group by route
-"""
-# The n-th smallest latency, by rank: SQLite has no percentile function, and sorting in the
-# database keeps a large window out of Python's memory.
-_LATENCY_RANK_SQL = """
-select latency_ms from requests
-where route = ? and (? = 'all' or coalesce(target, 'none') = ?) and created_at >= ? and latency_ms is not null
-order by latency_ms limit 1 offset ?
-"""
 # ``{bucket}``: the time bucket's number, written per dialect (core/store/dialect.py).
 _COST_SERIES_SQL = """
 select {bucket} * ? as bucket,
@@ -209,28 +179,7 @@ class RouteSummary:
         return data
 
 
-def _rollup_params(start: float) -> list[float]:
-    first_minute = math.ceil(start / 60)
-    return [first_minute, start, first_minute * 60.0]
-
-
-def _rank(n: int, quantile: float) -> int:
-    """Nearest-rank percentile: the 0-based index of the q-quantile among n sorted values."""
-    return max(0, min(n - 1, math.ceil(quantile * n) - 1))
-
-
-def _latency_quantiles(store: Queryable, start: float) -> dict[str, dict[str, dict[str, float | None]]]:
-    """route -> target -> {"p50": ms, "p99": ms}; target "all" covers every request."""
-    result: dict[str, dict[str, dict[str, float | None]]] = {}
-    for group in store.query(_LATENCY_GROUPS_SQL, [start, start]):
-        quantiles = {}
-        for name, quantile in (("p50", 0.5), ("p99", 0.99)):
-            target = group["target"]
-            rows = store.query(_LATENCY_RANK_SQL, [group["route"], target, target, start,
-                                                   _rank(group["n"], quantile)])
-            quantiles[name] = rows[0]["latency_ms"] if rows else None
-        result.setdefault(group["route"], {})[group["target"]] = quantiles
-    return result
+_rollup_params = rollup_reads.params
 
 
 def route_summaries(store: Queryable, routes: list[str], since_s: float | None = None,
@@ -257,7 +206,7 @@ def route_summaries(store: Queryable, routes: list[str], since_s: float | None =
         summary = summaries.setdefault(row["route"], RouteSummary(row["route"]))
         summary.student_feedback, summary.student_ratings = row["student_feedback"], row["student_ratings"]
         summary.student_thumbs_down = row["student_thumbs_down"]
-    for route, by_target in _latency_quantiles(store, start).items():
+    for route, by_target in rollup_reads.latency_quantiles(store, start).items():
         summaries.setdefault(route, RouteSummary(route)).latency_ms = by_target
     return list(summaries.values())
 
@@ -315,8 +264,8 @@ def month_start_utc(now: float | None = None) -> float:
 
 def month_spend_by_key(store: Queryable, now: float | None = None) -> dict[str, float]:
     """Each client key's spend (sum of its requests' ``cost_usd``) this calendar month, UTC."""
-    return {row["client_key_id"]: float(row["cost_usd"])
-            for row in store.query(_KEY_SPEND_SQL, [month_start_utc(now)])}
+    rows = store.query(_KEY_SUMMARY_ROLLUP_SQL, rollup_reads.params(month_start_utc(now)))
+    return {row["client_key_id"]: float(row["cost_usd"]) for row in rows if row["client_key_id"] is not None}
 
 
 def known_routes(store: Queryable) -> list[str]:
@@ -342,8 +291,10 @@ def cost_series(store: Queryable, route: str, since_s: float | None = None,
         return []
     width = _bucket_seconds(now - max(start, first))
     points, cost, teacher_cost = [], 0.0, 0.0
-    query = _COST_SERIES_SQL.format(bucket=store.dialect.floor_div("created_at", "?"))
-    for row in store.query(query, [width, width, route, start]):
+    # From the rollup tiers whose rows each fall in one bucket (_COST_SERIES_SQL is the raw reference).
+    tiers = rollup_reads.cost_series_tiers(width)
+    query = rollup_reads.cost_series_sql(tiers, store.dialect.floor_div("t", "?"))
+    for row in store.query(query, [width, width, *rollup_reads.window_params(start, [route], tiers=tiers)]):
         cost += row["cost_usd"]
         teacher_cost += row["teacher_cost_usd"]
         points.append({**row, "bucket_s": width, "cumulative_cost_usd": cost,

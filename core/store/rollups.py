@@ -1,20 +1,27 @@
-"""Per-minute request rollups: what ``report``, ``report --by key`` and the dashboard sum,
+"""Request rollups per minute, hour and day: what ``report``, ``report --by key`` and the dashboard sum,
 kept as additive counters so a summary reads thousands of rollup rows instead of millions of
 request rows (issue 15).
 
 Key: (minute, route, target, student_version, client_key_id); a missing value is stored as ''
 because PostgreSQL forbids NULL in a primary key. Latency is a histogram over fixed edges
 ``LATENCY_EDGES_MS`` (factor 2**(1/4) apart, 1 ms .. 2**18 ms): a percentile read from it is
-the upper edge of the bucket holding the nearest-rank value, so it is within one bucket (at most
-+19% relative) of the exact value. Bucket 0 is [0, 1 ms); the last is [2**18 ms, inf).
+the geometric middle of the bucket holding the nearest-rank value, within a factor 2**(1/8) of
+the exact value (core/store/rollup_reads.py ``percentile``). Bucket 0 is [0, 1 ms); the last is
+[2**18 ms, inf). The time key is the minute (hour, day) number: Unix time // its width.
 
-Status: the table and its backfill exist (migration m008); the writer's upsert, retention and
-the readers are not switched over yet (see the branch's report).
+Three tiers with the same columns, keyed by minute, hour and day (UTC) in ``TIERS``: the writer
+adds each batch to all three in the request insert's transaction, so a report reads whole days
+from the daily tier and only a window's edges from the finer ones (core/store/rollup_reads.py).
+Migration m008 made the minute tier; m009 the hourly and daily ones, backfilled from it.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Any
+
+from core.store.dialect import BigInt
 
 LATENCY_EDGES_MS: list[float] = [2 ** (i / 4) for i in range(0, 73)]  # 1 ms .. 262144 ms
 BUCKETS = len(LATENCY_EDGES_MS) + 1
@@ -24,9 +31,28 @@ COUNTER_COLUMNS = ["requests", "errors", "student_requests", "fallbacks", "promp
                    "completion_tokens", "cost_usd", "teacher_cost_usd", "latency_count"]
 
 
-def columns() -> dict[str, type]:
-    cols: dict[str, type] = {"minute": int, "route": str, "target": str, "student_version": str, "client_key_id": str}
+@dataclass(frozen=True)
+class Tier:
+    table: str
+    key: str  # the time key's column: Unix time // seconds
+    seconds: int
+
+    @property
+    def key_columns(self) -> list[str]:
+        return [self.key, *KEY_COLUMNS[1:]]
+
+
+MINUTE = Tier("request_rollups", "minute", 60)
+HOUR = Tier("request_rollups_hourly", "hour", 3600)
+DAY = Tier("request_rollups_daily", "day", 86400)
+TIERS = (MINUTE, HOUR, DAY)
+
+
+def columns(tier: Tier = MINUTE) -> dict[str, type]:
+    cols: dict[str, type] = {tier.key: int, "route": str, "target": str, "student_version": str, "client_key_id": str}
     cols.update({name: (float if name.endswith("usd") else int) for name in COUNTER_COLUMNS})
+    if tier is not MINUTE:  # an hour's or a day's tokens can pass 2**31 (m008's minutes cannot)
+        cols.update({name: BigInt for name in ("prompt_tokens", "completion_tokens")})
     cols.update({name: int for name in BUCKET_COLUMNS})
     return cols
 
@@ -86,25 +112,44 @@ def _counters(row: dict[str, Any]) -> list[float]:
     return values + histogram
 
 
-def deltas(old_rows: list[dict[str, Any]], new_rows: list[dict[str, Any]]) -> list[list[Any]]:
-    """What writing ``new_rows`` changes in the rollups, as upsert parameters: each new row adds,
+def deltas(old_rows: list[dict[str, Any]], new_rows: list[dict[str, Any]]) -> dict[Tier, list[list[Any]]]:
+    """What writing ``new_rows`` changes in each tier, as upsert parameters: each new row adds,
     each row it replaces (same id, a spool replay) first takes its own contribution back, so a
-    replayed row is counted once."""
+    replayed row is counted once. The hour and day sums are the minute sums added up."""
     sums: dict[tuple[Any, ...], list[float]] = {}
     for sign, rows in ((-1, old_rows), (1, new_rows)):
         for row in rows:
             total = sums.setdefault(_key(row), [0] * (len(COUNTER_COLUMNS) + BUCKETS))
             for index, value in enumerate(_counters(row)):
                 total[index] += sign * value
-    return [[*key, *values] for key, values in sums.items() if any(values)]
+    result: dict[Tier, list[list[Any]]] = {}
+    for tier in TIERS:
+        coarse: dict[tuple[Any, ...], list[float]] = {}
+        for (minute, *rest), values in sums.items():
+            total = coarse.setdefault((minute * 60 // tier.seconds, *rest), [0] * len(values))
+            for index, value in enumerate(values):
+                total[index] += value
+        result[tier] = [[*key, *values] for key, values in coarse.items() if any(values)]
+    return result
 
 
-def upsert_sql() -> str:
+@functools.cache
+def upsert_sql(tier: Tier = MINUTE) -> str:
     """Additive upsert (``?`` placeholders; SQLite and PostgreSQL both accept ON CONFLICT)."""
-    names = KEY_COLUMNS + COUNTER_COLUMNS + BUCKET_COLUMNS
-    adds = ", ".join(f'"{n}" = request_rollups."{n}" + excluded."{n}"' for n in COUNTER_COLUMNS + BUCKET_COLUMNS)
-    return (f'INSERT INTO request_rollups ({", ".join(chr(34) + n + chr(34) for n in names)}) '
-            f'VALUES ({", ".join("?" for _ in names)}) ON CONFLICT ({", ".join(KEY_COLUMNS)}) DO UPDATE SET {adds}')
+    names = tier.key_columns + COUNTER_COLUMNS + BUCKET_COLUMNS
+    adds = ", ".join(f'"{n}" = {tier.table}."{n}" + excluded."{n}"' for n in COUNTER_COLUMNS + BUCKET_COLUMNS)
+    return (f'INSERT INTO {tier.table} ({", ".join(chr(34) + n + chr(34) for n in names)}) '
+            f'VALUES ({", ".join("?" for _ in names)}) ON CONFLICT ({", ".join(tier.key_columns)}) DO UPDATE SET {adds}')
+
+
+def coarsen_sql(tier: Tier, floor_div: str) -> str:
+    """INSERT ... SELECT that fills ``tier`` from the minute rollups (migration m009's backfill);
+    ``floor_div`` is the dialect's ``minute // (tier.seconds / 60)``."""
+    counters = COUNTER_COLUMNS + BUCKET_COLUMNS
+    keys = [floor_div, *KEY_COLUMNS[1:]]
+    names = ", ".join(f'"{n}"' for n in tier.key_columns + counters)
+    return (f'INSERT INTO "{tier.table}" ({names}) SELECT {", ".join(keys)}, '
+            f'{", ".join(f"sum({chr(34)}{n}{chr(34)})" for n in counters)} FROM request_rollups GROUP BY {", ".join(keys)}')
 
 
 # The columns a replaced row's contribution is computed from.

@@ -62,12 +62,13 @@ class SQLiteStore:
 
     # -- request log -------------------------------------------------------------------------
     def insert_requests(self, rows: list[dict[str, Any]]) -> None:
-        """Upserted by id, and the per-minute rollups updated in the same transaction."""
+        """Upserted by id, and the minute, hour and day rollups updated in the same transaction."""
         rows = list({row["id"]: row for row in rows}.values())
         with self._transaction():
             old = self._old_rows([row["id"] for row in rows])
             self.db["requests"].insert_all(rows, batch_size=len(rows) or 1, replace=True)
-            self.db.conn.executemany(rollups.upsert_sql(), rollups.deltas(old, rows))
+            for tier, params in rollups.deltas(old, rows).items():
+                self.db.conn.executemany(rollups.upsert_sql(tier), params)
 
     def _old_rows(self, ids: list[str]) -> list[dict[str, Any]]:
         """The rows a batch replaces (a spool replay): their rollup contribution is taken back."""
