@@ -102,13 +102,14 @@ def render_table(summaries: list[reporting.RouteSummary], since: str) -> Any:
 
     table = Table(title=f"distillgate — last {since}" if since != "all" else "distillgate — all time")
     for column in ("route", "requests", "student share", "cost", "all-teacher cost", "savings", "training",
-                   "net savings", "agreement", "student feedback", "p50", "p99", "live version"):
+                   "net savings", "agreement served/all", "student feedback", "p50", "p99", "live version"):
         table.add_column(column, justify="left" if column in ("route", "live version") else "right")
     for summary in summaries:
         table.add_row(summary.route, str(summary.requests), _percent(summary.student_share),
                       _money(summary.cost_usd), _money(summary.teacher_cost_usd), _money(summary.savings_usd),
                       f"{_money(summary.training_cost_usd)} ({summary.training_runs})",
-                      _money(summary.net_savings_usd), _percent(summary.agreement), _student_feedback(summary),
+                      _money(summary.net_savings_usd),
+                      f"{_percent(summary.served_agreement)} / {_percent(summary.agreement)}", _student_feedback(summary),
                       _ms(summary.latency("p50")), _ms(summary.latency("p99")),
                       summary.live_version or "none")
     if len(summaries) > 1:

@@ -115,6 +115,7 @@ class ShadowRunner:
             "teacher_answer": redact(teacher_answer),
             "teacher_response_json": json.dumps(redact(teacher_body), ensure_ascii=False, default=str),
             "agree": int(agree),
+            "served_by": job.record.target,
             "cost_usd": cost,
         })
 

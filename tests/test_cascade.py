@@ -105,6 +105,7 @@ def test_streamed_student_answers_are_shadowed(make_settings: Callable[..., Sett
             time.sleep(0.05)
     [row] = shadow_rows(settings)
     assert (row["student_answer"], row["teacher_answer"], row["agree"]) == ("student-answer", "transfer", 0)
+    assert row["served_by"] == "student"  # counted in the served agreement, what clients got
 
 
 def streamed_student_answer(request: httpx.Request) -> httpx.Response:

@@ -174,6 +174,7 @@ def test_every_logged_string_is_redacted_and_never_trained_on(make_settings: Cal
     assert shadow["student_answer"] == f"student saw {REDACTED}"
     assert json.loads(shadow["teacher_answer"])["arguments"] == {"email": "[EMAIL]", "iban": "[IBAN]"}
     assert "[IBAN]" in shadow["teacher_response_json"]
+    assert shadow["served_by"] == "student"  # the student served it, the teacher was asked after
     dataset = build_dataset(store, settings.routes[0])
     store.close()
     trained = json.dumps([(example.messages, example.answer) for example in dataset.train + dataset.holdout])

@@ -35,7 +35,8 @@ def _request(index: int, *, target: str, latency_ms: float, cost: float, teacher
 @pytest.fixture
 def filled(make_settings: Callable[..., Settings], tmp_path: Path) -> Path:
     """100 requests in the last day (60 student at 1..60 ms, 40 teacher at 101..140 ms), one
-    request 3 days old, 10 shadow comparisons (7 agree), a live version."""
+    request 3 days old, 10 shadow comparisons of student-served answers (7 agree) and 5 of
+    teacher-served ones (1 agrees), a live version."""
     settings = make_settings("http://127.0.0.1:9")
     store = SQLiteStore(settings.store.path)
     rows = [_request(i, target="student", latency_ms=i + 1, cost=0.0001, teacher_cost=0.001) for i in range(60)]
@@ -43,8 +44,11 @@ def filled(make_settings: Callable[..., Settings], tmp_path: Path) -> Path:
     rows.append(_request(100, target="teacher", latency_ms=5000, cost=1.0, teacher_cost=1.0, age_s=3 * 86400))
     store.insert_requests(rows)
     store.insert_shadow_results([{"request_id": f"r{i}", "created_at": time.time() - 30, "route": ROUTE,
-                                  "student_version": "v1", "router_score": 0.1 * i, "agree": int(i < 7)}
-                                 for i in range(10)])
+                                  "student_version": "v1", "router_score": 0.1 * i, "agree": int(i < 7),
+                                  "served_by": "student"} for i in range(10)])
+    store.insert_shadow_results([{"request_id": f"r{60 + i}", "created_at": time.time() - 30, "route": ROUTE,
+                                  "student_version": "v1", "router_score": 0.5, "agree": int(i == 0),
+                                  "served_by": "teacher"} for i in range(5)])
     store.upsert_version({"route": ROUTE, "version": "v1", "status": "candidate", "created_at": time.time()})
     store.set_live_version(ROUTE, "v1")
     store.close()
@@ -59,7 +63,8 @@ def test_report_json_numbers_add_up(filled: Path, capsys: pytest.CaptureFixture[
     assert route["cost_usd"] == pytest.approx(60 * 0.0001 + 40 * 0.001)
     assert route["teacher_cost_usd"] == pytest.approx(100 * 0.001)
     assert route["savings_usd"] == pytest.approx(route["teacher_cost_usd"] - route["cost_usd"])
-    assert route["agreement"] == pytest.approx(0.7)
+    assert route["served_agreement"] == pytest.approx(0.7)  # what clients got from the student
+    assert route["agreement"] == pytest.approx(8 / 15) and route["shadow_comparisons"] == 15
     # Nearest rank over 1..60, 101..140, read from the rollups' histograms: within their
     # stated bound, 2**(1/8) either way (core/store/rollup_reads.py percentile).
     for target, exact in (("student", {"p50": 30, "p99": 60}), ("teacher", {"p50": 120, "p99": 140}),
@@ -78,7 +83,7 @@ def test_report_window_includes_older_rows(filled: Path, capsys: pytest.CaptureF
 def test_report_table(filled: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", "--config", str(filled)]) == 0
     out = capsys.readouterr().out
-    for text in (ROUTE, "100", "60.0%", "$0.046000", "$0.100000", "$0.054000", "70.0%", "v1"):
+    for text in (ROUTE, "100", "60.0%", "$0.046000", "$0.100000", "$0.054000", "70.0% / 53.3%", "v1"):
         assert text in out, text
 
 

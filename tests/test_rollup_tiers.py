@@ -166,3 +166,21 @@ def test_a_days_tokens_can_pass_two_to_the_31(store_backend: StoreBackend) -> No
     store.insert_requests(rows[1:])
     [summary] = route_summaries(store, ["a"], since_s=None)
     assert summary.prompt_tokens == 3_000_000_000 and isinstance(summary.prompt_tokens, int)
+
+
+def test_m010_backfills_who_served_each_shadowed_request(store_backend: StoreBackend) -> None:
+    """Shadow rows logged before m010 learn who served their request from the request log."""
+    store = store_backend.open()
+    rows = _rows(4)
+    store.insert_requests([{**row, "target": target} for row, target in zip(rows, ("student", "teacher") * 2,
+                                                                             strict=True)])
+    store.insert_shadow_results([{"request_id": row["id"], "created_at": row["created_at"], "route": row["route"],
+                                  "agree": 1} for row in rows])
+    store.close()
+    _rerun_backfill(store_backend, ['UPDATE shadow_results SET served_by = NULL',
+                                    'ALTER TABLE shadow_results DROP COLUMN served_by',
+                                    "DELETE FROM _migrations WHERE name = 'm010_shadow_served_by'"])
+    store = store_backend.open()
+    served = {row["request_id"]: row["served_by"] for row in store.query("select * from shadow_results")}
+    store.close()
+    assert served == {row["id"]: target for row, target in zip(rows, ("student", "teacher") * 2, strict=True)}

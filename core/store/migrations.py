@@ -226,6 +226,15 @@ def m009_rollup_tiers(db: Schema) -> None:
         db.execute(rollups.coarsen_sql(tier, db.dialect.floor_div("minute", str(tier.seconds // 60))))
 
 
+def m010_shadow_served_by(db: Schema) -> None:
+    """Who served the compared request (``student``: its answer reached the client and the
+    teacher was asked after; ``teacher``: the student was asked after). The two agreements
+    differ a lot: what clients got, past the cascade, against what the student says unchecked."""
+    db.add_column("shadow_results", "served_by", str)
+    db.execute("update shadow_results set served_by = "
+               "(select target from requests where requests.id = shadow_results.request_id)")
+
+
 MIGRATIONS: list[Callable[[Schema], None]] = [
     m001_requests,
     m002_shadow,
@@ -236,6 +245,7 @@ MIGRATIONS: list[Callable[[Schema], None]] = [
     m007_feedback,
     m008_request_rollups,
     m009_rollup_tiers,
+    m010_shadow_served_by,
 ]
 
 

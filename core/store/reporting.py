@@ -50,6 +50,8 @@ _SUMMARY_ROLLUP_SQL = rollup_reads.SUMMARY_SQL
 _KEY_SUMMARY_ROLLUP_SQL = rollup_reads.KEY_SUMMARY_SQL
 _SHADOW_SQL = """
 select route, count(*) as comparisons, coalesce(sum(agree), 0) as agreements,
+       coalesce(sum(case when served_by = 'student' then 1 else 0 end), 0) as served_comparisons,
+       coalesce(sum(case when served_by = 'student' then agree else 0 end), 0) as served_agreements,
        coalesce(sum(cost_usd), 0.0) as shadow_cost_usd
 from shadow_results where created_at >= ? group by route
 """
@@ -137,6 +139,9 @@ class RouteSummary:
     teacher_cost_usd: float = 0.0
     shadow_comparisons: int = 0
     shadow_agreements: int = 0
+    # Of those, the comparisons of answers the student served (past the cascade): what clients got.
+    served_comparisons: int = 0
+    served_agreements: int = 0
     shadow_cost_usd: float = 0.0
     training_runs: int = 0
     training_hours: float = 0.0
@@ -165,6 +170,12 @@ class RouteSummary:
         return self.shadow_agreements / self.shadow_comparisons if self.shadow_comparisons else None
 
     @property
+    def served_agreement(self) -> float | None:
+        """Agreement with the teacher of the answers the student served; ``agreement`` also
+        counts the student's answers to requests the teacher served (unchecked by the cascade)."""
+        return self.served_agreements / self.served_comparisons if self.served_comparisons else None
+
+    @property
     def student_thumbs_down_share(self) -> float | None:
         """Of the ratings given to student answers, the share that was thumbs down."""
         return self.student_thumbs_down / self.student_ratings if self.student_ratings else None
@@ -174,8 +185,9 @@ class RouteSummary:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data.update(savings_usd=self.savings_usd, net_savings_usd=self.net_savings_usd, student_share=self.student_share, agreement=self.agreement,
-                    student_thumbs_down_share=self.student_thumbs_down_share)
+        data.update(savings_usd=self.savings_usd, net_savings_usd=self.net_savings_usd,
+                    student_share=self.student_share, agreement=self.agreement,
+                    served_agreement=self.served_agreement, student_thumbs_down_share=self.student_thumbs_down_share)
         return data
 
 
@@ -196,6 +208,7 @@ def route_summaries(store: Queryable, routes: list[str], since_s: float | None =
     for row in store.query(_SHADOW_SQL, [start]):
         summary = summaries.setdefault(row["route"], RouteSummary(row["route"]))
         summary.shadow_comparisons, summary.shadow_agreements = row["comparisons"], row["agreements"]
+        summary.served_comparisons, summary.served_agreements = row["served_comparisons"], row["served_agreements"]
         summary.shadow_cost_usd = float(row["shadow_cost_usd"])
     for run in training_compute(store, since_s):
         summary = summaries.setdefault(run["route"], RouteSummary(run["route"]))
