@@ -113,8 +113,9 @@ class KNNDetector:
         sample = np.random.default_rng(0).permutation(len(matrix))[:_CALIBRATION_SAMPLE]
         train_scores = self._knn(self.bank[sample], exclude_self=True)
         if labels is not None and self.use_centroids and len(set(labels)) > 1:
-            self.centroids = self._class_centroids(centred, labels)
-            centroid_part = self._centroid(centred[sample])
+            means, _, _ = _class_means(self._centroid_space(centred, self.bank), labels)
+            self.centroids = _normalize(means)
+            centroid_part = self._centroid(self._centroid_space(centred[sample], self.bank[sample]))
             # Equal spread on the training data: same ranking as a sum of z-scores, but stays >= 0.
             self.centroid_weight = float(train_scores.std() / max(centroid_part.std(), 1e-6))
             train_scores = self._combine(train_scores, centroid_part)
@@ -127,10 +128,6 @@ class KNNDetector:
         """The (dim, dims) projection: the top principal directions of the training prompts."""
         _, vectors = np.linalg.eigh(np.cov(centred.T.astype(np.float64)))
         return np.ascontiguousarray(vectors[:, ::-1][:, :dims], dtype=np.float32)
-
-    def _class_centroids(self, centred: np.ndarray, labels: Sequence[str]) -> np.ndarray:
-        means, _, _ = _class_means(centred, labels)
-        return _normalize(means)
 
     def attach_answers(self, answer_hashes: Sequence[int], vote_k: int) -> None:
         """Remember the teacher's answer to every training prompt (in fit order)."""
@@ -146,10 +143,11 @@ class KNNDetector:
     def _score(self, embeddings: np.ndarray, neighbours: bool) -> tuple[np.ndarray, np.ndarray | None]:
         assert self.bank is not None, "detector is not fitted"
         centred = self._centre(embeddings)
-        sims = self._project(centred) @ self.bank.T
+        projected = self._project(centred)
+        sims = projected @ self.bank.T
         scores = self._knn_from(sims)
         if self.centroids is not None:
-            scores = self._combine(scores, self._centroid(centred))
+            scores = self._combine(scores, self._centroid(self._centroid_space(centred, projected)))
         nearest_answers = None
         if neighbours and self.answer_hashes is not None:
             nearest = np.argpartition(-sims, self.vote_k - 1, axis=1)[:, :self.vote_k]
@@ -169,9 +167,13 @@ class KNNDetector:
             top = np.sort(top, axis=1)[:, :-1]
         return 1.0 - top.mean(axis=1)
 
-    def _centroid(self, centred: np.ndarray) -> np.ndarray:
+    def _centroid_space(self, centred: np.ndarray, projected: np.ndarray) -> np.ndarray:
+        """Where the class centroids live: the centred prompts (``knn``), before projection."""
+        return centred
+
+    def _centroid(self, space: np.ndarray) -> np.ndarray:
         assert self.centroids is not None
-        return 1.0 - (centred @ self.centroids.T).max(axis=1)
+        return 1.0 - (space @ self.centroids.T).max(axis=1)
 
     def _combine(self, knn_part: np.ndarray, centroid_part: np.ndarray) -> np.ndarray:
         return (knn_part + self.centroid_weight * centroid_part) / (1 + self.centroid_weight)
@@ -240,13 +242,9 @@ class LDAKNNDetector(KNNDetector):
         _, directions = np.linalg.eigh(between.T @ between)
         return np.ascontiguousarray(whiten @ directions[:, ::-1][:, :dims], dtype=np.float32)
 
-    def _centroid(self, centred: np.ndarray) -> np.ndarray:
-        assert self.centroids is not None
-        return 1.0 - (self._project(centred) @ self.centroids.T).max(axis=1)
-
-    def _class_centroids(self, centred: np.ndarray, labels: Sequence[str]) -> np.ndarray:
-        means, _, _ = _class_means(self._project(centred), labels)
-        return _normalize(means)
+    def _centroid_space(self, centred: np.ndarray, projected: np.ndarray) -> np.ndarray:
+        """The discriminant space: the one projection per request serves both parts."""
+        return projected
 
     def params(self) -> dict[str, Any]:
         return {**super().params(), "shrinkage": self.shrinkage}
