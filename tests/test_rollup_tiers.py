@@ -88,10 +88,10 @@ def test_windowed_report_equals_the_raw_log(store_backend: StoreBackend, offset:
     rows = _rows(600)
     store.insert_requests(rows)
     start = BASE + offset if offset else 0.0
-    params = rollup_reads.params(start)
-    _close(_by(store.query(reporting._SUMMARY_ROLLUP_SQL, params), "route"),
+    params = rollup_reads.window_params(start)
+    _close(_by(store.query(rollup_reads.SUMMARY_SQL, params), "route"),
            _by(store.query(reporting._SUMMARY_SQL, [start]), "route"))
-    _close(_by(store.query(reporting._KEY_SUMMARY_ROLLUP_SQL, params), "client_key_id"),
+    _close(_by(store.query(rollup_reads.KEY_SUMMARY_SQL, params), "client_key_id"),
            _by(store.query(reporting._KEY_SUMMARY_SQL, [start]), "client_key_id"))
     got, exact = rollup_reads.latency_quantiles(store, start), _exact_quantiles(rows, start)
     assert got.keys() == exact.keys() and all(got[r].keys() == exact[r].keys() for r in exact)

@@ -100,15 +100,15 @@ def _by(rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
 
 
 def test_summaries_from_rollups_equal_the_raw_queries(store_backend: StoreBackend) -> None:
-    from core.store import reporting
+    from core.store import reporting, rollup_reads
 
     store = store_backend.open()
     store.insert_requests(_rows(500))
     for start in (0.0, 1_700_000_000.0 + 1234.5, 1_700_000_000.0 + 3000.0):  # all, mid-minute, late
-        params = reporting._rollup_params(start)
-        _close(_by(store.query(reporting._SUMMARY_ROLLUP_SQL, params), "route"),
+        params = rollup_reads.window_params(start)
+        _close(_by(store.query(rollup_reads.SUMMARY_SQL, params), "route"),
                _by(store.query(reporting._SUMMARY_SQL, [start]), "route"))
-        _close(_by(store.query(reporting._KEY_SUMMARY_ROLLUP_SQL, params), "client_key_id"),
+        _close(_by(store.query(rollup_reads.KEY_SUMMARY_SQL, params), "client_key_id"),
                _by(store.query(reporting._KEY_SUMMARY_SQL, [start]), "client_key_id"))
 
 

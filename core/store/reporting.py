@@ -44,10 +44,8 @@ select route,""" + _REQUEST_COUNTS + """
        coalesce(sum(teacher_cost_usd), 0.0) as teacher_cost_usd
 from requests where created_at >= ? group by route
 """
-# The same from the rollup tiers (core/store/rollup_reads.py): equal to the raw queries
+# Summaries read rollup_reads.SUMMARY_SQL / KEY_SUMMARY_SQL instead: equal to the raw queries
 # (tests/test_rollups.py), which stay as the reference and for the benchmark's "before".
-_SUMMARY_ROLLUP_SQL = rollup_reads.SUMMARY_SQL
-_KEY_SUMMARY_ROLLUP_SQL = rollup_reads.KEY_SUMMARY_SQL
 _SHADOW_SQL = """
 select route, count(*) as comparisons, coalesce(sum(agree), 0) as agreements,
        coalesce(sum(case when served_by = 'student' then 1 else 0 end), 0) as served_comparisons,
@@ -191,16 +189,13 @@ class RouteSummary:
         return data
 
 
-_rollup_params = rollup_reads.params
-
-
 def route_summaries(store: Queryable, routes: list[str], since_s: float | None = None,
                     costs: CostsConfig | None = None) -> list[RouteSummary]:
     """One summary per route: the given routes first (even without traffic), then any other
     route found in the store. Training runs are priced with ``costs`` (default prices when None)."""
     start = window_start(since_s)
     summaries = {route: RouteSummary(route) for route in routes}
-    for row in store.query(_SUMMARY_ROLLUP_SQL, _rollup_params(start)):
+    for row in store.query(rollup_reads.SUMMARY_SQL, rollup_reads.window_params(start)):
         summary = summaries.setdefault(row["route"], RouteSummary(row["route"]))
         for key, value in row.items():
             if key != "route":
@@ -266,7 +261,8 @@ class KeySummary:
 def key_summaries(store: Queryable, since_s: float | None = None) -> list[KeySummary]:
     """One summary per client key seen in the window (requests without a key as one), the
     costliest first."""
-    return [KeySummary(**row) for row in store.query(_KEY_SUMMARY_ROLLUP_SQL, _rollup_params(window_start(since_s)))]
+    rows = store.query(rollup_reads.KEY_SUMMARY_SQL, rollup_reads.window_params(window_start(since_s)))
+    return [KeySummary(**row) for row in rows]
 
 
 def month_start_utc(now: float | None = None) -> float:
@@ -277,7 +273,7 @@ def month_start_utc(now: float | None = None) -> float:
 
 def month_spend_by_key(store: Queryable, now: float | None = None) -> dict[str, float]:
     """Each client key's spend (sum of its requests' ``cost_usd``) this calendar month, UTC."""
-    rows = store.query(_KEY_SUMMARY_ROLLUP_SQL, rollup_reads.params(month_start_utc(now)))
+    rows = store.query(rollup_reads.KEY_SUMMARY_SQL, rollup_reads.window_params(month_start_utc(now)))
     return {row["client_key_id"]: float(row["cost_usd"]) for row in rows if row["client_key_id"] is not None}
 
 

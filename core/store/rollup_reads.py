@@ -105,11 +105,6 @@ where created_at >= ? and created_at < ? and latency_ms is not null
 """
 
 
-def params(start: float) -> list[Any]:
-    """Parameters of ``SUMMARY_SQL`` and ``KEY_SUMMARY_SQL`` for the window ``created_at >= start``."""
-    return window_params(start)
-
-
 def cost_series_tiers(width_s: int) -> tuple[Tier, ...]:
     """The tiers whose rows each fall in one ``width_s`` bucket: those whose width divides it."""
     return tuple(tier for tier in TIERS if width_s % tier.seconds == 0)
