@@ -131,7 +131,6 @@ class ReplicaSync:
             await self.swapper._retire(route, previous)
         return True
 
-
     async def _load(self, route: str, version: str) -> StudentPointer | None:
         """The swapper's start-up load path for one version: on this replica's servers (any
         that has it already is fine), with its detector and learned router; None if it fails."""
