@@ -5,11 +5,13 @@ stays readable."""
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from core.answers import answer_key
 from core.config_base import ROUTE_NAME_PATTERN, Prices, StrictModel
 from core.modes import Mode
 
@@ -127,6 +129,11 @@ class GateConfig(StrictModel):
     min_served_share: float = Field(0.05, ge=0, le=1)
 
 
+@lru_cache(maxsize=64)
+def _keys(answers: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(answer_key(answer) for answer in answers)
+
+
 class CascadeConfig(StrictModel):
     """How a cascade route decides, per answer, whether the student's answer is served.
 
@@ -147,6 +154,23 @@ class CascadeConfig(StrictModel):
     # answer (kNN detector only); each dissent costs disagreement_penalty / neighbours.
     neighbours: int = Field(5, ge=1, le=50)
     disagreement_penalty: float = Field(0.0, ge=0, le=10, allow_inf_nan=False)
+    # The student's ways of saying "not mine" (e.g. an intent route's `oos`): such an answer is
+    # never served, whatever its score; the teacher answers instead. The student learns them
+    # from the teacher's own answers, so it spots some out-of-scope prompts the OOD detector
+    # let through (full demo: 20 of the 69 `oos_test` prompts the student served).
+    escalate_answers: list[str] = Field(default_factory=list, max_length=100)
+
+    @field_validator("escalate_answers")
+    @classmethod
+    def _escalate_answers_not_blank(cls, answers: list[str]) -> list[str]:
+        if any(not answer.strip() for answer in answers):
+            raise ValueError("escalate_answers: an answer must not be blank")
+        return answers
+
+    def escalates(self, answer: str) -> bool:
+        """Whether the student's ``answer`` is one it must hand to the teacher (compared under
+        the one answer normaliser, so case and spacing do not matter)."""
+        return bool(self.escalate_answers) and answer_key(answer) in _keys(tuple(self.escalate_answers))
 
 
 class LearnedRouterConfig(StrictModel):

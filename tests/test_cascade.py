@@ -31,10 +31,11 @@ def student_answer(request: httpx.Request) -> httpx.Response:
     return completion_with_logprob(body["model"], logprob)
 
 
-def ask_in_turn(settings: Settings, router: Any, contents: list[str]) -> list[Any]:
+def ask_in_turn(settings: Settings, router: Any, contents: list[str],
+                answer: Callable[[httpx.Request], httpx.Response] = student_answer) -> list[Any]:
     """Each prompt through the gateway (under uvicorn, ``router`` deciding, the mock student
     answering), as the SDK's raw responses."""
-    student = VLLMStudent("http://student.invalid", transport=httpx.MockTransport(student_answer))
+    student = VLLMStudent("http://student.invalid", transport=httpx.MockTransport(answer))
     with UvicornThread(create_app(settings, Components(student=student, router=router))) as server:
         client = sdk(server.url)
         return [client.chat.completions.with_raw_response.create(
@@ -145,3 +146,27 @@ def test_a_confident_answer_its_neighbours_dispute_goes_to_the_teacher(make_sett
     assert disputed.headers["x-distillgate-target"] == "teacher"  # same logprob, five dissents: -1.01
     reasons = [reason for row in log_rows(settings, 2) for reason in json.loads(row["decision_reasons"])]
     assert "cascade: score -1.010 < confidence_threshold -0.5" in reasons
+
+
+def sure_or_out_of_scope(request: httpx.Request) -> httpx.Response:
+    """A student sure of everything, that calls prompts with "elsewhere" out of scope."""
+    body = json.loads(request.content)
+    out_of_scope = "elsewhere" in body["messages"][-1]["content"]
+    return completion_with_logprob(body["model"], -0.01, " OOS\n" if out_of_scope else "student-answer")
+
+
+def test_an_answer_the_route_escalates_goes_to_the_teacher_however_sure(make_settings: Callable[..., Settings],
+                                                                        replay_teacher: str) -> None:
+    settings = make_settings(replay_teacher, route={"confidence_threshold": -0.5,
+                                                    "cascade": {"escalate_answers": ["oos"]},
+                                                    "student": {"serve_base_model": True}})
+    kept, escalated = ask_in_turn(settings, CascadeRouter(), ["in scope", f"elsewhere {UTTERANCE}"],
+                                  answer=sure_or_out_of_scope)
+    assert kept.headers["x-distillgate-target"] == "student"
+    assert escalated.headers["x-distillgate-target"] == "teacher"  # logprob -0.01, but the answer is "oos"
+    assert escalated.parse().choices[0].message.content != " OOS\n"
+    rows = log_rows(settings, 2)
+    reasons = [reason for row in rows for reason in json.loads(row["decision_reasons"])]
+    assert "cascade: answer 'OOS' is in escalate_answers" in reasons
+    teacher_row = next(row for row in rows if row["target"] == "teacher")
+    assert teacher_row["cost_usd"] > teacher_row["teacher_cost_usd"]  # the student's answer was paid for

@@ -145,3 +145,27 @@ def test_the_trainer_keeps_answers_in_the_detector_only_when_they_vote(tmp_path:
             assert set(neighbours[0]) <= {answer_hash("label0"), answer_hash("label1")}
         else:
             assert neighbours is None
+
+
+def test_an_answer_the_route_escalates_is_never_served_by_the_calibrated_threshold() -> None:
+    from trainer.dataset import Example
+    from trainer.evaluate import _add_served, score_answers
+
+    # The teacher said "oos" too, so the escalated answer agrees: a threshold low enough to take
+    # it would look free. It must not be a cut point, nor counted as served.
+    assert calibrate_threshold([-0.01, -0.02, float("-inf")], [True, True, True], 0.9) == -0.02
+    teacher = ["balance", "transfer", "oos", "balance"]
+    student = ["balance", "transfer", "OOS", "transfer"]
+    holdout = [Example([{"role": "user", "content": f"q{i}"}], answer, f"q{i}") for i, answer in enumerate(teacher)]
+    cascade = parse_settings({"routes": [{"name": "r", "teacher": {"model": "openai/t"},
+                                          "student": {"system_prompt": "Intent:"},
+                                          "cascade": {"target_agreement": 0.6, "escalate_answers": ["oos"]}}]}
+                             ).routes[0].cascade
+    result = score_answers(holdout, student, None, 0.0)
+    _add_served(result, holdout, student, [-0.1, -0.2, -0.01, -0.3], None, None, cascade, None, "r:v1")
+    assert result.cascade_scores[2] == float("-inf")
+    assert result.confidence_threshold == -0.3  # 2 of 3 agree; the sure "oos" is not among them
+    plain = score_answers(holdout, student, None, 0.0)
+    _add_served(plain, holdout, student, [-0.1, -0.2, -0.01, -0.3], None, None,
+                cascade.model_copy(update={"escalate_answers": []}), None, "r:v1")
+    assert plain.cascade_scores[2] == -0.01  # without the rule it is the surest answer of all

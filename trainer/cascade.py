@@ -14,6 +14,7 @@ are pooled. The threshold the version ships with is calibrated on the whole hold
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class Calibration:
 def calibrate_threshold(scores: Sequence[float], agrees: Sequence[bool], target: float,
                         confidence: float | None = None) -> float | None:
     """The lowest score whose served answers (score >= it) agree at least ``target``; None if none does.
+    A score of -inf (an answer the route escalates) is never a cut point: nothing serves it.
 
     With ``confidence``, "agree at least ``target``" means the one-sided Clopper-Pearson lower
     bound of their agreement does: the lowest of many cut points whose point estimate reaches
@@ -38,7 +40,7 @@ def calibrate_threshold(scores: Sequence[float], agrees: Sequence[bool], target:
         agreeing += agrees_here
         # Ties are served together, so only the last of a run of equal scores is a cut point.
         last_of_tie = served == len(ranked) or ranked[served][0] < score
-        if last_of_tie and _reaches(agreeing, served, target, confidence):
+        if last_of_tie and math.isfinite(score) and _reaches(agreeing, served, target, confidence):
             best = score
     return best
 

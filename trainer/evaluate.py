@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
@@ -174,8 +175,9 @@ def _add_served(result: EvalResult, holdout: Sequence[Example], answers: Sequenc
     from router.uncertainty import penalised
     from trainer.cascade import cross_fitted
 
-    scores = [penalised(mean_logprob, answer, neighbours[index] if neighbours else (),
-                        cascade.disagreement_penalty)
+    # An answer the route escalates is never served: no threshold may reach it.
+    scores = [-math.inf if cascade.escalates(answer) else
+              penalised(mean_logprob, answer, neighbours[index] if neighbours else (), cascade.disagreement_penalty)
               for index, (answer, mean_logprob) in enumerate(zip(answers, mean_logprobs, strict=True))]
     result.cascade_scores = scores
     if cascade.target_agreement is not None:

@@ -292,11 +292,18 @@ class ChatService(StreamingMixin):
         # The answering version's own threshold: a canary is judged by its calibration, not live's.
         threshold = state.confidence_threshold(record.student_pointer) if record.canary \
             else state.policy().confidence_threshold
+        cascade = state.config.cascade
         with self.tracing.span("cascade.check", **record.trace_attributes()) as span:
-            score = _cascade_score(completion.body["choices"][0], decision.neighbour_answers,
-                                   state.config.cascade.disagreement_penalty)
-            passed = not (score is None or threshold is None or score < threshold)
+            choice = completion.body["choices"][0]
+            score = _cascade_score(choice, decision.neighbour_answers, cascade.disagreement_penalty)
+            answer = (choice.get("message") or {}).get("content")
+            escalated = isinstance(answer, str) and cascade.escalates(answer)
+            passed = not (escalated or score is None or threshold is None or score < threshold)
             self.tracing.set(span, cascade_score=score, cascade_threshold=threshold, cascade_passed=passed)
+        if escalated:
+            record.decision_reasons += ["cascade: the student escalated",
+                                        f"cascade: answer {answer.strip()[:40]!r} is in escalate_answers"]
+            return False
         if not passed:
             shown = "no logprobs" if score is None else f"score {score:.3f}"
             record.decision_reasons += ["cascade: low student confidence",
