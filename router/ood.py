@@ -312,12 +312,21 @@ DETECTORS: dict[str, type] = {KNNDetector.name: KNNDetector, LDAKNNDetector.name
 DEFAULT_DETECTOR = KNNDetector.name
 
 
+# Detectors fitted from texts, not embeddings (``fits_texts``): they embed prompts themselves.
+TEXT_DETECTORS = ("knn_tuned",)
+ALL_DETECTORS = (*DETECTORS, *TEXT_DETECTORS)
+
+
 def create_detector(kind: str = DEFAULT_DETECTOR, **kwargs: Any) -> Any:
     """A new, unfitted detector of a registered kind."""
+    if kind == "knn_tuned":
+        from router.tuned import TunedKNNDetector  # imports this module: not importable at its top
+
+        return TunedKNNDetector(**kwargs)
     try:
         return DETECTORS[kind](**kwargs)
     except KeyError:
-        raise ValueError(f"unknown detector {kind!r}; known: {', '.join(sorted(DETECTORS))}") from None
+        raise ValueError(f"unknown detector {kind!r}; known: {', '.join(sorted(ALL_DETECTORS))}") from None
 
 
 def _npz_path(path: str | Path) -> Path:
@@ -346,7 +355,8 @@ def load_detector(path: str | Path) -> Any:
     if header.get("format") != FORMAT_VERSION:
         raise ValueError(f"unsupported detector format {header.get('format')!r} in {path}")
     params = header.get("params", {})
-    init_keys = {"knn": ("k", "dims", "use_centroids"), "knn_lda": ("k", "dims", "use_centroids", "shrinkage")}
+    init_keys = {"knn": ("k", "dims", "use_centroids"), "knn_lda": ("k", "dims", "use_centroids", "shrinkage"),
+                 "knn_tuned": ("k", "dims", "use_centroids", "epochs", "lr", "seed")}
     init = {key: params[key] for key in init_keys.get(header["kind"], ()) if key in params}
     detector = create_detector(header["kind"], **init)
     detector.restore(arrays, params)
@@ -396,13 +406,16 @@ def fit_detector_for_texts(
     ``meta["threshold_keep_95"]`` is a starting threshold that keeps 95% of the training
     prompts on the student, until ``distillgate calibrate`` has shadow data to do better.
     """
-    embeddings = embedder.encode(list(texts))
-    detector = create_detector(kind).fit(embeddings, labels)
+    detector = create_detector(kind)
+    if getattr(detector, "fits_texts", False):
+        detector.fit_texts(list(texts), labels, embedder)
+    else:
+        detector.fit(embedder.encode(list(texts)), labels)
     if answers is not None and hasattr(detector, "attach_answers"):
         from core.answers import answer_hash
 
         detector.attach_answers([answer_hash(answer) for answer in answers], vote_k)
-    detector.meta["embedder"] = {"id": embedder.id, "dim": int(embeddings.shape[1])}
+    detector.meta["embedder"] = {"id": embedder.id, "dim": int(embedder.dim)}
     saved = save_detector(detector, out_path)
     logger.info("ood detector fitted", extra={"kind": kind, "examples": len(texts), "path": str(saved)})
     return saved
