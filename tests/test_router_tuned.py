@@ -111,7 +111,7 @@ def test_another_embedder_or_a_foreign_table_is_refused(static: object, clinc: d
     with pytest.raises(EmbedderMismatch, match="tunes the static embedder's token table"):
         detector.bind(onnx)  # even with the ids check bypassed, an onnx encoder has no table to tune
     detector.tuned_ids = np.array([10**7])
-    with pytest.raises(EmbedderMismatch, match="has 30522 tokens|tokens"):
+    with pytest.raises(EmbedderMismatch, match="rows name token 10000000"):
         detector.bind(static)
 
 
