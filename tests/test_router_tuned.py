@@ -120,3 +120,17 @@ def test_config_accepts_knn_tuned() -> None:
     assert parse_settings({"routes": [{**route, "ood_detector": "knn_tuned"}]}).routes[0].ood_detector == "knn_tuned"
     with pytest.raises(ConfigError, match="ood_detector"):
         parse_settings({"routes": [{**route, "ood_detector": "tuned"}]})
+
+
+def test_the_starting_threshold_is_read_on_prompts_the_table_was_not_tuned_on(static: object, clinc: dict) -> None:
+    """The tuned table fits its own prompts: their percentile would start the threshold (and drift's
+    novel line) too low, sending many new in-scope prompts to the teacher."""
+    texts, labels = texts_labels(clinc["train"])
+    detector = create_detector("knn_tuned").fit_texts(texts, labels, static)
+    assert detector.meta["calibration_prompts"] == round(len(texts) * 0.1)
+    in_sample = float(np.quantile(detector._held_out_scores(detector.embed_texts(texts)), 0.95))
+    test_scores = detector.score(detector.embed_texts([text for text, _ in clinc["test"]]))
+    above = {"held_out": float((test_scores > detector.meta["threshold_keep_95"]).mean()),
+             "in_sample": float((test_scores > in_sample).mean())}
+    assert detector.meta["threshold_keep_95"] > in_sample
+    assert above["held_out"] < 0.12 < above["in_sample"], above  # measured: 0.054 and 0.173
