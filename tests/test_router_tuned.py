@@ -134,3 +134,29 @@ def test_the_starting_threshold_is_read_on_prompts_the_table_was_not_tuned_on(st
              "in_sample": float((test_scores > in_sample).mean())}
     assert detector.meta["threshold_keep_95"] > in_sample
     assert above["held_out"] < 0.12 < above["in_sample"], above  # measured: 0.054 and 0.173
+
+
+async def test_each_version_is_scored_with_its_own_table(static: object, clinc: dict, tmp_path: Path) -> None:
+    """What the hot swap does: the new version's detector (and table) is loaded beside the old one."""
+    from core.modes import Mode
+    from router.decision import RoutePolicy
+
+    texts, labels = texts_labels(clinc["train"])
+    first = [n for n, label in enumerate(labels) if label in sorted(set(labels))[:15]]
+    v1 = fit_detector_for_texts([texts[n] for n in first], [labels[n] for n in first], "knn_tuned",
+                                tmp_path / "v1", static)
+    v2 = fit_detector_for_texts(texts, labels, "knn_tuned", tmp_path / "v2", static)
+    router = OODRouter(static)
+    for version, path in (("v1", v1), ("v2", v2)):
+        await router.aload_detector("r", version, path)
+    prompt = [{"role": "user", "content": clinc["test"][-1][0]}]  # an intent only v2 was tuned on
+    scores = {version: (await router.decide(RoutePolicy("r", Mode.auto, 0.5, None, 0.0, version), prompt)).score
+              for version in ("v1", "v2")}
+    for version in ("v1", "v2"):
+        detector = router.detector("r", version)
+        assert scores[version] == pytest.approx(float(detector.score(detector.embed_texts([prompt[0]["content"]]))[0]),
+                                                abs=1e-6)
+    assert scores["v2"] < scores["v1"] - 0.05, scores
+    router.drop_detector("r", "v1")
+    assert (await router.decide(RoutePolicy("r", Mode.auto, 0.5, None, 0.0, "v2"), prompt)).score == scores["v2"]
+    router.close()
