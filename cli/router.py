@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 def register(subparsers: Any) -> None:
     evaluate = subparsers.add_parser("eval-ood", help="OOD detector benchmark on a CLINC150-format file")
     evaluate.add_argument("--data", required=True, type=Path, help="JSON file of splits train/test/oos_test")
-    evaluate.add_argument("--detector", default="knn", choices=["knn", "knn_lda", "mahalanobis"])
+    evaluate.add_argument("--detector", default="knn", choices=["knn", "knn_lda", "knn_tuned", "mahalanobis"])
     evaluate.add_argument("--embedder", default="static", choices=["minilm", "static", "onnx"],
                           help="built under --artifacts-dir on first use")
     evaluate.add_argument("--artifacts-dir", type=Path, default=Path("var/models/router"))

@@ -285,7 +285,8 @@ class RouteConfig(StrictModel):
     )
     # The detector fixes the unit of ``ood_threshold`` (knn: cosine distance to the nearest
     # training prompts; mahalanobis: squared distance), so both live on the route.
-    ood_detector: str = Field("knn", pattern="^(knn|knn_lda|mahalanobis)$")
+    # knn_tuned also tunes the static embedder's token table to the labels (router/tuned.py).
+    ood_detector: str = Field("knn", pattern="^(knn|knn_lda|knn_tuned|mahalanobis)$")
     ood_threshold: float = Field(0.5, ge=0, allow_inf_nan=False)
     # A mean token logprob (<= 0); None turns the cascade off.
     confidence_threshold: float | None = Field(None, le=0, allow_inf_nan=False)

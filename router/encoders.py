@@ -108,14 +108,15 @@ class StaticEncoder:
         self.inline = True  # ~0.05-0.2 ms a prompt: no worker thread needed
         self.truncate = _Truncator(self.tokenizer, max_tokens)
 
-    def _ids(self, text: str) -> np.ndarray:
+    def token_ids(self, text: str) -> np.ndarray:
+        """The vocabulary rows a prompt's mean is taken over (truncated, unknown tokens dropped)."""
         ids = np.asarray(self.tokenizer.encode(self.truncate(text), add_special_tokens=False).ids, dtype=np.int64)
         return ids[ids != self.unk_id] if self.unk_id is not None else ids
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for row, text in enumerate(texts):
-            ids = self._ids(text)
+            ids = self.token_ids(text)
             if len(ids):
                 vectors = self.vectors[ids]
                 out[row] = (vectors * self.weights[ids, None]).mean(0) if self.weights is not None else vectors.mean(0)

@@ -76,7 +76,9 @@ def _latency(detector: Any, embedder: Any, texts: list[str]) -> dict[str, float]
     with threadpool_limits(limits=1, user_api="blas"):
         for text in texts:
             started = time.perf_counter()
-            detector.score(embedder.encode_uncached([text]))  # uncached: what a new prompt costs
+            embedding = embedder.encode_uncached([text])  # uncached: what a new prompt costs
+            # knn_tuned: the gateway embeds twice (the shared embedding, then its own table's)
+            detector.score(detector.embed_texts([text]) if getattr(detector, "fits_texts", False) else embedding)
             samples.append((time.perf_counter() - started) * 1000)
     return {"p50": float(np.percentile(samples, 50)), "p99": float(np.percentile(samples, 99)),
             "n": len(samples)}
@@ -92,24 +94,39 @@ def held_out_intents(intents: list[str], fraction: float, seed: int) -> list[str
     return sorted(ordered[i] for i in picked)
 
 
-def _score(kind: str, train_x: np.ndarray, train_y: list[str], queries: np.ndarray) -> np.ndarray:
+def _fit(kind: str, train_x: np.ndarray, train_y: list[str], train_texts: list[str], embedder: Any) -> Any:
+    """A fitted detector: from the embeddings, or from the texts for those that tune their own (knn_tuned)."""
     from router.ood import create_detector
 
-    return create_detector(kind).fit(train_x, train_y).score(queries)
+    detector = create_detector(kind)
+    if getattr(detector, "fits_texts", False):
+        return detector.fit_texts(train_texts, train_y, embedder)
+    return detector.fit(train_x, train_y)
+
+
+def _scores(detector: Any, queries: np.ndarray, texts: list[str]) -> np.ndarray:
+    return detector.score(detector.embed_texts(texts) if getattr(detector, "fits_texts", False) else queries)
 
 
 def near_ood(train: list[tuple[str, str]], train_x: np.ndarray, test: list[tuple[str, str]],
-             test_x: np.ndarray, kind: str, seeds: list[int], fraction: float) -> dict[str, Any]:
-    """The held-out-intents protocol over ``seeds``: figures per seed and their mean."""
+             test_x: np.ndarray, kind: str, seeds: list[int], fraction: float,
+             embedder: Any | None = None) -> dict[str, Any]:
+    """The held-out-intents protocol over ``seeds``: figures per seed and their mean.
+
+    ``embedder``: what a detector that fits from texts (knn_tuned) tunes; it sees only the kept intents.
+    """
     train_y = np.asarray([intent for _, intent in train])
     test_y = np.asarray([intent for _, intent in test])
+    train_texts = np.asarray([text for text, _ in train], dtype=object)
+    test_texts = [text for text, _ in test]
     per_seed = []
     for seed in seeds:
         held = held_out_intents(list(train_y), fraction, seed)
         fit_rows, known = ~np.isin(train_y, held), ~np.isin(test_y, held)
         if known.all() or not known.any():
             raise ValueError(f"seed {seed}: the held-out intents leave no known or no unknown test rows")
-        scores = _score(kind, train_x[fit_rows], list(train_y[fit_rows]), test_x)
+        detector = _fit(kind, train_x[fit_rows], list(train_y[fit_rows]), list(train_texts[fit_rows]), embedder)
+        scores = _scores(detector, test_x, test_texts)
         per_seed.append({"seed": seed, "held_out_intents": held, "known": int(known.sum()),
                          "unknown": int((~known).sum()), **ood_metrics(scores[known], scores[~known])})
     keys = ("auroc", "fpr_at_95_tpr", "oos_recall_at_95_inscope")
@@ -151,15 +168,15 @@ def evaluate(
                               "protocol": protocol, "data": str(path), "train": len(train), "test": len(test),
                               "oos_test": len(oos), "train_embed_s": round(embed_s, 3)}
     if protocol in ("far", "both"):
-        from router.ood import create_detector
-
         started = time.perf_counter()
-        detector = create_detector(detector_kind).fit(train_x, [intent for _, intent in train])
+        detector = _fit(detector_kind, train_x, [intent for _, intent in train], [text for text, _ in train], embedder)
         result["fit_s"] = round(time.perf_counter() - started, 3)
         oos_x = embedder.encode([text for text, _ in oos])
-        result.update(ood_metrics(detector.score(test_x), detector.score(oos_x)))
+        result.update(ood_metrics(_scores(detector, test_x, [text for text, _ in test]),
+                                  _scores(detector, oos_x, [text for text, _ in oos])))
         probe = [text for text, _ in (test + oos)][:latency_samples]
         result["latency_ms"] = _latency(detector, embedder, probe)
     if protocol in ("near", "both"):
-        result["near"] = near_ood(train, train_x, test, test_x, detector_kind, seeds or [0, 1, 2], holdout_fraction)
+        result["near"] = near_ood(train, train_x, test, test_x, detector_kind, seeds or [0, 1, 2], holdout_fraction,
+                                  embedder)
     return result

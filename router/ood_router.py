@@ -86,6 +86,8 @@ class OODRouter:
         """Register ``detector``; raises EmbedderMismatch when another embedder fitted it."""
         try:
             check_embedder(detector, self.embedder, where=f"of {route} {version}")
+            if getattr(detector, "fits_texts", False):
+                detector.bind(self.embedder)  # knn_tuned: its token rows in the served static table
         except EmbedderMismatch as error:
             self._refused[(route, version)] = str(error)
             logger.error("ood detector refused", extra={"route": route, "version": version, "error": str(error)})
@@ -217,13 +219,17 @@ class OODRouter:
         with self._blas.limit(limits=1, user_api="blas") if self._blas else contextlib.nullcontext():
             for indices in groups.values():
                 detector = jobs[indices[0]][0]
+                # knn_tuned scores the prompt under its own token table; the shared embedding
+                # (cached) still goes to the learned router, which was trained on it.
+                rows = (detector.embed_texts([jobs[i][1] for i in indices]) if getattr(detector, "fits_texts", False)
+                        else embeddings[indices])
                 if hasattr(detector, "score_with_neighbours"):
-                    scores[indices], nearest = detector.score_with_neighbours(embeddings[indices])
+                    scores[indices], nearest = detector.score_with_neighbours(rows)
                     if nearest is not None:
                         for row, index in enumerate(indices):
                             neighbours[index] = tuple(int(value) for value in nearest[row])
                 else:
-                    scores[indices] = detector.score(embeddings[indices])
+                    scores[indices] = detector.score(rows)
         return [(float(scores[i]), embeddings[i], neighbours[i]) for i in range(len(jobs))]
 
     def close(self) -> None:

@@ -80,6 +80,17 @@ def test_eval_ood_near_protocol_from_the_command_line(tiny_clinc: Path) -> None:
     assert 0.8 <= figures["auroc"] <= 1.0
 
 
+def test_eval_ood_with_knn_tuned_is_deterministic(tiny_clinc: Path) -> None:
+    """The tuned detector through the command: it tunes per near-OOD seed, and twice gives the same figures."""
+    args = ("eval-ood", "--data", str(tiny_clinc), "--detector", "knn_tuned", "--protocol", "both", "--seeds", "3",
+            "--json")
+    first, again = run_cli(*args), run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    figures, repeated = json.loads(first.stdout), json.loads(again.stdout)
+    assert figures["detector"] == "knn_tuned" and 0.8 <= figures["auroc"] <= 1.0
+    assert (figures["auroc"], figures["near"]) == (repeated["auroc"], repeated["near"])
+
+
 def test_eval_ood_rejects_a_file_in_another_format(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"train": [["hello", "greet"]]}))

@@ -50,7 +50,7 @@ def clinc_train() -> tuple[list[str], list[str]]:
 
 @pytest.mark.integration
 @pytest.mark.parametrize(("kind", "detector"), [("static", "knn"), ("onnx", "knn"), ("minilm", "knn"),
-                                               ("static", "knn_lda")])
+                                               ("static", "knn_lda"), ("static", "knn_tuned")])
 def test_every_embedder_gives_decisions_through_a_real_gateway(
         kind: str, detector: str, built: Path, clinc_train: tuple[list[str], list[str]], replay_teacher: str,
         make_settings: Callable[..., Settings], tmp_path: Path) -> None:
@@ -74,6 +74,12 @@ def test_every_embedder_gives_decisions_through_a_real_gateway(
     assert app.state.decider.detector("clinc-intents", "base").name == detector
     assert targets[IN_SCOPE][0] == "student" and targets[IN_SCOPE][1] <= threshold
     assert targets[OUT_OF_SCOPE][0] == "teacher" and targets[OUT_OF_SCOPE][1] > threshold
+    if detector == "knn_tuned":  # the served score is the tuned table's, not the shared embedding's
+        served = app.state.decider.detector("clinc-intents", "base")
+        tuned = {text: float(served.score(served.embed_texts([text]))[0]) for text in targets}
+        shared = {text: float(served.score(app.state.decider.embedder.encode([text]))[0]) for text in targets}
+        assert all(targets[text][1] == pytest.approx(tuned[text], abs=1e-3) for text in targets), (targets, tuned)
+        assert any(abs(targets[text][1] - shared[text]) > 0.01 for text in targets), (targets, shared)
 
 
 def test_a_detector_fitted_by_another_embedder_is_refused(
@@ -177,7 +183,8 @@ async def test_static_router_scores_a_lone_request_inline_and_batches_under_load
     router.close()
 
 
-@pytest.mark.parametrize(("kind", "detector"), [("static", "knn"), ("onnx", "knn"), ("static", "knn_lda")])
+@pytest.mark.parametrize(("kind", "detector"), [("static", "knn"), ("onnx", "knn"), ("static", "knn_lda"),
+                                               ("static", "knn_tuned")])
 def test_the_trainer_fits_with_the_embedder_the_config_names(
         kind: str, detector: str, built: Path, clinc_train: tuple[list[str], list[str]], tmp_path: Path) -> None:
     from types import SimpleNamespace

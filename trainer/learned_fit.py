@@ -31,9 +31,12 @@ def fit_learned_router(config: RouteConfig, version: str, embedder: Callable[[],
     else:
         from router.learned import fit_for_version
         from router.ood import load_detector
+        from router.tuned import detector_embeddings
 
-        embeddings = embedder().encode([example.prompt_text for example in holdout])
-        scores = load_detector(detector_path).score(embeddings)
+        texts = [example.prompt_text for example in holdout]
+        embeddings = embedder().encode(texts)
+        detector = load_detector(detector_path)
+        scores = detector.score(detector_embeddings(detector, embedder(), texts))
         model, summary = fit_for_version(embeddings, scores, agrees, min_pairs=config.learned_router.min_pairs,
                                          min_agree=config.learned_router.min_agree)
         if model is not None:

@@ -220,11 +220,12 @@ class Trainer:
         if detector_path is None or config.cascade.disagreement_penalty == 0 or not examples:
             return None
         from router.ood import load_detector
+        from router.tuned import detector_embeddings
 
         detector = load_detector(detector_path)
         if getattr(detector, "answer_hashes", None) is None:
             return None
-        embeddings = self.embedder().encode([example.prompt_text for example in examples])
+        embeddings = detector_embeddings(detector, self.embedder(), [example.prompt_text for example in examples])
         _, nearest = detector.score_with_neighbours(embeddings)
         return [tuple(int(value) for value in row) for row in nearest]
 

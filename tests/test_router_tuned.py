@@ -1,0 +1,162 @@
+"""``knn_tuned`` (router/tuned.py): the static token table tuned to a route's labels at training time.
+
+The static embedder is built from the packaged MiniLM into ``var/models/router`` (as in
+tests/test_router_embedders.py). Tuning runs torch on a few hundred CLINC150 prompts: seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.config import parse_settings
+from core.config_base import ConfigError
+from router.artifacts import create_embedder, ensure_embedder
+from router.eval_ood import near_ood, ood_metrics
+from router.ood import EmbedderMismatch, create_detector, fit_detector_for_texts, load_detector
+from router.ood_router import OODRouter
+from router.tuned import detector_embeddings
+from tests.helpers import CLINC, ROOT
+
+ARTIFACTS = ROOT / "var" / "models" / "router"
+
+
+def router_config(kind: str) -> object:
+    return parse_settings({"router": {"embedder": kind, "artifacts_dir": str(ARTIFACTS), "cache_mb": 1.0},
+                           "routes": [{"name": "r", "teacher": {"model": "openai/x"}}]}).router
+
+
+@pytest.fixture(scope="module")
+def static() -> object:
+    ensure_embedder("static", ARTIFACTS)
+    return create_embedder(router_config("static"), cache_bytes=0)
+
+
+@pytest.fixture(scope="module")
+def clinc() -> dict[str, list[tuple[str, str]]]:
+    """30 intents of CLINC150, 40 train prompts each, their test prompts and 200 out-of-scope ones."""
+    data = json.loads(CLINC.read_text())
+    intents = set(sorted({intent for _, intent in data["train"]})[::5])
+    train = [row for row in data["train"] if row[1] in intents]
+    train = [row for n, row in enumerate(train) if n % 5 < 2]
+    return {"train": [tuple(row) for row in train], "test": [tuple(row) for row in data["test"] if row[1] in intents],
+            "oos": [tuple(row) for row in data["oos_test"][:200]]}
+
+
+def texts_labels(rows: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    return [text for text, _ in rows], [intent for _, intent in rows]
+
+
+def test_fit_is_deterministic_and_round_trips(static: object, clinc: dict, tmp_path: Path) -> None:
+    texts, labels = texts_labels(clinc["train"])
+    first = load_detector(fit_detector_for_texts(texts, labels, "knn_tuned", tmp_path / "a", static))
+    second = load_detector(fit_detector_for_texts(texts, labels, "knn_tuned", tmp_path / "b", static))
+    assert first.name == "knn_tuned" and first.meta["tuned_tokens"] == len(first.tuned_ids) > 100
+    for name, array in first.arrays().items():
+        np.testing.assert_array_equal(array, second.arrays()[name], err_msg=name)
+    base = static.encoder.vectors[first.tuned_ids]
+    assert np.abs(first.tuned_rows - base).max() > 0.01  # the rows did move
+    probe = [text for text, _ in clinc["oos"][:20]]
+    np.testing.assert_array_equal(first.score(detector_embeddings(first, static, probe)),
+                                  second.score(detector_embeddings(second, static, probe)))
+
+
+def test_tuning_separates_held_out_intents_better_than_knn(static: object, clinc: dict) -> None:
+    """Near-OOD (6 of 30 intents held out, tuned on the other 24 only): tuned beats plain knn."""
+    train_x = static.encode([text for text, _ in clinc["train"]])
+    test_x = static.encode([text for text, _ in clinc["test"]])
+    figures = {kind: near_ood(clinc["train"], train_x, clinc["test"], test_x, kind, [0], 0.2, static)["mean"]["auroc"]
+               for kind in ("knn", "knn_tuned")}
+    assert figures["knn_tuned"] > figures["knn"] + 0.01, figures
+
+
+def test_without_labels_it_is_knn(static: object, clinc: dict) -> None:
+    texts, _ = texts_labels(clinc["train"])
+    tuned = create_detector("knn_tuned").fit_texts(texts, None, static)
+    plain = create_detector("knn").fit(static.encode(texts))
+    assert len(tuned.tuned_ids) == 0
+    probe = [text for text, _ in clinc["oos"][:20] + clinc["test"][:20]]
+    np.testing.assert_allclose(tuned.score(tuned.embed_texts(probe)), plain.score(static.encode(probe)), atol=1e-5)
+
+
+def test_the_router_scores_with_the_tuned_table(static: object, clinc: dict, tmp_path: Path) -> None:
+    texts, labels = texts_labels(clinc["train"])
+    path = fit_detector_for_texts(texts, labels, "knn_tuned", tmp_path / "det", static)
+    router = OODRouter(static)
+    router.load_detector("r", "v1", path)
+    detector = router.detector("r", "v1")
+    probe = [text for text, _ in clinc["test"][:8] + clinc["oos"][:8]]
+    results = router._score_batch([(detector, text) for text in probe])
+    scores = np.array([score for score, _, _ in results])
+    np.testing.assert_allclose(scores, detector.score(detector.embed_texts(probe)), atol=1e-6)
+    untuned = detector.score(static.encode(probe))  # what the shared embedding alone would score
+    assert np.abs(scores - untuned).max() > 0.01
+    np.testing.assert_allclose(np.stack([row for _, row, _ in results]), static.encode(probe), atol=1e-6)
+    in_scores, oos_scores = scores[:8], scores[8:]
+    assert ood_metrics(in_scores, oos_scores)["auroc"] > 0.9
+    router.close()
+
+
+def test_another_embedder_or_a_foreign_table_is_refused(static: object, clinc: dict, tmp_path: Path) -> None:
+    texts, labels = texts_labels(clinc["train"][:200])
+    path = fit_detector_for_texts(texts, labels, "knn_tuned", tmp_path / "det", static)
+    ensure_embedder("onnx", ARTIFACTS)
+    onnx = create_embedder(router_config("onnx"))
+    with pytest.raises(EmbedderMismatch, match=static.id):
+        OODRouter(onnx).load_detector("r", "v1", path)
+    detector = load_detector(path)
+    with pytest.raises(EmbedderMismatch, match="tunes the static embedder's token table"):
+        detector.bind(onnx)  # even with the ids check bypassed, an onnx encoder has no table to tune
+    detector.tuned_ids = np.array([10**7])
+    with pytest.raises(EmbedderMismatch, match="rows name token 10000000"):
+        detector.bind(static)
+
+
+def test_config_accepts_knn_tuned() -> None:
+    route = {"name": "r", "teacher": {"model": "openai/x"}}
+    assert parse_settings({"routes": [{**route, "ood_detector": "knn_tuned"}]}).routes[0].ood_detector == "knn_tuned"
+    with pytest.raises(ConfigError, match="ood_detector"):
+        parse_settings({"routes": [{**route, "ood_detector": "tuned"}]})
+
+
+def test_the_starting_threshold_is_read_on_prompts_the_table_was_not_tuned_on(static: object, clinc: dict) -> None:
+    """The tuned table fits its own prompts: their percentile would start the threshold (and drift's
+    novel line) too low, sending many new in-scope prompts to the teacher."""
+    texts, labels = texts_labels(clinc["train"])
+    detector = create_detector("knn_tuned").fit_texts(texts, labels, static)
+    assert detector.meta["calibration_prompts"] == round(len(texts) * 0.1)
+    in_sample = float(np.quantile(detector._held_out_scores(detector.embed_texts(texts)), 0.95))
+    test_scores = detector.score(detector.embed_texts([text for text, _ in clinc["test"]]))
+    above = {"held_out": float((test_scores > detector.meta["threshold_keep_95"]).mean()),
+             "in_sample": float((test_scores > in_sample).mean())}
+    assert detector.meta["threshold_keep_95"] > in_sample
+    assert above["held_out"] < 0.12 < above["in_sample"], above  # measured: 0.054 and 0.173
+
+
+async def test_each_version_is_scored_with_its_own_table(static: object, clinc: dict, tmp_path: Path) -> None:
+    """What the hot swap does: the new version's detector (and table) is loaded beside the old one."""
+    from core.modes import Mode
+    from router.decision import RoutePolicy
+
+    texts, labels = texts_labels(clinc["train"])
+    first = [n for n, label in enumerate(labels) if label in sorted(set(labels))[:15]]
+    v1 = fit_detector_for_texts([texts[n] for n in first], [labels[n] for n in first], "knn_tuned",
+                                tmp_path / "v1", static)
+    v2 = fit_detector_for_texts(texts, labels, "knn_tuned", tmp_path / "v2", static)
+    router = OODRouter(static)
+    for version, path in (("v1", v1), ("v2", v2)):
+        await router.aload_detector("r", version, path)
+    prompt = [{"role": "user", "content": clinc["test"][-1][0]}]  # an intent only v2 was tuned on
+    scores = {version: (await router.decide(RoutePolicy("r", Mode.auto, 0.5, None, 0.0, version), prompt)).score
+              for version in ("v1", "v2")}
+    for version in ("v1", "v2"):
+        detector = router.detector("r", version)
+        assert scores[version] == pytest.approx(float(detector.score(detector.embed_texts([prompt[0]["content"]]))[0]),
+                                                abs=1e-6)
+    assert scores["v2"] < scores["v1"] - 0.05, scores
+    router.drop_detector("r", "v1")
+    assert (await router.decide(RoutePolicy("r", Mode.auto, 0.5, None, 0.0, "v2"), prompt)).score == scores["v2"]
+    router.close()
