@@ -1,8 +1,8 @@
 """Seeding a SQLite store with millions of logged requests fast enough to measure (bench/report.py
 ``--seed sql``): SQLite generates the rows itself (a recursive CTE, its ``random()``), in time
 order, a transaction per 500k rows, one shadow comparison per 10 requests; then each rollup
-tier is filled by one INSERT ... SELECT, as migrations m008/m009 backfill the request tiers
-(``rollups.backfill_sql``/``coarsen_sql``, the migrations' own SQL). The score tiers' bucket is
+tier is filled by one INSERT ... SELECT, as migrations m008/m009/m012 backfill the request and
+shadow tiers (their own SQL). The score tiers' bucket is
 computed in SQL as ``ceil(32 * log2(score))`` clamped to the edges, which equals
 ``score_rollups.bucket_of`` for every score not within float error of an edge; ``check_buckets``
 verifies that on a sample. The writer path itself (1M rows: 222 s) is bench/report.py's default.
@@ -14,7 +14,7 @@ import math
 import time
 from typing import Any
 
-from core.store import rollups, score_rollups
+from core.store import rollups, score_rollups, shadow_rollups
 
 _UNIFORM = "((random() & 65535) / 65536.0)"
 _REQUESTS = f"""
@@ -74,7 +74,7 @@ def seed(connection: Any, rows: int, now: float, span_s: float, body_bytes: int,
     took["rows_s"] = time.perf_counter() - began
     began = time.perf_counter()
     with connection:
-        for tier in rollups.TIERS + score_rollups.TIERS:
+        for tier in rollups.TIERS + score_rollups.TIERS + shadow_rollups.TIERS:
             connection.execute(f"delete from {tier.table}")
         connection.execute(rollups.backfill_sql("cast(created_at / 60 as integer)"))
         for tier in rollups.TIERS[1:]:
@@ -82,6 +82,8 @@ def seed(connection: Any, rows: int, now: float, span_s: float, body_bytes: int,
         connection.execute(_SCORE_MINUTES)
         for tier in score_rollups.TIERS[1:]:
             connection.execute(_score_coarsen(tier))
+        for tier in shadow_rollups.TIERS:
+            connection.execute(shadow_rollups.backfill_sql(tier, f"cast(created_at / {tier.seconds} as integer)"))
     took["rollups_s"] = time.perf_counter() - began
     return {name: round(value, 1) for name, value in took.items()}
 

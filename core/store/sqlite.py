@@ -14,7 +14,7 @@ from typing import Any
 
 import sqlite_utils
 
-from core.store import rollups, score_rollups
+from core.store import rollups, score_rollups, shadow_rollups
 from core.store.common import (
     PURGED_TABLES,
     check_status,
@@ -81,10 +81,11 @@ class SQLiteStore:
         return found
 
     def insert_shadow_results(self, rows: list[dict[str, Any]]) -> None:
-        """Appended, and the score rollups updated in the same transaction."""
+        """Appended, and the score and shadow rollups updated in the same transaction."""
         with self._transaction():
             self.db["shadow_results"].insert_all(rows, batch_size=len(rows) or 1)
             score_rollups.write(self.db.conn.executemany, score_rollups.shadow_deltas(rows))
+            shadow_rollups.write(self.db.conn.executemany, rows)
 
     def count_requests(self, route: str | None = None) -> int:
         where, args = ("route = ?", [route]) if route else (None, None)
