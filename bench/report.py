@@ -36,7 +36,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import report_seed
-from core.store import SQLiteStore, reporting, rollup_reads, rollups, score_reads, score_rollups, shadow_rollups
+from core.store import (
+    SQLiteStore,
+    reporting,
+    rollup_reads,
+    rollups,
+    score_reads,
+    score_rollups,
+    shadow_rollups,
+)
 from core.store.dialect import POSTGRES
 from router import calibration
 
