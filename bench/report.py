@@ -181,6 +181,13 @@ def _old_calibration(store: Any, since: float | None, current: float = 0.5, step
     return {"points": points, "certified": calibration.calibrate(shadow) if shadow else None}
 
 
+def _route_page(store: Any, since: float | None) -> None:
+    """The store reads of the dashboard's route page (gateway/dashboard/views.py ``route_page``)."""
+    reporting.route_summaries(store, ["a"], since)
+    reporting.cost_series(store, "a", since)
+    calibration.route_calibration(store, "a", 0.5, since)
+
+
 def _curve_equal(store: Any, since: float | None) -> bool:
     """The rollups' curve equals the raw one read at the snapped edges, point by point."""
     new = calibration.route_calibration(store, "a", 0.5, since)
@@ -213,6 +220,7 @@ def _windows(store: Any, now: float, old_windows: set[str]) -> dict[str, Any]:
             "new_route_page_cost_series_ms": _ms(lambda since=since: reporting.cost_series(store, "a", since), 3),
             "new_route_page_calibration_ms": _ms(
                 lambda since=since: calibration.route_calibration(store, "a", 0.5, since), 3),
+            "new_route_page_ms": _ms(lambda since=since: _route_page(store, since), 3),
         })
         out[window]["calibration_curve_equal"] = _curve_equal(store, since)
     return out
