@@ -188,17 +188,20 @@ def _route_page(store: Any, since: float | None) -> None:
     calibration.route_calibration(store, "a", 0.5, since)
 
 
-def _curve_equal(store: Any, since: float | None) -> bool:
-    """The rollups' curve equals the raw one read at the snapped edges, point by point."""
-    new = calibration.route_calibration(store, "a", 0.5, since)
-    scores, shadow = reporting.calibration_scores(store, "a", since)
-    edges = [score_rollups.SCORE_EDGES[score_rollups.snap(p["threshold"])] for p in new["points"]]
+def _curve_equal(store: Any, start: float) -> bool:
+    """The rollups' histogram equals the raw rows' and so does the curve read from it, at the
+    snapped edges, point by point; one pinned ``start`` (a moving window would drop edge rows)."""
+    scores = [r["router_score"] for r in store.query(reporting._REQUEST_SCORES_SQL, ["a", start])]
+    shadow = [(r["router_score"], int(r["agree"] or 0)) for r in store.query(reporting._SHADOW_SCORES_SQL, ["a", start])]
+    histogram = score_reads.score_histogram(store, "a", start)
+    top = calibration.threshold_range(scores, 0.5)
+    thresholds = [round(top * step / 50, 6) for step in range(51)]
+    edges = [score_rollups.SCORE_EDGES[score_rollups.snap(t)] for t in thresholds]
     raw = calibration.calibration_curve(scores, shadow, edges)
-    histogram = score_reads.ScoreHistogram.from_raw(scores, shadow)
-    return new["scored_requests"] == len(scores) and histogram == score_reads.score_histogram(
-        store, "a", reporting.window_start(since)) and all(
-        (p["student_share"], p["expected_agreement"], p["shadow_samples"])
-        == (r.student_share, r.expected_agreement, r.shadow_samples) for p, r in zip(new["points"], raw, strict=True))
+    new = calibration.histogram_curve(histogram, thresholds)
+    return histogram == score_reads.ScoreHistogram.from_raw(scores, shadow) and all(
+        (p.student_share, p.expected_agreement, p.shadow_samples) == (r.student_share, r.expected_agreement,
+                                                                      r.shadow_samples) for p, r in zip(new, raw, strict=True))
 
 
 def _windows(store: Any, now: float, old_windows: set[str]) -> dict[str, Any]:
@@ -222,7 +225,7 @@ def _windows(store: Any, now: float, old_windows: set[str]) -> dict[str, Any]:
                 lambda since=since: calibration.route_calibration(store, "a", 0.5, since), 3),
             "new_route_page_ms": _ms(lambda since=since: _route_page(store, since), 3),
         })
-        out[window]["calibration_curve_equal"] = _curve_equal(store, since)
+        out[window]["calibration_curve_equal"] = _curve_equal(store, start)
     return out
 
 
