@@ -75,7 +75,7 @@ def _shadow(rows: Iterable[dict[str, Any]]) -> Iterable[Contribution]:
 def _deltas(contributions: Iterable[Contribution]) -> dict[Tier, list[list[Any]]]:
     minutes: dict[tuple[int, str, int], list[int]] = {}
     for created_at, route, score, *counts in contributions:
-        if score is None or route is None:  # the raw reads skip them too
+        if score is None or route is None or score != score:  # the raw reads skip them (SQLite stores NaN as NULL)
             continue
         total = minutes.setdefault((int(created_at // 60), route, bucket_of(score)), [0, 0, 0])
         for index, count in enumerate(counts):
