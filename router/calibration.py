@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from core.store import reporting
+from core.store import reporting, score_reads, score_rollups
+from core.store.score_reads import ScoreHistogram
 
 START_FACTOR = 4
 GUARANTEE = "Clopper-Pearson upper bound on disagreement, fixed-sequence testing (Learn-then-Test)"
@@ -99,22 +100,52 @@ def calibrate(
     order = np.argsort(scores, kind="stable")
     scores, disagree = scores[order], disagree[order]
     cumulative = np.cumsum(disagree)
+    candidates = []
+    for threshold in _candidates(scores, max_points):
+        accepted = int(np.searchsorted(scores, threshold, side="right"))
+        candidates.append((float(threshold), accepted, int(cumulative[accepted - 1]) if accepted else 0))
+    return _sweep(candidates, len(scores), int(cumulative[-1]), target_agreement, confidence, student_cost,
+                  teacher_cost)
+
+
+def calibrate_binned(comparisons: Sequence[int], agreements: Sequence[int], edges: Sequence[float], *,
+                     target_agreement: float = 0.97, confidence: float = 0.95, student_cost: float = 0.0,
+                     teacher_cost: float = 1.0, max_points: int = 200) -> Calibration:
+    """``calibrate`` over a score histogram (core/store/score_reads.py): bucket ``i`` holds the
+    pairs with ``edges[i-1] < score <= edges[i]``, so the candidates are the edges closing the
+    non-empty buckets (thinned to ``max_points`` at quantiles of the pairs, as ``calibrate``
+    thins observed scores) and each candidate's accepted and disagreeing counts are exact. The
+    grid is fixed before any data is seen, which is what fixed-sequence testing assumes."""
+    total, failures_total = sum(comparisons), sum(n - a for n, a in zip(comparisons, agreements, strict=True))
+    if not total:
+        return calibrate([], target_agreement=target_agreement, confidence=confidence)
+    accepted = np.cumsum(comparisons)
+    failed = np.cumsum([n - a for n, a in zip(comparisons, agreements, strict=True)])
+    filled = [index for index, count in enumerate(comparisons) if count and index < len(edges)]
+    if len(filled) > max_points:  # the bucket holding each quantile's pair, as np.quantile(method="higher")
+        ranks = np.ceil(np.linspace(0, 1, max_points) * (total - 1)).astype(int)
+        filled = sorted({int(np.searchsorted(accepted, rank, side="right")) for rank in ranks} & set(filled))
+    candidates = [(float(edges[index]), int(accepted[index]), int(failed[index])) for index in filled]
+    return _sweep(candidates, total, failures_total, target_agreement, confidence, student_cost, teacher_cost)
+
+
+def _sweep(candidates: Sequence[tuple[float, int, int]], total: int, failures_total: int, target_agreement: float,
+           confidence: float, student_cost: float, teacher_cost: float) -> Calibration:
+    """The certified sweep over (threshold, accepted, disagreements) candidates, lowest first."""
     risk, level = 1.0 - target_agreement, confidence
     n_min = min_trials(target_agreement, confidence)
     # Where the sequence starts: a test at n_min passes only with zero disagreements, so one
     # early unlucky failure would end it. Starting at 4x n_min accepted prompts keeps power;
     # the start depends on the scores alone, never on the agreement labels, so it stays valid.
-    n_start = min(START_FACTOR * n_min, len(scores))
+    n_start = min(START_FACTOR * n_min, total)
     curve, still_passing = [], True
-    for threshold in _candidates(scores, max_points):
-        accepted = int(np.searchsorted(scores, threshold, side="right"))
-        failures = int(cumulative[accepted - 1]) if accepted else 0
+    for threshold, accepted, failures in candidates:
         upper = clopper_pearson_upper(failures, accepted, level)
-        share = accepted / len(scores)
+        share = accepted / total
         point = CurvePoint(
-            threshold=float(threshold), student_share=share, accepted=accepted, disagreements=failures,
+            threshold=threshold, student_share=share, accepted=accepted, disagreements=failures,
             agreement=1.0 - failures / accepted if accepted else 1.0, agreement_lcb=1.0 - upper,
-            overall_agreement=1.0 - failures / len(scores),
+            overall_agreement=1.0 - failures / total,
             relative_cost=((1 - share) * teacher_cost + share * student_cost) / teacher_cost if teacher_cost else 0.0,
         )
         if accepted >= n_start and still_passing:
@@ -124,10 +155,9 @@ def calibrate(
         curve.append(point)
     certified = [point for point in curve if point.certified]
     best = certified[-1] if certified else None
-    note = _note(best, curve, n_min)
-    return Calibration(target_agreement=target_agreement, confidence=confidence, pairs=len(data),
-                       base_agreement=float(1.0 - disagree.mean()), recommended_threshold=best.threshold if best else None,
-                       recommended=best, curve=curve, note=note)
+    return Calibration(target_agreement=target_agreement, confidence=confidence, pairs=total,
+                       base_agreement=1.0 - failures_total / total, recommended_threshold=best.threshold if best else None,
+                       recommended=best, curve=curve, note=_note(best, curve, n_min))
 
 
 def _note(best: CurvePoint | None, curve: Sequence[CurvePoint], n_min: int) -> str:
@@ -198,35 +228,66 @@ def calibration_curve(request_scores: list[float], shadow: list[tuple[float, int
     return points
 
 
+def histogram_curve(histogram: ScoreHistogram, thresholds: list[float]) -> list[CalibrationPoint]:
+    """``calibration_curve`` from a score histogram: each threshold is read at the bucket edge
+    at or under it (``score_rollups.snap``, at most a factor 2**(1/32) lower), where the
+    counts are exact: the raw curve at that edge, not an interpolation."""
+    requests = np.cumsum(histogram.requests)
+    comparisons, agreements = np.cumsum(histogram.comparisons), np.cumsum(histogram.agreements)
+    points = []
+    for threshold in thresholds:
+        index = score_rollups.snap(threshold)
+        under, samples = (int(requests[index]), int(comparisons[index])) if index >= 0 else (0, 0)
+        points.append(CalibrationPoint(
+            threshold=threshold,
+            student_share=under / int(requests[-1]) if requests[-1] else 0.0,
+            expected_agreement=int(agreements[index]) / samples if samples else None,
+            shadow_samples=samples,
+        ))
+    return points
+
+
 def threshold_range(request_scores: list[float], current: float) -> float:
     """The slider's upper end: past every logged score and the current threshold."""
     top = max([*request_scores, current, 0.0])
     return round(max(1.0, top * 1.1), 3)
 
 
+def _histogram_top(histogram: ScoreHistogram) -> list[float]:
+    """The highest scored request's bucket's upper edge (its lower edge for the open last
+    bucket): the histogram's stand-in for the highest score, at most 2**(1/32) above it."""
+    filled = [index for index, count in enumerate(histogram.requests) if count]
+    if not filled:
+        return []
+    edges = score_rollups.SCORE_EDGES
+    return [edges[min(filled[-1], len(edges) - 1)]]
+
+
 def route_calibration(store: Any, route: str, current: float, since_s: float | None = None,
                       steps: int = 50, target_agreement: float = 0.97, confidence: float = 0.95) -> dict[str, Any]:
     """The calibration curve for the dashboard's threshold control: student share over every
     scored request, expected agreement over the shadow comparisons, and, from
-    ``calibrate``, the agreement lower bound and the certified recommended threshold
-    (same defaults as ``distillgate calibrate``)."""
-    scores, shadow = reporting.calibration_scores(store, route, since_s)
-    top = threshold_range(scores, current)
+    ``calibrate_binned``, the agreement lower bound and the certified recommended threshold
+    (same defaults as ``distillgate calibrate``). Read from the score rollups
+    (core/store/score_reads.py): the cost does not grow with the requests in the window."""
+    histogram = score_reads.score_histogram(store, route, reporting.window_start(since_s))
+    top = threshold_range(_histogram_top(histogram), current)
     thresholds = [round(top * step / steps, 6) for step in range(steps + 1)]
-    points = [asdict(point) for point in calibration_curve(scores, shadow, thresholds)]
-    result = {"max": top, "step": round(top / steps, 6), "scored_requests": len(scores),
-              "shadow_samples": len(shadow), "points": points, "recommended_threshold": None,
+    points = [asdict(point) for point in histogram_curve(histogram, thresholds)]
+    shadow_samples = sum(histogram.comparisons)
+    result = {"max": top, "step": round(top / steps, 6), "scored_requests": sum(histogram.requests),
+              "shadow_samples": shadow_samples, "points": points, "recommended_threshold": None,
               "target_agreement": target_agreement, "confidence": confidence, "note": ""}
-    if shadow:
-        result.update(_certified(shadow, points, target_agreement, confidence))
+    if shadow_samples:
+        certified = calibrate_binned(histogram.comparisons, histogram.agreements, score_rollups.SCORE_EDGES,
+                                     target_agreement=target_agreement, confidence=confidence)
+        result.update(_certified(certified, points))
     return result
 
 
-def _certified(shadow: list[tuple[float, int]], points: list[dict[str, Any]], target_agreement: float,
-               confidence: float) -> dict[str, Any]:
+def _certified(result: Calibration, points: list[dict[str, Any]]) -> dict[str, Any]:
     """The router's certified calibration (a lower confidence bound on agreement and the
-    recommended threshold) laid over the dashboard's sweep; nothing when it is unavailable."""
-    result = calibrate(shadow, target_agreement=target_agreement, confidence=confidence)
+    recommended threshold) laid over the dashboard's sweep."""
     curve = sorted(result.curve, key=lambda point: point.threshold)
     for point in points:
         under = [entry for entry in curve if entry.threshold <= point["threshold"]]

@@ -248,3 +248,25 @@ def test_chromium_is_the_system_one(browser: Any) -> None:
     system_driver = subprocess.run([str(CHROMEDRIVER), "--version"], capture_output=True, text=True, check=True).stdout
     assert browser.capabilities["browserVersion"] in system_browser
     assert browser.capabilities["chrome"]["chromedriverVersion"].split()[0] in system_driver
+
+
+def test_route_page_calibration_comes_from_the_score_rollups(served_gateway: tuple[str, Settings]) -> None:
+    """Traffic and shadows written by the gateway's own writers: the route page's counts and
+    curve (read from the score rollups) equal the raw rows, the curve at the snapped edges."""
+    from core.store.score_rollups import SCORE_EDGES, snap
+    from router import calibration
+
+    url, settings = served_gateway
+    page = httpx.get(f"{url}/dashboard/routes/{ROUTE}", headers=ADMIN, params={"since": "all"})
+    store = SQLiteStore(settings.store.path)
+    try:
+        scores, shadow = reporting.calibration_scores(store, ROUTE)
+        result = calibration.route_calibration(store, ROUTE, 0.5)
+    finally:
+        store.close()
+    assert page.status_code == 200 and scores and shadow
+    assert f"{len(scores)} scored requests" in page.text and f"{len(shadow)} shadow comparisons" in page.text
+    edges = [SCORE_EDGES[snap(point["threshold"])] for point in result["points"]]
+    raw = calibration.calibration_curve(scores, shadow, edges)
+    assert [(p["student_share"], p["expected_agreement"]) for p in result["points"]] == \
+           [(r.student_share, r.expected_agreement) for r in raw]

@@ -14,6 +14,7 @@ import yaml
 from cli.main import main
 from core.config import Settings
 from core.store import SQLiteStore, reporting
+from core.store.score_rollups import SCORE_EDGES, snap
 from router import calibration
 
 ROUTE = "clinc-intents"
@@ -124,7 +125,10 @@ def test_route_calibration_uses_the_certified_router_calibration() -> None:
     assert result["scored_requests"] == result["shadow_samples"] == 300
     assert result["recommended_threshold"] is not None and 0.3 < result["recommended_threshold"] < 0.9
     at_half = [point for point in result["points"] if point["threshold"] <= 0.5][-1]
-    under = sum(1 for i in range(300) if i / 300 <= at_half["threshold"])
+    # Read from the score rollups: exact at the bucket edge at or under the threshold (score_rollups.snap).
+    edge = SCORE_EDGES[snap(at_half["threshold"])]
+    assert at_half["threshold"] / 2 ** (1 / 32) < edge <= at_half["threshold"]
+    under = sum(1 for i in range(300) if i / 300 <= edge)
     assert at_half["student_share"] == pytest.approx(under / 300)
     assert at_half["expected_agreement"] == 1.0 and 0.9 < at_half["agreement_lcb"] < 1.0
 

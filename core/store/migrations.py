@@ -235,6 +235,28 @@ def m010_shadow_served_by(db: Schema) -> None:
                "(select target from requests where requests.id = shadow_results.request_id)")
 
 
+def m011_score_rollups(db: Schema) -> None:
+    """Router-score histograms per route and minute, hour and day (core/store/score_rollups.py),
+    which the route page's calibration curve reads; backfilled from the request and shadow logs."""
+    from core.store import score_rollups
+
+    for tier in score_rollups.TIERS:
+        db.create_table(tier.table, score_rollups.columns(tier), tuple(score_rollups.key_columns(tier)))
+    score_rollups.backfill(db.connection.execute, db.dialect.placeholder)
+
+
+def m012_shadow_rollups(db: Schema) -> None:
+    """Shadow-comparison counts per route and minute, hour and day (core/store/shadow_rollups.py),
+    which the reports' shadow figures read; backfilled from the shadow log. The index serves the
+    window's part-minute, read from the raw rows by time alone."""
+    from core.store import shadow_rollups
+
+    for tier in shadow_rollups.TIERS:
+        db.create_table(tier.table, shadow_rollups.columns(tier), tuple(shadow_rollups.key_columns(tier)))
+        db.execute(shadow_rollups.backfill_sql(tier, db.dialect.floor_div("created_at", str(tier.seconds))))
+    db.create_index("shadow_results", ["created_at"])
+
+
 MIGRATIONS: list[Callable[[Schema], None]] = [
     m001_requests,
     m002_shadow,
@@ -246,6 +268,8 @@ MIGRATIONS: list[Callable[[Schema], None]] = [
     m008_request_rollups,
     m009_rollup_tiers,
     m010_shadow_served_by,
+    m011_score_rollups,
+    m012_shadow_rollups,
 ]
 
 

@@ -20,7 +20,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from core.store import rollups
+from core.store import rollups, score_rollups, shadow_rollups
 from core.store.common import PURGED_TABLES, json_or_raw
 from core.store.dialect import POSTGRES
 from core.store.migrations import migrate
@@ -81,9 +81,18 @@ class PostgresStore(RegistryMixin):
                                [[_adapt(row.get(column)) for column in columns] for row in rows])
             for tier, params in rollups.deltas(old, rows).items():
                 cursor.executemany(POSTGRES.translate(rollups.upsert_sql(tier)), params)
+            score_rollups.write(cursor.executemany, score_rollups.request_deltas(old, rows), POSTGRES.translate)
 
     def insert_shadow_results(self, rows: list[dict[str, Any]]) -> None:
-        self._insert("shadow_results", rows)
+        """Appended, and the score and shadow rollups updated in the same transaction."""
+        if not rows:
+            return
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        with self._cursor() as cursor:
+            cursor.executemany(insert_sql("shadow_results", columns, (), False),
+                               [[_adapt(row.get(column)) for column in columns] for row in rows])
+            score_rollups.write(cursor.executemany, score_rollups.shadow_deltas(rows), POSTGRES.translate)
+            shadow_rollups.write(cursor.executemany, rows, POSTGRES.translate)
 
     def _insert(self, table: str, rows: list[dict[str, Any]], conflict: tuple[str, ...] = (),
                 returning: bool = False) -> list[Any]:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from core.config import CostsConfig
-from core.store import rollup_reads
+from core.store import rollup_reads, shadow_rollups
 from core.store.dialect import Dialect
 
 
@@ -200,7 +200,7 @@ def route_summaries(store: Queryable, routes: list[str], since_s: float | None =
         for key, value in row.items():
             if key != "route":
                 setattr(summary, key, value)
-    for row in store.query(_SHADOW_SQL, [start]):
+    for row in shadow_rollups.summary(store, start):  # _SHADOW_SQL, from the rollups
         summary = summaries.setdefault(row["route"], RouteSummary(row["route"]))
         summary.shadow_comparisons, summary.shadow_agreements = row["comparisons"], row["agreements"]
         summary.served_comparisons, summary.served_agreements = row["served_comparisons"], row["served_agreements"]

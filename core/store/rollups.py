@@ -152,6 +152,6 @@ def coarsen_sql(tier: Tier, floor_div: str) -> str:
             f'{", ".join(f"sum({chr(34)}{n}{chr(34)})" for n in counters)} FROM request_rollups GROUP BY {", ".join(keys)}')
 
 
-# The columns a replaced row's contribution is computed from.
+# The columns a replaced row's contribution is computed from (router_score: core/store/score_rollups.py).
 OLD_ROW_COLUMNS = "id, created_at, route, target, student_version, client_key_id, status_code, fallback, " \
-                  "prompt_tokens, completion_tokens, cost_usd, teacher_cost_usd, latency_ms"
+                  "prompt_tokens, completion_tokens, cost_usd, teacher_cost_usd, latency_ms, router_score"

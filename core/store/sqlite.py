@@ -14,7 +14,7 @@ from typing import Any
 
 import sqlite_utils
 
-from core.store import rollups
+from core.store import rollups, score_rollups, shadow_rollups
 from core.store.common import (
     PURGED_TABLES,
     check_status,
@@ -69,6 +69,7 @@ class SQLiteStore:
             self.db["requests"].insert_all(rows, batch_size=len(rows) or 1, replace=True)
             for tier, params in rollups.deltas(old, rows).items():
                 self.db.conn.executemany(rollups.upsert_sql(tier), params)
+            score_rollups.write(self.db.conn.executemany, score_rollups.request_deltas(old, rows))
 
     def _old_rows(self, ids: list[str]) -> list[dict[str, Any]]:
         """The rows a batch replaces (a spool replay): their rollup contribution is taken back."""
@@ -80,8 +81,11 @@ class SQLiteStore:
         return found
 
     def insert_shadow_results(self, rows: list[dict[str, Any]]) -> None:
+        """Appended, and the score and shadow rollups updated in the same transaction."""
         with self._transaction():
             self.db["shadow_results"].insert_all(rows, batch_size=len(rows) or 1)
+            score_rollups.write(self.db.conn.executemany, score_rollups.shadow_deltas(rows))
+            shadow_rollups.write(self.db.conn.executemany, rows)
 
     def count_requests(self, route: str | None = None) -> int:
         where, args = ("route = ?", [route]) if route else (None, None)
