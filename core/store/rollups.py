@@ -133,13 +133,18 @@ def deltas(old_rows: list[dict[str, Any]], new_rows: list[dict[str, Any]]) -> di
     return result
 
 
+def additive_upsert_sql(table: str, keys: list[str], counters: list[str]) -> str:
+    """Insert a row or add its ``counters`` to the row with the same ``keys`` (``?``
+    placeholders; SQLite and PostgreSQL both accept ON CONFLICT). Every rollup table is written so."""
+    names = keys + counters
+    adds = ", ".join(f'"{n}" = {table}."{n}" + excluded."{n}"' for n in counters)
+    return (f'INSERT INTO {table} ({", ".join(chr(34) + n + chr(34) for n in names)}) '
+            f'VALUES ({", ".join("?" for _ in names)}) ON CONFLICT ({", ".join(keys)}) DO UPDATE SET {adds}')
+
+
 @functools.cache
 def upsert_sql(tier: Tier = MINUTE) -> str:
-    """Additive upsert (``?`` placeholders; SQLite and PostgreSQL both accept ON CONFLICT)."""
-    names = tier.key_columns + COUNTER_COLUMNS + BUCKET_COLUMNS
-    adds = ", ".join(f'"{n}" = {tier.table}."{n}" + excluded."{n}"' for n in COUNTER_COLUMNS + BUCKET_COLUMNS)
-    return (f'INSERT INTO {tier.table} ({", ".join(chr(34) + n + chr(34) for n in names)}) '
-            f'VALUES ({", ".join("?" for _ in names)}) ON CONFLICT ({", ".join(tier.key_columns)}) DO UPDATE SET {adds}')
+    return additive_upsert_sql(tier.table, tier.key_columns, COUNTER_COLUMNS + BUCKET_COLUMNS)
 
 
 def coarsen_sql(tier: Tier, floor_div: str) -> str:

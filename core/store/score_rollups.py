@@ -26,7 +26,7 @@ import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from core.store.rollups import Tier
+from core.store.rollups import Tier, additive_upsert_sql
 
 STEPS_PER_OCTAVE = 32
 SCORE_EDGES: list[float] = [0.0] + [2 ** (k / STEPS_PER_OCTAVE)
@@ -104,11 +104,7 @@ def shadow_deltas(rows: Sequence[dict[str, Any]]) -> dict[Tier, list[list[Any]]]
 
 @functools.cache
 def upsert_sql(tier: Tier) -> str:
-    """Additive upsert (``?`` placeholders; SQLite and PostgreSQL both accept ON CONFLICT)."""
-    names = key_columns(tier) + COUNTERS
-    adds = ", ".join(f'"{n}" = {tier.table}."{n}" + excluded."{n}"' for n in COUNTERS)
-    return (f'INSERT INTO {tier.table} ({", ".join(chr(34) + n + chr(34) for n in names)}) '
-            f'VALUES ({", ".join("?" for _ in names)}) ON CONFLICT ({", ".join(key_columns(tier))}) DO UPDATE SET {adds}')
+    return additive_upsert_sql(tier.table, key_columns(tier), list(COUNTERS))
 
 
 def write(executemany: Any, deltas: dict[Tier, list[list[Any]]], translate: Any = str) -> None:

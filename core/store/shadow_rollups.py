@@ -16,7 +16,7 @@ import functools
 from typing import Any, Protocol
 
 from core.store import rollup_reads
-from core.store.rollups import Tier
+from core.store.rollups import Tier, additive_upsert_sql
 
 MINUTE = Tier("shadow_rollups", "minute", 60)
 HOUR = Tier("shadow_rollups_hourly", "hour", 3600)
@@ -57,11 +57,7 @@ def deltas(rows: list[dict[str, Any]]) -> dict[Tier, list[list[Any]]]:
 
 @functools.cache
 def upsert_sql(tier: Tier) -> str:
-    """Additive upsert (``?`` placeholders; SQLite and PostgreSQL both accept ON CONFLICT)."""
-    names = key_columns(tier) + COUNTERS
-    adds = ", ".join(f'"{n}" = {tier.table}."{n}" + excluded."{n}"' for n in COUNTERS)
-    return (f'INSERT INTO {tier.table} ({", ".join(chr(34) + n + chr(34) for n in names)}) '
-            f'VALUES ({", ".join("?" for _ in names)}) ON CONFLICT ({", ".join(key_columns(tier))}) DO UPDATE SET {adds}')
+    return additive_upsert_sql(tier.table, key_columns(tier), list(COUNTERS))
 
 
 def write(executemany: Any, rows: list[dict[str, Any]], translate: Any = str) -> None:
