@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,3 +39,28 @@ def test_report_bench_sql_seed() -> None:
     assert out["sql_bucket_mismatches"] == 0 and out["rows_found"] == {"requests": 20000, "shadow_results": 2000}
     assert "old_report_ms" in out["24h"] and "old_report_ms" not in out["all"]
     assert all(out[window]["calibration_curve_equal"] is True for window in ("24h", "7d", "all"))
+
+
+@pytest.mark.integration  # a PostgreSQL server (the session fixture), as the store tests' postgres cases
+def test_report_bench_sql_seed_postgres(postgres_dsn: str) -> None:
+    """The PostgreSQL seeding path (the server generates the rows, the tiers are filled by the
+    migrations' SQL): its buckets agree with the writer's, the curve from its rollups equals the
+    raw one, and the request tiers hold every row."""
+    result = subprocess.run([sys.executable, "bench/report.py", "--rows", "20000", "--insert-sample", "0",
+                             "--body-bytes", "10", "--seed", "sql", "--old-windows", "24h", "--dsn", postgres_dsn],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    out = json.loads(result.stdout)
+    assert out["backend"] == "postgres" and out["sql_bucket_mismatches"] == 0
+    assert out["rows_found"] == {"requests": 20000, "shadow_results": 2000}
+    assert all(out[window]["calibration_curve_equal"] is True for window in ("24h", "7d", "all"))
+    from core.store.postgres import PostgresStore
+
+    store = PostgresStore(postgres_dsn)
+    try:
+        for table in ("request_rollups", "request_rollups_hourly", "request_rollups_daily"):
+            assert store.query(f"select sum(requests) as n from {table}")[0]["n"] == 20000, table
+        for table in ("shadow_rollups", "shadow_rollups_daily", "score_rollups_daily"):
+            assert store.query(f"select sum(comparisons) as n from {table}")[0]["n"] == 2000, table
+    finally:
+        store.close()
