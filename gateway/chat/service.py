@@ -28,7 +28,6 @@ from gateway.chat.protocol import ChatCompletionRequest
 from gateway.chat.record import RequestRecord, estimate_tokens
 from gateway.chat.streaming import (
     StreamingMixin,
-    _cascade_score,
     _past,
     deadline_error,
     teacher_error,
@@ -41,6 +40,7 @@ from gateway.route_table import RouteState, RouteTable
 from gateway.tracing import Tracing
 from gateway.upstream.pool import StudentPool
 from router.decision import Decision, Router
+from router.uncertainty import cascade_score
 
 logger = logging.getLogger(__name__)
 
@@ -295,9 +295,12 @@ class ChatService(StreamingMixin):
         cascade = state.config.cascade
         with self.tracing.span("cascade.check", **record.trace_attributes()) as span:
             choice = completion.body["choices"][0]
-            score = _cascade_score(choice, decision.neighbour_answers, cascade.disagreement_penalty)
-            answer = (choice.get("message") or {}).get("content")
-            escalated = isinstance(answer, str) and cascade.escalates(answer)
+            content = (choice.get("message") or {}).get("content")
+            answer = content if isinstance(content, str) else ""
+            escalated = cascade.escalates(answer)
+            # No logprobs: the cascade cannot vouch for the answer (score None).
+            score = None if escalated else cascade_score(choice.get("logprobs"), answer, decision.neighbour_answers,
+                                                         cascade.disagreement_penalty)
             passed = not (escalated or score is None or threshold is None or score < threshold)
             self.tracing.set(span, cascade_score=score, cascade_threshold=threshold, cascade_passed=passed)
         if escalated:

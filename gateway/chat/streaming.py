@@ -46,16 +46,6 @@ def deadline_error(timeout_s: float) -> UpstreamTimeout:
     return UpstreamTimeout(f"The request did not finish within the gateway's deadline of {timeout_s:g} s.")
 
 
-def _cascade_score(choice: dict[str, Any], neighbour_answers: tuple[int, ...],
-                   disagreement_penalty: float) -> float | None:
-    """The cascade's score for a student answer (None: no logprobs, cannot be vouched for)."""
-    from router.uncertainty import cascade_score
-
-    answer = (choice.get("message") or {}).get("content")
-    return cascade_score(choice.get("logprobs"), answer if isinstance(answer, str) else "",
-                         neighbour_answers, disagreement_penalty)
-
-
 def _past(when: float) -> bool:
     return asyncio.get_running_loop().time() >= when
 
