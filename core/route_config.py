@@ -113,6 +113,13 @@ class TrainingConfig(StrictModel):
     replay_ratio: float = Field(1.0, ge=0)
     warm_start_epochs: float = Field(4.0, gt=0)
     max_steps: int | None = None
+    # Until a route's first promotion the teacher answers every request, so the answers logged
+    # while a candidate trains are an unbiased sample it never saw: it is evaluated (and its
+    # threshold calibrated) on up to this many of them besides the holdout (0: holdout only).
+    # A first version judged on its holdout alone passed on 17 served answers and then served
+    # 4.3 points below the teacher. Once a version is live, new teacher answers are the prompts
+    # it declined, a biased sample, so later candidates are judged on the holdout only.
+    fresh_evaluation_max: int = Field(1000, ge=0)
     # Rows whose request carries a client system/developer message: "skip" them (default),
     # or "replace" that message by the route's student prompt as serving does. A client's
     # system prompt steers the teacher, so with "replace" a key could plant answers; choose

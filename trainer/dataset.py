@@ -83,10 +83,14 @@ class Dataset:
                 "dropped": dict(self.dropped), "newest_at": self.newest_at}
 
 
+def prompt_key(prompt_text: str) -> str:
+    """The prompt as the holdout split sees it: whitespace runs collapsed, case folded."""
+    return " ".join(prompt_text.split()).casefold()
+
+
 def holdout_score(prompt_text: str) -> float:
     """A number in [0, 1) fixed by the prompt alone; below the holdout fraction means holdout."""
-    key = " ".join(prompt_text.split()).casefold()
-    digest = hashlib.sha256(key.encode()).digest()
+    digest = hashlib.sha256(prompt_key(prompt_text).encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
@@ -313,6 +317,19 @@ def build_dataset(store: Store, route: RouteConfig, *, labels: Collection[str] |
                       newest_at=max((example.created_at for example in examples), default=0.0))
     logger.info("dataset built", extra=dataset.summary())
     return dataset
+
+
+def fresh_examples(store: Store, route: RouteConfig, dataset: Dataset, *, limit: int,
+                   labels: Collection[str] | None = None, keep_reasoning: bool = False) -> list[Example]:
+    """Up to ``limit`` of the newest fit answers logged after ``dataset`` was built, whose
+    prompts it does not hold: a version trained on ``dataset`` never saw them (test, then
+    train: the next cycle trains on them)."""
+    if limit <= 0:
+        return []
+    examples, _ = collect_examples(store, route, labels=labels, after=dataset.newest_at, keep_reasoning=keep_reasoning)
+    known = {prompt_key(example.prompt_text) for example in (*dataset.train, *dataset.holdout)}
+    unseen = [example for example in examples if prompt_key(example.prompt_text) not in known]
+    return unseen[-limit:]
 
 
 def count_new_examples(store: Store, route: str, after: float) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 from core.config import RouteConfig, Settings, TrainingConfig
 from core.registry import CandidateVersion, Registry
 from core.store import Store
-from trainer.dataset import Dataset, Example, build_dataset, labels_for_route
+from trainer.dataset import Dataset, Example, build_dataset, fresh_examples, labels_for_route
 from trainer.learned_fit import fit_learned_router
 
 logger = logging.getLogger(__name__)
@@ -107,8 +107,11 @@ class Trainer:
         detail["train"] = trained
         detector_path = self._fit_detector(config, dataset, out_dir / "detector")
         make_private(out_dir)
-        metrics, agrees = self._evaluate(config, dataset, adapter_dir, labels, detector_path, version)
-        metrics["learned_router"] = fit_learned_router(config, version, self.embedder, dataset.holdout, agrees,
+        evaluation = self._evaluation_set(config, dataset, labels)
+        detail["dataset"]["fresh"] = len(evaluation) - len(dataset.holdout)
+        metrics, agrees = self._evaluate(config, evaluation, adapter_dir, labels, detector_path, version)
+        metrics["evaluated_on"] = {"holdout": len(dataset.holdout), "fresh": detail["dataset"]["fresh"]}
+        metrics["learned_router"] = fit_learned_router(config, version, self.embedder, evaluation, agrees,
                                                        detector_path, out_dir / "learned_router")
         make_private(out_dir)
         detail["gate"] = metrics["gate"]
@@ -229,22 +232,31 @@ class Trainer:
         _, nearest = detector.score_with_neighbours(embeddings)
         return [tuple(int(value) for value in row) for row in nearest]
 
-    def _evaluate(self, config: RouteConfig, dataset: Dataset, adapter_dir: Path, labels: set[str] | None,
+    def _evaluation_set(self, config: RouteConfig, dataset: Dataset, labels: set[str] | None) -> list[Example]:
+        """The holdout; before the route's first promotion also the answers logged while the
+        candidate trained (``training.fresh_evaluation_max``), which no live version selected."""
+        if self.registry.live(config.name) is not None:
+            return dataset.holdout
+        fresh = fresh_examples(self.store, config, dataset, limit=config.training.fresh_evaluation_max,
+                               labels=labels, keep_reasoning=self.keep_reasoning)
+        return [*dataset.holdout, *fresh]
+
+    def _evaluate(self, config: RouteConfig, examples: list[Example], adapter_dir: Path, labels: set[str] | None,
                   detector_path: Path | None, version: str) -> tuple[dict[str, Any], list[bool]]:
-        """Candidate and live student on the same holdout, and the gate's verdict; with, per
-        holdout example, whether the candidate agreed with the teacher."""
+        """Candidate and live student on the same examples, and the gate's verdict; with, per
+        example, whether the candidate agreed with the teacher."""
         from trainer.evaluate import evaluate_adapter, gate
 
         base = config.student.base_model
         options = {"labels": labels, "confidence_threshold": config.confidence_threshold,
                    "cascade": config.cascade, "seed": f"{config.name}:{version}"}
-        candidate = evaluate_adapter(base, adapter_dir, dataset.holdout,
-                                     neighbours=self.neighbours(config, dataset.holdout, detector_path), **options)
+        candidate = evaluate_adapter(base, adapter_dir, examples,
+                                     neighbours=self.neighbours(config, examples, detector_path), **options)
         live_version = self.registry.live(config.name)
         live = None
         if live_version is not None and Path(live_version.adapter_path).exists():
-            live = evaluate_adapter(base, live_version.adapter_path, dataset.holdout, **options,
-                                    neighbours=self.neighbours(config, dataset.holdout, live_version.detector_path))
+            live = evaluate_adapter(base, live_version.adapter_path, examples, **options,
+                                    neighbours=self.neighbours(config, examples, live_version.detector_path))
         decision = gate(candidate, live, config.gate)
         return {"candidate": candidate.to_dict(), "live": live.to_dict() if live else None,
                 "live_version": live_version.version if live_version else None,
