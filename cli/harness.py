@@ -4,7 +4,6 @@ stand-in for a frontier API). Their modules are imported only when a command run
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +11,9 @@ from typing import Any
 def _run_demo(args: Any) -> int:
     from rich.console import Console
 
-    # The SDK's HTTP client (httpx2 under openai 3.x) logs every request at INFO: thousands
-    # of lines over the live table.
-    for noisy in ("httpx2", "httpx"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    from cli.main import quiet_libraries
+
+    quiet_libraries()  # the SDK's HTTP client logs every request: thousands of lines over the live table
 
     from harness.demo.runner import DemoOptions, run_demo
 

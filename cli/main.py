@@ -60,6 +60,17 @@ def configure_logging(level: str, log_format: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
+# Per-call INFO lines from the HTTP and provider libraries (httpx2: the openai 3.x SDK's), and apscheduler's two lines per job
+# run (the scheduler's leadership check runs every 5 s: 35,000 lines a day), drown the
+# gateway's own log.
+NOISY_LOGGERS = ("httpx", "httpx2", "httpcore", "LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "apscheduler.executors.default")
+
+
+def quiet_libraries() -> None:
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -67,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     # prompts, answers or secrets: readable by its own user only (files 0600, folders 0700).
     os.umask(0o077)
     configure_logging(args.log_level, args.log_format)
-    # Per-call INFO lines from the HTTP and provider libraries drown the gateway's own log.
-    for noisy in ("httpx", "httpcore", "LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except ConfigError as error:  # e.g. a PostgreSQL store whose DSN variable is unset
