@@ -1,4 +1,5 @@
-"""Before a route's first promotion, a candidate is also judged on the answers logged while it trained."""
+"""A candidate is judged on at least ``min_evaluation_examples`` answers: its holdout, topped up with
+answers logged while it trained."""
 
 from __future__ import annotations
 
@@ -25,18 +26,18 @@ def _rows(clinc_path: Path, intents: int, start: int, stop: int) -> list[tuple[s
     return [pair for intent in names for pair in [(t, i) for t, i in rows if i == intent][start:stop]]
 
 
-def _settings(tmp: Path, base: Path, clinc_path: Path, fresh_max: int = 1000) -> Settings:
+def _settings(tmp: Path, base: Path, clinc_path: Path, minimum: int = 1000) -> Settings:
     return parse_settings({
         "store": {"path": str(tmp / "db.sqlite")}, "vllm": {"model_dir": str(base)},
         "routes": [{"name": ROUTE, "teacher": {"model": "openai/replay-teacher"}, "labels_dataset": str(clinc_path),
                     "student": {"system_prompt": "Intent label:"},
-                    "training": {"holdout_fraction": 0.2, "fresh_evaluation_max": fresh_max},
+                    "training": {"holdout_fraction": 0.2, "min_evaluation_examples": minimum},
                     "gate": {"minimum": 0.0}}],
     })
 
 
 def test_fresh_answers_are_the_newest_unseen_prompts(tmp_path: Path, clinc_path: Path) -> None:
-    settings = _settings(tmp_path, tmp_path, clinc_path, fresh_max=5)
+    settings = _settings(tmp_path, tmp_path, clinc_path)
     store = SQLiteStore(settings.store.path)
     old = _rows(clinc_path, 3, 0, 10)
     seed_teacher_answers(store, ROUTE, old)
@@ -65,7 +66,7 @@ def _train_then_log(monkeypatch: pytest.MonkeyPatch, store: SQLiteStore, pairs: 
     monkeypatch.setattr(trainer.train, "train_adapter", train_while_traffic_arrives)
 
 
-def test_a_first_candidate_is_judged_on_answers_logged_while_it_trained(
+def test_a_candidate_is_judged_on_answers_logged_while_it_trained(
         tmp_path: Path, student_base_dir: Path, clinc_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = _settings(tmp_path, student_base_dir, clinc_path)
     store = SQLiteStore(settings.store.path)
@@ -80,9 +81,11 @@ def test_a_first_candidate_is_judged_on_answers_logged_while_it_trained(
     assert first.metrics["candidate"]["examples"] == first.holdout_examples + len(during)
     assert json.loads(store.training_runs(ROUTE)[0]["detail_json"])["dataset"]["fresh"] == len(during)
 
-    # Once a version is live, new teacher answers are the prompts it declined: holdout only.
+    # Only enough to reach the minimum: the holdout plus the three newest answers.
     Registry(store).set_live(ROUTE, first.version)
     _train_then_log(monkeypatch, store, _rows(clinc_path, 5, 20, 24))
+    holdout = build_dataset(store, settings.routes[0]).holdout
+    settings.routes[0].training.min_evaluation_examples = len(holdout) + 3
     second = trainer.run(ROUTE)
-    assert second.metrics["evaluated_on"]["fresh"] == 0
-    assert second.metrics["candidate"]["examples"] == second.holdout_examples
+    assert second.metrics["evaluated_on"] == {"holdout": len(holdout), "fresh": 3}
+    assert second.metrics["candidate"]["examples"] == second.metrics["live"]["examples"] == len(holdout) + 3

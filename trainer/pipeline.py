@@ -233,11 +233,10 @@ class Trainer:
         return [tuple(int(value) for value in row) for row in nearest]
 
     def _evaluation_set(self, config: RouteConfig, dataset: Dataset, labels: set[str] | None) -> list[Example]:
-        """The holdout; before the route's first promotion also the answers logged while the
-        candidate trained (``training.fresh_evaluation_max``), which no live version selected."""
-        if self.registry.live(config.name) is not None:
-            return dataset.holdout
-        fresh = fresh_examples(self.store, config, dataset, limit=config.training.fresh_evaluation_max,
+        """The holdout, topped up to ``training.min_evaluation_examples`` with answers logged
+        while the candidate trained."""
+        fresh = fresh_examples(self.store, config, dataset,
+                               limit=config.training.min_evaluation_examples - len(dataset.holdout),
                                labels=labels, keep_reasoning=self.keep_reasoning)
         return [*dataset.holdout, *fresh]
 
