@@ -103,7 +103,7 @@ class ReplicaSync:
         state = self.routes.get(route)
         if _serving(state.student) == version or state.canary is not None or self._given_up.get(route) == version:
             return False
-        lock = self.swapper._lock(route)
+        lock = self.swapper.route_lock(route)
         if lock.locked():  # this replica is swapping the route itself: its own swap decides
             return False
         async with lock:
@@ -128,7 +128,7 @@ class ReplicaSync:
         logger.info("student switched by another replica's promotion",
                     extra={"route": route, "version": version, "previous": _serving(previous)})
         if previous is not None and (pointer is None or previous.adapter_name != pointer.adapter_name):
-            await self.swapper._retire(route, previous)
+            await self.swapper.retire(route, previous)
         return True
 
     async def _load(self, route: str, version: str) -> StudentPointer | None:

@@ -148,7 +148,8 @@ class Swapper:
         self.smoke_timeout_s = smoke_timeout_s
         self._locks: dict[str, asyncio.Lock] = {}
 
-    def _lock(self, route: str) -> asyncio.Lock:
+    def route_lock(self, route: str) -> asyncio.Lock:
+        """Held while this replica changes the route's student; replica sync waits on it too."""
         return self._locks.setdefault(route, asyncio.Lock())
 
     def _members(self) -> list[tuple[str, AdapterServer]]:
@@ -179,7 +180,7 @@ class Swapper:
 
         ``force`` lets an operator promote a version the gate rejected.
         """
-        async with self._lock(route):
+        async with self.route_lock(route):
             candidate = self.registry.get(route, version)
             if candidate is None:
                 raise SwapError(f"route {route!r} has no version {version!r}")
@@ -189,7 +190,7 @@ class Swapper:
 
     async def rollback(self, route: str) -> SwapResult:
         """Serve the version that served before the live one again."""
-        async with self._lock(route):
+        async with self.route_lock(route):
             live = self.registry.live(route)
             target = self.registry.rollback_target(route)
             if live is None or target is None:
@@ -202,7 +203,7 @@ class Swapper:
         """Load a candidate beside the live version (validated, smoke-tested, its detector
         registered for a later promotion); returns its pointer. Switches nothing: the canary
         rollout decides what it serves. Raises SwapError and marks the candidate ``failed``."""
-        async with self._lock(route):
+        async with self.route_lock(route):
             candidate = self.registry.get(route, version)
             if candidate is None or candidate.status != "candidate":
                 raise SwapError(f"version {version} of {route} is not a candidate")
@@ -215,8 +216,8 @@ class Swapper:
         """Retire a canary nothing routes to any more: drain, unload, drop its detector, and
         mark the version (``rejected`` by the test, ``candidate`` when an operator ended it).
         Returns whether it drained in time."""
-        async with self._lock(route):
-            drained, _ = await self._retire(route, pointer)
+        async with self.route_lock(route):
+            drained, _ = await self.retire(route, pointer)
             self.registry.mark(route, pointer.version, status, note=note[:500])
             return drained
 
@@ -237,7 +238,7 @@ class Swapper:
                                                          learned))
         logger.info("student promoted", extra={"route": route, "version": version,
                                                "previous": previous.version if previous else None})
-        drained, unloaded = await self._retire(route, previous)
+        drained, unloaded = await self.retire(route, previous)
         finished = time.perf_counter()
         return SwapResult(route, version, previous.version if previous else None,
                           load_ms=(loaded - started) * 1000, smoke_ms=(smoked - loaded) * 1000,
@@ -337,7 +338,7 @@ class Swapper:
         if failed:
             raise SwapError(f"failed on {len(failed)} of {len(members)} student servers: " + "; ".join(failed))
 
-    async def _retire(self, route: str, previous: StudentPointer | None) -> tuple[bool, str | None]:
+    async def retire(self, route: str, previous: StudentPointer | None) -> tuple[bool, str | None]:
         """Drain the old adapter's in-flight requests, then unload it (never the base model)."""
         if previous is None or previous.version == BASE_MODEL_VERSION:
             return True, None
@@ -379,7 +380,7 @@ class Swapper:
             live = self.registry.live(route)
             if live is None:
                 continue
-            async with self._lock(route):
+            async with self.route_lock(route):
                 outcomes[route] = await self._restore(live)
         return outcomes
 
