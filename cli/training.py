@@ -36,7 +36,8 @@ def _settings(args: argparse.Namespace) -> Settings | None:
 def _register_train(subparsers: Any) -> None:
     parser = subparsers.add_parser("train", help="run one training cycle for a route now (train, evaluate, gate)")
     _common(parser)
-    parser.add_argument("--adapters-root", default="var/adapters", help="where versions' adapters are written")
+    parser.add_argument("--adapters-root", default=None,
+                        help="where versions' adapters are written (default: the config's store.adapters_dir)")
     parser.add_argument("--max-steps", type=int, default=None, help="cap optimizer steps (smoke runs)")
     parser.add_argument("--no-detector", action="store_true", help="skip fitting the router's OOD detector")
     parser.add_argument("--json", action="store_true", help="print the new version as one JSON line")
@@ -54,7 +55,7 @@ def _run_train(args: argparse.Namespace) -> int:
     overrides = {"max_steps": args.max_steps} if args.max_steps else {}
     store = open_store(settings.store)
     try:
-        trainer = Trainer(settings, store, adapters_root=args.adapters_root,
+        trainer = Trainer(settings, store, adapters_root=args.adapters_root or settings.store.adapters_dir,
                           train_overrides=overrides, progress=not args.no_progress,
                           fit_detector=not args.no_detector)
         candidate = trainer.run(args.route)

@@ -169,6 +169,9 @@ class StoreConfig(StrictModel):
     # With postgres, ``path`` still places this replica's spool, dead-letter file and admin
     # token file (see spool_dir and dead_letter_file): they are per process, not shared.
     path: Path = Path("var/distillgate.db")
+    # Where training writes each version's adapter, detector and learned router; the versions
+    # in the store point into it (relative: to the working directory). The demo keeps its own.
+    adapters_dir: Path = Path("var/adapters")
     dsn_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     pool_min_size: int = Field(1, ge=0)
     pool_max_size: int = Field(10, ge=1)

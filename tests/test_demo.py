@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import yaml
 
 from core.config import CostsConfig
 from harness.demo import report
@@ -162,6 +163,16 @@ def test_held_out_queries_have_a_key_of_their_own_that_is_not_trusted_for_traini
     assert not policies.trusted_for_training(key_id(credentials.evaluation_key))
 
 
+def test_the_demo_keeps_its_versions_in_its_own_folder(tmp_path: Path) -> None:
+    """Not the checkout's var/adapters, where its v1, v2... would replace a gateway's own."""
+    from core.config import parse_settings
+
+    options = DemoOptions.quick_defaults(out=tmp_path)
+    settings = parse_settings(demo_config(options, 8000, 8200, 8100), options.config)
+    assert settings.store.adapters_dir == tmp_path / "adapters"
+    assert parse_settings(yaml.safe_load(options.config.read_text())).store.adapters_dir == Path("var/adapters")
+
+
 # -- integration tier: the demo's own gateway, with the caller's shell set -----------------------
 @pytest.mark.integration
 def test_the_demo_gateway_uses_its_own_keys_whatever_the_callers_environment(
@@ -227,6 +238,9 @@ def test_quick_demo_promoted_a_version_and_the_student_served_traffic(demo_out: 
         served = connection.execute("select count(*) from requests where target = 'student' and status_code = 200 "
                                     "and student_version is not null").fetchone()[0]
     assert served > 0
+    with sqlite3.connect(demo_out / "distillgate.db") as connection:
+        adapters = [Path(row[0]) for row in connection.execute("select adapter_path from student_versions")]
+    assert adapters and all(path.is_relative_to(demo_out / "adapters") for path in adapters), adapters
 
 
 @pytest.mark.integration

@@ -119,13 +119,10 @@ def check_vllm_command(settings: Settings, args: list[str], env: dict[str, str])
     assert env.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING") == "True"  # the hot swap loads adapters at run time
 
 
-def adapters_dir(dockerfile: str) -> PurePosixPath:
-    """Where `distillgate train` writes adapters: its default --adapters-root, relative to the
-    working directory (the in-gateway schedule passes none)."""
-    from cli.main import build_parser
-
-    default = build_parser().parse_args(["train", "--route", "x"]).adapters_root
-    return workdir(dockerfile) / default
+def adapters_dir(dockerfile: str, settings: Settings) -> PurePosixPath:
+    """Where `distillgate train` writes adapters: the config's store.adapters_dir, relative to
+    the working directory (the in-gateway schedule passes no --adapters-root)."""
+    return workdir(dockerfile) / PurePosixPath(str(settings.store.adapters_dir))
 
 
 # -- configs/deploy.yaml ----------------------------------------------------------------------------
@@ -285,7 +282,7 @@ def test_compose_shares_models_and_adapters_at_the_same_paths(compose: dict[str,
     for volume, path in vllm.items():
         assert gateway[volume] == path, f"volume {volume}: {gateway[volume]} in the gateway, {path} in vLLM"
     assert init["models"] == gateway["models"]
-    for needed in (PurePosixPath(str(settings.vllm.model_dir)), adapters_dir(dockerfile)):
+    for needed in (PurePosixPath(str(settings.vllm.model_dir)), adapters_dir(dockerfile, settings)):
         assert any(needed.is_relative_to(path) for path in vllm.values()), f"vLLM cannot see {needed}"
     store = PurePosixPath(str(settings.store.path))
     assert store.parent == PurePosixPath(gateway["store"])
@@ -502,7 +499,7 @@ def test_k8s_volumes_are_shared_at_the_same_paths(rendered: tuple[str, list[dict
         assert len(paths) == 1, f"{key} is mounted at different paths: {sorted(paths)}"
     mounted = {key: PurePosixPath(next(iter(paths))) for key, paths in seen.items()}
     assert mounted[("distillgate-shared", "models")] == PurePosixPath(str(settings.vllm.model_dir)).parent
-    assert mounted[("distillgate-shared", "adapters")] == adapters_dir(dockerfile)
+    assert mounted[("distillgate-shared", "adapters")] == adapters_dir(dockerfile, settings)
     assert claims["distillgate-shared"]["spec"]["accessModes"] == ["ReadWriteMany"]  # replicas on several nodes
     # store.path's directory (each replica's spool) is the pod's own, never a shared claim.
     gateway = find(objects, "Deployment", "distillgate")

@@ -47,7 +47,7 @@ class NotEnoughData(Exception):
 
 
 class Trainer:
-    def __init__(self, settings: Settings, store: Store, *, adapters_root: str | Path = "var/adapters",
+    def __init__(self, settings: Settings, store: Store, *, adapters_root: str | Path | None = None,
                  min_train_examples: int = 20, min_holdout_examples: int = 5,
                  embedder_factory: Callable[[], Any] | None = None,
                  train_overrides: dict[str, Any] | None = None, progress: bool = True,
@@ -55,7 +55,7 @@ class Trainer:
         self.settings = settings
         self.store = store
         self.registry = Registry(store)
-        self.adapters_root = Path(adapters_root)
+        self.adapters_root = Path(adapters_root if adapters_root is not None else settings.store.adapters_dir)
         self.min_train_examples = min_train_examples
         self.min_holdout_examples = min_holdout_examples
         self.embedder_factory = embedder_factory

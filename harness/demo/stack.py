@@ -84,7 +84,9 @@ def demo_config(options: DemoOptions, gateway_port: int, teacher_port: int, vllm
     # The demo's key is its own app's: what it sends is what the student should learn.
     base["auth"]["client_keys_trusted_for_training"] = True
     base.setdefault("server", {})["port"] = gateway_port
-    base.setdefault("store", {})["path"] = str(options.out / "distillgate.db")
+    # The demo's versions are its own: in the checkout's var/adapters they would overwrite (v1,
+    # v2, ...) the adapters of a gateway run from the same directory.
+    base.setdefault("store", {}).update(path=str(options.out / "distillgate.db"), adapters_dir=str(options.out / "adapters"))
     vllm = base.setdefault("vllm", {})
     vllm.update(url=f"http://127.0.0.1:{vllm_port}", model_dir=_absolute(vllm.get("model_dir", "var/models/base")),
                 python=_absolute(vllm.get("python", ".venv-vllm/bin/python")))
