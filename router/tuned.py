@@ -50,8 +50,10 @@ def static_encoder(embedder: Any) -> Any:
 
 
 def tune_token_table(encoder: Any, texts: Sequence[str], labels: Sequence[str], *, epochs: int = TUNE_EPOCHS,
-                     lr: float = TUNE_LR, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Fit the token vectors of ``texts`` to ``labels``; returns (token ids moved, their new rows).
+                     lr: float = TUNE_LR, seed: int = 0, scale: float = TUNE_SCALE, margin: float = 0.0,
+                     contrast: float = 0.0, temperature: float = 0.1, batch_size: int = TUNE_BATCH) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fit the token vectors of ``texts`` to ``labels``; returns (token ids moved, their new rows,
+    the cosine classifier's unit class vectors in ``np.unique(labels)`` order).
 
     Deterministic for a seed (one torch thread, seeded order and initial head). Training time only.
     """
@@ -86,16 +88,39 @@ def tune_token_table(encoder: Any, texts: Sequence[str], labels: Sequence[str], 
         order = torch.Generator().manual_seed(seed)
         for _ in range(epochs):
             permutation = torch.randperm(len(tokens), generator=order).tolist()
-            for start in range(0, len(tokens), TUNE_BATCH):
-                batch = permutation[start:start + TUNE_BATCH]
-                logits = TUNE_SCALE * embed([tokens[i] for i in batch]) @ torch.nn.functional.normalize(head, dim=1).T
-                loss = torch.nn.functional.cross_entropy(logits, y[batch])
+            for start in range(0, len(tokens), batch_size):
+                batch = permutation[start:start + batch_size]
+                vectors = embed([tokens[i] for i in batch])
+                cosines = vectors @ torch.nn.functional.normalize(head, dim=1).T
+                if margin:
+                    cosines = cosines - margin * torch.nn.functional.one_hot(y[batch], len(classes))
+                loss = torch.nn.functional.cross_entropy(scale * cosines, y[batch])
+                if contrast:
+                    loss = loss + contrast * _supcon(vectors, y[batch], temperature)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
     finally:
         torch.set_num_threads(threads)
-    return moved.astype(np.int64), table.detach().numpy().astype(np.float32)
+    unit_head = torch.nn.functional.normalize(head.detach(), dim=1).numpy().astype(np.float32)
+    return moved.astype(np.int64), table.detach().numpy().astype(np.float32), unit_head
+
+
+def _supcon(vectors: Any, y: Any, temperature: float = 0.1) -> Any:
+    """Supervised contrastive loss over a batch of unit vectors (anchors with a positive only)."""
+    import torch
+
+    logits = vectors @ vectors.T / temperature
+    self_mask = torch.eye(len(y), dtype=torch.bool)
+    logits = logits.masked_fill(self_mask, -1e9)
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positives = (y[:, None] == y[None, :]) & ~self_mask
+    counts = positives.sum(dim=1)
+    has = counts > 0
+    if not has.any():
+        return vectors.sum() * 0.0
+    per_anchor = (log_prob * positives).sum(dim=1)[has] / counts[has]
+    return -per_anchor.mean()
 
 
 def detector_embeddings(detector: Any, embedder: Any, texts: Sequence[str]) -> np.ndarray:
@@ -139,7 +164,7 @@ class TunedKNNDetector(KNNDetector):
         held = order[:round(len(texts) * CALIBRATION_SHARE)] if len(texts) >= CALIBRATION_MIN_PROMPTS else order[:0]
         tuned = np.setdiff1d(order, held)
         if labels is not None and len({labels[i] for i in tuned}) > 1:
-            self.tuned_ids, self.tuned_rows = tune_token_table(encoder, [texts[i] for i in tuned],
+            self.tuned_ids, self.tuned_rows, _ = tune_token_table(encoder, [texts[i] for i in tuned],
                                                                [labels[i] for i in tuned], epochs=self.epochs,
                                                                lr=self.lr, seed=self.seed)
         self.bind(embedder)
