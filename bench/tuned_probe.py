@@ -33,7 +33,10 @@ CACHE = ROOT / "var" / "probe"
 FRACTIONS = (0.1, 0.2, 0.3)
 SEEDS = (0, 1, 2)
 TUNINGS: dict[str, dict[str, Any]] = {}  # --tunings tag=key:value,...: other tuning objectives
-EXTRA_SEEDS = (1, 2)  # tuning seeds of the ensemble variants (the held tenth stays seed 0's)
+EXTRA_SEEDS = (1, 2)
+# The unprefixed space and the seed ensembles: knn_tuned's tuning before the contrastive term.
+# Today's default is --tunings c1b512=contrast:1,batch_size:512.
+CROSS_ENTROPY: dict[str, Any] = {"contrast": 0.0, "batch_size": 128}  # tuning seeds of the ensemble variants (the held tenth stays seed 0's)
 
 
 def _cached(path: Path, make: Callable[[], dict]) -> dict:
@@ -63,7 +66,7 @@ def _case(name: str, fit: list[tuple[str, str]], known: list[str], unknown: list
     order = np.random.default_rng(0).permutation(len(texts))
     held = np.sort(order[:round(len(texts) * CALIBRATION_SHARE)])
     arrays = _cached(CACHE / f"{name}.npz", lambda: {
-        **_tuned(encoder, texts, labels, held, known, unknown, 0), "labels": np.asarray(labels), "held": held,
+        **_tuned(encoder, texts, labels, held, known, unknown, 0, **CROSS_ENTROPY), "labels": np.asarray(labels), "held": held,
         "classes": np.unique(np.asarray(labels))})
     base = _cached(CACHE / f"{name}.base.npz", lambda: {
         "fit": encoder.encode(texts), "known": encoder.encode(known), "unknown": encoder.encode(unknown)})
@@ -74,7 +77,7 @@ def _case(name: str, fit: list[tuple[str, str]], known: list[str], unknown: list
         arrays.update({f"{tag}_{key}": value for key, value in extra.items()})
     for seed in EXTRA_SEEDS:
         extra = _cached(CACHE / f"{name}.seed{seed}.npz",
-                        lambda seed=seed: _tuned(encoder, texts, labels, held, known, unknown, seed))
+                        lambda seed=seed: _tuned(encoder, texts, labels, held, known, unknown, seed, **CROSS_ENTROPY))
         arrays.update({f"s{seed}_{key}": value for key, value in extra.items()})
     return arrays
 
@@ -190,11 +193,19 @@ def mean_of(parts: list[Scores]) -> Scores:
     return tuple(np.mean([p[i] for p in parts], axis=0) for i in range(3))  # type: ignore[return-value]
 
 
+def _in(tag: str, fn: Callable[..., Scores], *args: Any, **kwargs: Any) -> Callable[[dict], Scores]:
+    """``fn`` read in the space ``tag`` (a tuning's or ``base``; "" is the cross-entropy tuning)."""
+    return lambda c: fn(sub(c, f"{tag}_") if tag else c, *args, **kwargs)
+
+
+def _fused(tag: str, other: Callable[..., Scores], weight: float, *args: Any) -> Callable[[dict], Scores]:
+    return lambda c: fuse(_in(tag, _knn)(c), _in(tag, other, *args)(c), weight)
+
+
 def variants() -> dict[str, Callable[[dict], Scores]]:
     v: dict[str, Callable[[dict], Scores]] = {
-        "knn_base": lambda c: _knn(sub(c, "base_")),
-        "knn_s1": lambda c: _knn(sub(c, "s1_")),
-        "knn_s2": lambda c: _knn(sub(c, "s2_")),
+        "knn_tuned": _in("", _knn), "knn_base": _in("base", _knn), "knn_s1": _in("s1", _knn),
+        "knn_s2": _in("s2", _knn),
         "ens2_mean": lambda c: mean_of([_knn(c), _knn(sub(c, "s1_"))]),
         "ens3_mean": lambda c: mean_of([_knn(c), _knn(sub(c, "s1_")), _knn(sub(c, "s2_"))]),
         "soup2": lambda c: _knn(soup(c, ("", "s1_"))),
@@ -203,22 +214,37 @@ def variants() -> dict[str, Callable[[dict], Scores]]:
         "concat_s1": lambda c: _knn(concat(c, ("", "s1_"))),
         "knn+0.5*base": lambda c: fuse(_knn(c), _knn(sub(c, "base_")), 0.5),
         "knn+1.0*base": lambda c: fuse(_knn(c), _knn(sub(c, "base_")), 1.0),
-        "knn_tuned": lambda c: _knn(c),
-        "head_msp": lambda c: _head(c, "msp"),
-        "head_maxcos": lambda c: _head(c, "maxcos"),
-        "head_energy": lambda c: _head(c, "energy"),
-        "maha64": lambda c: _maha(c, 64),
-        "maha_full": lambda c: _maha(c, 0),
-        "knn_k3": lambda c: _knn(c, k=3),
-        "knn_k10": lambda c: _knn(c, k=10),
-        "knn_nocent": lambda c: _knn(c, use_centroids=False),
+        "head_msp": _in("", _head, "msp"), "head_maxcos": _in("", _head, "maxcos"),
+        "head_energy": _in("", _head, "energy"), "maha64": _in("", _maha, 64), "maha_full": _in("", _maha, 0),
+        "knn_k3": _in("", _knn, k=3), "knn_k10": _in("", _knn, k=10),
+        "knn_nocent": _in("", _knn, use_centroids=False),
     }
     for head in ("msp", "maxcos", "energy"):
-        for w in (0.5, 1.0, 2.0):
-            v[f"knn+{w}*{head}"] = (lambda h, w: lambda c: fuse(_knn(c), _head(c, h), w))(head, w)
-    for w in (0.5, 1.0):
-        v[f"knn+{w}*maha64"] = (lambda w: lambda c: fuse(_knn(c), _maha(c, 64), w))(w)
+        for weight in (0.5, 1.0, 2.0):
+            v[f"knn+{weight}*{head}"] = _fused("", _head, weight, head)
+    for weight in (0.5, 1.0):
+        v[f"knn+{weight}*maha64"] = _fused("", _maha, weight, 64)
+    for tag in TUNINGS:
+        v[f"tune_{tag}"] = _in(tag, _knn)
+        v[f"{tag}+0.5*maha64"] = _fused(tag, _maha, 0.5, 64)
+        v[f"{tag}+0.5*maxcos"] = _fused(tag, _head, 0.5, "maxcos")
+        v[f"{tag}_k3"] = _in(tag, _knn, k=3)
+        v[f"{tag}_dims128"] = _in(tag, _knn, dims=128)
     return v
+
+
+def summarise(data: dict[str, dict], fn: Callable[[dict], Scores]) -> dict[str, Any]:
+    """Far AUROC, and per near fraction the mean over the seeds (and each seed's)."""
+    row = {}
+    for case, arrays in data.items():
+        _, known, unknown = fn(arrays)
+        row[case] = auroc(known, unknown)
+    summary: dict[str, Any] = {"far": row["far"]}
+    for fraction in FRACTIONS:
+        tag = f"near{int(fraction * 100)}"
+        summary[tag] = float(np.mean([row[f"{tag}_s{s}"] for s in SEEDS]))
+        summary[tag + "_seeds"] = [round(row[f"{tag}_s{s}"], 4) for s in SEEDS]
+    return summary
 
 
 def main() -> None:
@@ -232,36 +258,18 @@ def main() -> None:
                         for key, value in (part.split(":") for part in body.split(","))}
     from threadpoolctl import threadpool_limits
 
-    from router.artifacts import create_embedder
     from core.config import parse_settings
+    from router.artifacts import create_embedder
 
     config = parse_settings({"router": {"embedder": "static", "artifacts_dir": str(ROOT / "var/models/router")},
                              "routes": [{"name": "r", "teacher": {"model": "openai/x"}}]}).router
+    table = {}
     with threadpool_limits(limits=1):
         data = cases(create_embedder(config, cache_bytes=0))
-        table = {}
-        space = {tag: (lambda tag: lambda c: sub(c, tag + "_"))(tag) for tag in TUNINGS}
-        extra = {}
-        for tag, at in space.items():
-            extra[f"{tag}+0.5*maha64"] = (lambda at: lambda c: fuse(_knn(at(c)), _maha(at(c), 64), 0.5))(at)
-            extra[f"{tag}+0.5*maxcos"] = (lambda at: lambda c: fuse(_knn(at(c)), _head(at(c), "maxcos"), 0.5))(at)
-            extra[f"{tag}_k3"] = (lambda at: lambda c: _knn(at(c), k=3))(at)
-            extra[f"{tag}_dims128"] = (lambda at: lambda c: _knn(at(c), dims=128))(at)
-        every = {**variants(), **extra, **{f"tune_{tag}": (lambda tag: lambda c: _knn(sub(c, tag + "_")))(tag)
-                                  for tag in TUNINGS}}
-        for name, fn in every.items():
+        for name, fn in variants().items():
             if args.variants and name not in args.variants:
                 continue
-            row = {}
-            for case, arrays in data.items():
-                _, known, unknown = fn(arrays)
-                row[case] = auroc(known, unknown)
-            summary = {"far": row["far"]}
-            for fraction in FRACTIONS:
-                tag = f"near{int(fraction * 100)}"
-                summary[tag] = float(np.mean([row[f"{tag}_s{s}"] for s in SEEDS]))
-                summary[tag + "_seeds"] = [round(row[f"{tag}_s{s}"], 4) for s in SEEDS]
-            table[name] = summary
+            table[name] = summary = summarise(data, fn)
             print(f"{name:24s} far {summary['far']:.4f}  near10 {summary['near10']:.4f}  "
                   f"near20 {summary['near20']:.4f} {summary['near20_seeds']}  near30 {summary['near30']:.4f}",
                   flush=True)
