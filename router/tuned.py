@@ -33,7 +33,7 @@ from router.ood import EmbedderMismatch, KNNDetector
 logger = logging.getLogger(__name__)
 
 TUNE_EPOCHS = 3  # at least; a small route gets more (epochs_for)
-TUNE_MIN_STEPS = 50  # batches of 512 leave a small route few steps: 3,000 prompts, 6 a epoch
+TUNE_MIN_STEPS = 50  # batches of 512 leave a small route few steps: 3,000 prompts make 6 an epoch
 TUNE_MAX_EPOCHS = 10
 TUNE_LR = 0.01  # Adam, token vectors; their norms are ~5.8, so a step moves a row by ~0.2 %
 TUNE_SCALE = 20.0  # cosine-classifier temperature: logits in [-20, 20]
@@ -112,13 +112,8 @@ def tune_token_table(encoder: Any, texts: Sequence[str], labels: Sequence[str], 
             permutation = torch.randperm(len(tokens), generator=order).tolist()
             for start in range(0, len(tokens), batch_size):
                 batch = permutation[start:start + batch_size]
-                vectors = embed([tokens[i] for i in batch])
-                cosines = vectors @ torch.nn.functional.normalize(head, dim=1).T
-                if margin:
-                    cosines = cosines - margin * torch.nn.functional.one_hot(y[batch], len(classes))
-                loss = torch.nn.functional.cross_entropy(scale * cosines, y[batch])
-                if contrast:
-                    loss = loss + contrast * _supcon(vectors, y[batch], temperature)
+                loss = _loss(embed([tokens[i] for i in batch]), head, y[batch], scale=scale, margin=margin,
+                             contrast=contrast, temperature=temperature)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -126,6 +121,19 @@ def tune_token_table(encoder: Any, texts: Sequence[str], labels: Sequence[str], 
         torch.set_num_threads(threads)
     unit_head = torch.nn.functional.normalize(head.detach(), dim=1).numpy().astype(np.float32)
     return moved.astype(np.int64), table.detach().numpy().astype(np.float32), unit_head
+
+
+def _loss(vectors: Any, head: Any, y: Any, *, scale: float, margin: float, contrast: float,
+          temperature: float) -> Any:
+    """One batch's loss: the cosine classifier's cross-entropy (with an additive margin on the
+    true class) plus ``contrast`` times the supervised contrastive term."""
+    import torch
+
+    cosines = vectors @ torch.nn.functional.normalize(head, dim=1).T
+    if margin:
+        cosines = cosines - margin * torch.nn.functional.one_hot(y, head.shape[0])
+    loss = torch.nn.functional.cross_entropy(scale * cosines, y)
+    return loss + contrast * _supcon(vectors, y, temperature) if contrast else loss
 
 
 def _supcon(vectors: Any, y: Any, temperature: float = 0.1) -> Any:
