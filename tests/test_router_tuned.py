@@ -7,19 +7,27 @@ tests/test_router_embedders.py). Tuning runs torch on a few hundred CLINC150 pro
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import openai
 import pytest
 
-from core.config import parse_settings
+from core.config import Settings, parse_settings
 from core.config_base import ConfigError
 from router.artifacts import create_embedder, ensure_embedder
 from router.eval_ood import near_ood, ood_metrics
-from router.ood import EmbedderMismatch, create_detector, fit_detector_for_texts, load_detector
+from router.ood import (
+    EmbedderMismatch,
+    create_detector,
+    fit_detector_for_texts,
+    load_detector,
+    save_detector,
+)
 from router.ood_router import OODRouter
-from router.tuned import detector_embeddings
-from tests.helpers import CLINC, ROOT
+from router.tuned import TUNE_MAX_EPOCHS, _supcon, detector_embeddings, epochs_for
+from tests.helpers import CLINC, ROOT, UvicornThread
 
 ARTIFACTS = ROOT / "var" / "models" / "router"
 
@@ -160,3 +168,71 @@ async def test_each_version_is_scored_with_its_own_table(static: object, clinc: 
     router.drop_detector("r", "v1")
     assert (await router.decide(RoutePolicy("r", Mode.auto, 0.5, None, 0.0, "v2"), prompt)).score == scores["v2"]
     router.close()
+
+
+def test_the_contrastive_term_pulls_a_label_together() -> None:
+    """The loss the tuning adds: lower when prompts of a label sit together than when they are mixed."""
+    import torch
+
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16))
+    together = torch.nn.functional.normalize(torch.tensor(centres[[0, 0, 1, 1, 2, 2]] + 0.05 * rng.normal(size=(6, 16)),
+                                                          dtype=torch.float32), dim=1)
+    mixed = together[[0, 2, 4, 1, 3, 5]]
+    assert float(_supcon(together, labels)) < float(_supcon(mixed, labels)) - 1.0
+    assert float(_supcon(together, torch.tensor([0, 1, 2, 3, 4, 5]))) == 0.0  # no positives: no term
+
+
+def test_a_small_route_gets_enough_steps() -> None:
+    assert epochs_for(13_500, 3, 512) == 3  # CLINC150's full train set: 27 steps an epoch already
+    assert epochs_for(2_700, 3, 512) == 9  # 6 an epoch: raised toward 50 steps
+    assert epochs_for(300, 3, 512) == TUNE_MAX_EPOCHS  # capped: a tiny route is not tuned for long
+
+
+def test_the_file_records_the_objective_and_older_files_read_without_it(static: object, clinc: dict,
+                                                                        tmp_path: Path) -> None:
+    texts, labels = texts_labels(clinc["train"])
+    contrastive = create_detector("knn_tuned").fit_texts(texts, labels, static)
+    plain = create_detector("knn_tuned", contrast=0.0, batch_size=128).fit_texts(texts, labels, static)
+    np.testing.assert_array_equal(contrastive.tuned_ids, plain.tuned_ids)
+    assert np.abs(contrastive.tuned_rows - plain.tuned_rows).max() > 0.01  # the term changes the table
+    loaded = load_detector(save_detector(contrastive, tmp_path / "new"))
+    assert (loaded.contrast, loaded.batch_size) == (1.0, 512)
+    older = create_detector("knn_tuned")
+    older.restore(plain.arrays(), {key: value for key, value in plain.params().items()
+                                   if key not in ("contrast", "batch_size")})
+    assert (older.contrast, older.batch_size) == (0.0, 128)  # what a file from before the term was tuned with
+
+
+@pytest.mark.integration
+def test_a_real_gateway_decides_with_the_contrastive_table(
+        static: object, clinc: dict, replay_teacher: str, make_settings: Callable[..., Settings],
+        tmp_path: Path) -> None:
+    """Through uvicorn and the openai SDK: the served score is the contrastive table's, not the
+    cross-entropy-only table's nor the shared embedding's, and routes in- and out-of-scope apart."""
+    from gateway.app import create_app
+
+    texts, labels = texts_labels(clinc["train"])
+    settings = make_settings(replay_teacher, replay_teacher, route={"student": {"serve_base_model": True}},
+                             router={"embedder": "static", "artifacts_dir": str(ARTIFACTS)})
+    path = fit_detector_for_texts(texts, labels, "knn_tuned", tmp_path / "detector", create_embedder(settings.router))
+    plain = create_detector("knn_tuned", contrast=0.0, batch_size=128).fit_texts(texts, labels, static)
+    prompts = {"in": clinc["test"][0][0], "out": clinc["oos"][0][0]}
+    app = create_app(settings)
+    with UvicornThread(app) as server:
+        app.state.decider.load_detector("clinc-intents", "base", path)
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+        served = {}
+        for name, text in prompts.items():
+            raw = client.chat.completions.with_raw_response.create(
+                model="clinc-intents", messages=[{"role": "user", "content": text}], max_tokens=8)
+            served[name] = (raw.headers["x-distillgate-target"], float(raw.headers["x-distillgate-ood-score"]))
+    detector = app.state.decider.detector("clinc-intents", "base")
+    assert detector.name == "knn_tuned" and detector.contrast == 1.0
+    threshold = detector.meta["threshold_keep_95"]
+    assert served["in"][0] == "student" and served["in"][1] <= threshold, served
+    assert served["out"][0] == "teacher" and served["out"][1] > threshold, served
+    for name, text in prompts.items():
+        assert served[name][1] == pytest.approx(float(detector.score(detector.embed_texts([text]))[0]), abs=1e-3)
+        assert abs(served[name][1] - float(plain.score(plain.embed_texts([text]))[0])) > 1e-3
