@@ -60,10 +60,11 @@ def configure_logging(level: str, log_format: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
-# Per-call INFO lines from the HTTP and provider libraries (httpx2: the openai 3.x SDK's), and apscheduler's two lines per job
-# run (the scheduler's leadership check runs every 5 s: 35,000 lines a day), drown the
-# gateway's own log.
-NOISY_LOGGERS = ("httpx", "httpx2", "httpcore", "LiteLLM", "LiteLLM Router", "LiteLLM Proxy", "apscheduler.executors.default")
+# Per-call INFO lines from the HTTP and provider libraries (httpx2: the openai 3.x SDK's) and
+# apscheduler's two lines per job run (the leadership check runs every 5 s: 35,000 lines a day)
+# drown the gateway's own log.
+NOISY_LOGGERS = ("httpx", "httpx2", "httpcore", "LiteLLM", "LiteLLM Router", "LiteLLM Proxy",
+                 "apscheduler.executors.default")
 
 
 def quiet_libraries() -> None:

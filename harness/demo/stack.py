@@ -86,7 +86,8 @@ def demo_config(options: DemoOptions, gateway_port: int, teacher_port: int, vllm
     base.setdefault("server", {})["port"] = gateway_port
     # The demo's versions are its own: in the checkout's var/adapters they would overwrite (v1,
     # v2, ...) the adapters of a gateway run from the same directory.
-    base.setdefault("store", {}).update(path=str(options.out / "distillgate.db"), adapters_dir=str(options.out / "adapters"))
+    base.setdefault("store", {}).update(path=str(options.out / "distillgate.db"),
+                                        adapters_dir=str(options.out / "adapters"))
     vllm = base.setdefault("vllm", {})
     vllm.update(url=f"http://127.0.0.1:{vllm_port}", model_dir=_absolute(vllm.get("model_dir", "var/models/base")),
                 python=_absolute(vllm.get("python", ".venv-vllm/bin/python")))
