@@ -108,9 +108,9 @@ class Trainer:
         detector_path = self._fit_detector(config, dataset, out_dir / "detector")
         make_private(out_dir)
         evaluation = self._evaluation_set(config, dataset, labels)
-        detail["dataset"]["fresh"] = len(evaluation) - len(dataset.holdout)
+        fresh = detail["dataset"]["fresh"] = len(evaluation) - len(dataset.holdout)
         metrics, agrees = self._evaluate(config, evaluation, adapter_dir, labels, detector_path, version)
-        metrics["evaluated_on"] = {"holdout": len(dataset.holdout), "fresh": detail["dataset"]["fresh"]}
+        metrics["evaluated_on"] = {"holdout": len(dataset.holdout), "fresh": fresh}
         metrics["learned_router"] = fit_learned_router(config, version, self.embedder, evaluation, agrees,
                                                        detector_path, out_dir / "learned_router")
         make_private(out_dir)
