@@ -67,9 +67,24 @@ NOISY_LOGGERS = ("httpx", "httpx2", "httpcore", "LiteLLM", "LiteLLM Router", "Li
                  "apscheduler.executors.default")
 
 
+class ExpectedSchedulerSkips(logging.Filter):
+    """Drops apscheduler's warning that a tick was skipped because the job still runs.
+
+    A route's training job runs with ``max_instances=1``, so every tick that fires while a
+    cycle trains (minutes) is skipped by design; the warning said so every interval. The
+    scheduler's other warnings (a missed run, a job that failed) still pass.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances reached" not in record.getMessage()
+
+
 def quiet_libraries() -> None:
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    scheduler = logging.getLogger("apscheduler.scheduler")
+    if not any(isinstance(existing, ExpectedSchedulerSkips) for existing in scheduler.filters):
+        scheduler.addFilter(ExpectedSchedulerSkips())
 
 
 def main(argv: list[str] | None = None) -> int:
