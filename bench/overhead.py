@@ -36,6 +36,7 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import CLINC, ROOT, Child, LoadResult, closed_loop, free_port, python_module
+from router.ood import ALL_DETECTORS, DEFAULT_DETECTOR
 
 ROUTER_ARTIFACTS = ROOT / "var" / "models" / "router"
 
@@ -68,15 +69,15 @@ def gateway_config(upstream: str, store_path: Path, embedder: str = "static") ->
     }
 
 
-def fit_auto_detector(embedder: str, out: Path) -> Path:
-    """The auto route's detector: the default kind on 3,000 CLINC150 training prompts."""
+def fit_auto_detector(embedder: str, out: Path, kind: str | None = None) -> Path:
+    """The auto route's detector (``kind``, default the router's default) on 3,000 CLINC150 training prompts."""
     from router.artifacts import create_embedder
     from router.eval_ood import _subsample, load_clinc_format
-    from router.ood import DEFAULT_DETECTOR, fit_detector_for_texts
+    from router.ood import fit_detector_for_texts
 
     config = argparse.Namespace(embedder=embedder, artifacts_dir=ROUTER_ARTIFACTS, cache_mb=0.0)
     train = _subsample(load_clinc_format(CLINC)["train"], 3000, 0)
-    return fit_detector_for_texts([t for t, _ in train], [i for _, i in train], DEFAULT_DETECTOR, out,
+    return fit_detector_for_texts([t for t, _ in train], [i for _, i in train], kind or DEFAULT_DETECTOR, out,
                                   create_embedder(config, build=True))
 
 
@@ -112,13 +113,14 @@ def measure(url: str, model: str, concurrency: int, requests: int) -> LoadResult
 
 
 def run(requests: int, concurrencies: list[int], workdir: Path, console: Console,
-        embedder: str = "static", paths: list[str] | None = None) -> dict[str, Any]:
+        embedder: str = "static", paths: list[str] | None = None, detector_kind: str | None = None) -> dict[str, Any]:
     upstream_port, gateway_port, proxy_port = free_port(), free_port(), free_port()
     upstream = f"http://127.0.0.1:{upstream_port}"
     config_path = workdir / "gateway.yaml"
     config_path.write_text(yaml.safe_dump(gateway_config(upstream, workdir / "bench.db", embedder)))
     paths = list(paths or GATEWAY_PATHS)
-    detector = fit_auto_detector(embedder, workdir / "auto-detector") if "gateway_auto" in paths else None
+    detector = (fit_auto_detector(embedder, workdir / "auto-detector", detector_kind)
+                if "gateway_auto" in paths else None)
     proxy_path = workdir / "litellm.yaml"
     proxy_path.write_text(yaml.safe_dump(litellm_config(upstream)))
     targets = {
@@ -162,7 +164,8 @@ def run(requests: int, concurrencies: list[int], workdir: Path, console: Console
             finally:
                 if child:
                     child.stop()
-    return {"embedder": embedder, "results": results, "comparison": compare(results, concurrencies)}
+    return {"embedder": embedder, "detector": (detector_kind or DEFAULT_DETECTOR) if detector else None,
+            "results": results, "comparison": compare(results, concurrencies)}
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -214,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--embedder", default="static", choices=["static", "onnx", "minilm"],
                         help="the auto route's router embedder")
+    parser.add_argument("--detector", default=None, choices=sorted(ALL_DETECTORS),
+                        help="the auto route's OOD detector (default: the router's default)")
     parser.add_argument("--paths", nargs="+", choices=GATEWAY_PATHS, default=list(GATEWAY_PATHS),
                         help="what to measure besides direct (default: all)")
     parser.add_argument("--serve-auto", nargs=3, metavar=("CONFIG", "PORT", "DETECTOR"), help=argparse.SUPPRESS)
@@ -224,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         args.requests, args.concurrency = 40, [1, 4]
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="distillgate-bench-") as workdir:
-        report = run(args.requests, args.concurrency, Path(workdir), console, args.embedder, args.paths)
+        report = run(args.requests, args.concurrency, Path(workdir), console, args.embedder, args.paths,
+                     args.detector)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -108,6 +108,7 @@ def make_settings(args: argparse.Namespace, work: Path, base: Path, *, warm: boo
         "routes": [{"name": ROUTE, "teacher": {"model": "openai/replay-teacher"}, "labels_dataset": str(CLINC),
                     "student": {"system_prompt": default.student.system_prompt},
                     "confidence_threshold": default.confidence_threshold, "training": training,
+                    "ood_detector": default.ood_detector, "ood_threshold": default.ood_threshold,
                     "cascade": default.cascade.model_dump(), "gate": default.gate.model_dump(),
                     "learned_router": default.learned_router.model_dump()}],
     })
@@ -147,14 +148,19 @@ def learned_on_test(trainer: Any, route: RouteConfig, candidate: Any, holdout: l
     (the same advantage for both)."""
     from router.learned import LearnedRouter
     from router.ood import load_detector
+    from router.tuned import detector_embeddings
     from trainer.cascade import calibrate_threshold
 
     trained = candidate.metrics.get("learned_router") or {}
     if "path" not in trained:
         return {"trained": trained}
-    embeddings = trainer.embedder().encode([example.prompt_text for example in holdout])
+    # As the gateway scores: the shared embedding for the learned router, the detector's own
+    # (knn_tuned's tuned table) for the OOD score.
+    texts = [example.prompt_text for example in holdout]
+    embeddings = trainer.embedder().encode(texts)
+    detector = load_detector(candidate.detector_path)
     p_agree = LearnedRouter.load(trained["path"]).predict_agree(
-        embeddings, load_detector(candidate.detector_path).score(embeddings))
+        embeddings, detector.score(detector_embeddings(detector, trainer.embedder(), texts)))
     passed = [bool(p >= route.learned_router.min_agree) for p in p_agree]
     cascade, agrees = result.cascade_scores, result.agrees
     threshold = result.confidence_threshold
