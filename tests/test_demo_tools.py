@@ -47,6 +47,8 @@ def test_the_tool_route_is_opt_in_and_a_copy_of_the_main_route() -> None:
     main, tools = config["routes"]
     assert tools["name"] == TOOL_ROUTE and "labels_dataset" not in tools and "labels_dataset" in main
     assert tools["training"]["min_new_examples"] == 120 and tools["gate"] == main["gate"]
+    # Without labels a label-tuned detector is plain knn, so the tool route scores in knn's unit.
+    assert main["ood_detector"] == "knn_tuned" and (tools["ood_detector"], tools["ood_threshold"]) == ("knn", 0.5)
     assert parse_settings(config, ROOT / "configs" / "default.yaml").routes[1].name == TOOL_ROUTE
 
 
