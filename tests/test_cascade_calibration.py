@@ -169,3 +169,48 @@ def test_an_answer_the_route_escalates_is_never_served_by_the_calibrated_thresho
     _add_served(plain, holdout, student, [-0.1, -0.2, -0.01, -0.3], None, None,
                 cascade.model_copy(update={"escalate_answers": []}), None, "r:v1")
     assert plain.cascade_scores[2] == -0.01  # without the rule it is the surest answer of all
+
+
+def test_prompts_the_teacher_called_out_of_scope_stay_out_of_the_detectors_bank(tmp_path: Any) -> None:
+    from types import SimpleNamespace
+
+    from trainer.pipeline import Trainer
+
+    class Embedder:
+        id, dim = "test", 4
+
+        def encode(self, texts: list[str]) -> np.ndarray:
+            return np.array([[text.count("a"), text.count("e"), text.count("z"), 1.0] for text in texts],
+                            dtype=np.float32)
+
+    in_scope = [SimpleNamespace(prompt_text=f"{'a' * (i + 1)} {'e' * (i % 3)}", answer=f"label{i % 2}")
+                for i in range(12)]
+    out_of_scope = [SimpleNamespace(prompt_text=f"{'z' * (i + 5)} a", answer="OOS") for i in range(4)]
+    scores = {}
+    for escalate in ([], ["oos"]):
+        settings = parse_settings({"store": {"path": str(tmp_path / "db.sqlite")},
+                                   "routes": [{"name": "r", "teacher": {"model": "openai/x"},
+                                               "cascade": {"escalate_answers": escalate,
+                                                           "disagreement_penalty": 0.5, "neighbours": 3}}]})
+        store = SQLiteStore(settings.store.path)
+        trainer = Trainer(settings, store, progress=False, embedder_factory=Embedder)
+        path = trainer._fit_detector(settings.routes[0], SimpleNamespace(train=in_scope + out_of_scope),
+                                     tmp_path / f"detector-{len(escalate)}")
+        store.close()
+        detector = load_detector(path)
+        scores[len(escalate)] = float(detector.score(Embedder().encode([out_of_scope[0].prompt_text]))[0])
+        # The bank: every prompt, or the in-scope ones only (the answer compared as the cascade does).
+        assert detector.meta["train_size"] == (16 if not escalate else 12)
+        assert all(answer in {answer_hash("label0"), answer_hash("label1")} for answer in detector.answer_hashes) \
+            == bool(escalate)
+    # A prompt the teacher called out of scope was "in distribution" while it sat in the bank.
+    assert scores[0] == pytest.approx(0.0, abs=1e-5) and scores[1] > 0.1
+    # A route whose every answer escalates still gets a detector (on everything it has).
+    settings = parse_settings({"store": {"path": str(tmp_path / "db.sqlite")},
+                               "routes": [{"name": "r", "teacher": {"model": "openai/x"},
+                                           "cascade": {"escalate_answers": ["oos"]}}]})
+    store = SQLiteStore(settings.store.path)
+    path = Trainer(settings, store, progress=False, embedder_factory=Embedder)._fit_detector(
+        settings.routes[0], SimpleNamespace(train=out_of_scope), tmp_path / "detector-all")
+    store.close()
+    assert load_detector(path).meta["train_size"] == 4
