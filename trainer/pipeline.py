@@ -201,14 +201,7 @@ class Trainer:
 
     def _fit_detector(self, config: RouteConfig, dataset: Dataset, path: Path) -> Path | None:
         """The router's OOD detector, fitted on this version's training prompts (with their
-        teacher answers when the cascade weighs neighbours' answers).
-
-        Prompts the teacher answered with one of ``cascade.escalate_answers`` (``oos``) are left
-        out: the detector's bank is what the student may serve, and these are the prompts the
-        teacher itself called out of scope. In the bank they pulled the next out-of-scope
-        prompts in (CLINC150, 200 such prompts beside 2,000-15,000 in-scope ones: far-OOD AUROC
-        -0.003 to -0.010, out-of-scope sent at the threshold -4 to -7 points, both detectors).
-        """
+        teacher answers when the cascade weighs neighbours' answers)."""
         if not self.fit_detector:
             return None
         try:
@@ -216,9 +209,8 @@ class Trainer:
         except ImportError:
             logger.warning("router.ood is unavailable; this version has no OOD detector", extra={"route": config.name})
             return None
-        bank = [example for example in dataset.train if not config.cascade.escalates(example.answer)] or dataset.train
-        texts = [example.prompt_text for example in bank]
-        answers = [example.answer for example in bank]
+        texts = [example.prompt_text for example in dataset.train]
+        answers = [example.answer for example in dataset.train]
         labels = answers if config.labels_dataset is not None else None
         voting = config.cascade.disagreement_penalty > 0
         return Path(fit_detector_for_texts(texts, labels, config.ood_detector, path, self.embedder(),
