@@ -24,6 +24,7 @@ from typing import Any
 
 import openai
 
+from core.route_config import RouteConfig
 from core.store import STORE_ERRORS
 from core.store.sqlite import ReadOnlyStore
 from harness.demo.traffic import Query, paced
@@ -34,9 +35,6 @@ TOOL_INTENTS = ["balance", "transfer", "pay_bill", "freeze_account", "credit_sco
                 "book_flight", "book_hotel", "timer", "weather"]
 SYSTEM_PROMPT = ("You are a banking and travel assistant. Call the one tool that handles the customer's "
                  "request; if no tool fits, answer oos.")
-
-
-TOOL_OOD_THRESHOLD = 0.5  # knn keeps ~96 % of in-scope CLINC150 prompts at 0.5 (README)
 
 
 def tool_specs() -> list[dict[str, Any]]:
@@ -51,8 +49,9 @@ def add_tool_route(config: dict[str, Any], min_new_examples: int) -> None:
     route["name"] = TOOL_ROUTE
     route.pop("labels_dataset", None)  # answers are tool calls, not intent labels
     # knn_tuned and knn_lda need labels (without them they are knn), and the threshold's unit
-    # follows the detector: the plain kNN score at its own threshold.
-    route["ood_detector"], route["ood_threshold"] = "knn", TOOL_OOD_THRESHOLD
+    # follows the detector: a route's defaults, the plain kNN score at its own threshold.
+    for field in ("ood_detector", "ood_threshold"):
+        route[field] = RouteConfig.model_fields[field].default
     route.setdefault("student", {})["system_prompt"] = "Call the tool:"
     route.setdefault("training", {})["min_new_examples"] = min_new_examples
     config["routes"].append(route)
