@@ -92,6 +92,10 @@ class KNNDetector:
         # the cascade checks the student's answer against its nearest neighbours' answers.
         self.answer_hashes: np.ndarray | None = None
         self.vote_k = 0
+        # The bank's first ``scored_rows`` rows are scored; the rest (e.g. prompts the teacher
+        # answered out of scope) only vote. ``fit_order``: bank row i is training prompt fit_order[i].
+        self.scored_rows = 0
+        self.fit_order: np.ndarray | None = None
 
     def _centre(self, embeddings: np.ndarray) -> np.ndarray:
         assert self.mean is not None, "detector is not fitted"
@@ -101,29 +105,45 @@ class KNNDetector:
         assert self.basis is not None
         return _normalize(centred @ self.basis)
 
-    def fit(self, embeddings: np.ndarray, labels: Sequence[str] | None = None) -> KNNDetector:
-        matrix = _as_matrix(embeddings)
-        if len(matrix) < 2:
-            raise ValueError("kNN detector needs at least two training prompts")
-        self.mean = matrix.mean(axis=0).astype(np.float32)
+    def fit(self, embeddings: np.ndarray, labels: Sequence[str] | None = None,
+            scored: Sequence[bool] | None = None) -> KNNDetector:
+        """Fit on the training prompts. Rows with ``scored`` False stay in the bank for the
+        neighbours' vote but are no part of the score: not its space, kNN, centroids or percentile."""
+        matrix, labels, kept = self._scored_first(_as_matrix(embeddings), labels, scored)
+        if kept < 2:
+            raise ValueError("kNN detector needs at least two scored training prompts")
+        self.mean = matrix[:kept].mean(axis=0).astype(np.float32)
         centred = self._centre(matrix)
-        dims = max(1, min(self.dims, matrix.shape[1], len(matrix) - 1))
-        self.basis = self._fit_basis(centred, labels, dims)
+        dims = max(1, min(self.dims, matrix.shape[1], kept - 1))
+        fit_labels = None if labels is None else labels[:kept]
+        self.basis = self._fit_basis(centred[:kept], fit_labels, dims)
         self.bank = np.ascontiguousarray(self._project(centred))
         self.centroids, self.centroid_weight = None, 0.0
-        sample = np.random.default_rng(0).permutation(len(matrix))[:_CALIBRATION_SAMPLE]
+        sample = np.random.default_rng(0).permutation(kept)[:_CALIBRATION_SAMPLE]
         train_scores = self._knn(self.bank[sample], exclude_self=True)
-        if labels is not None and self.use_centroids and len(set(labels)) > 1:
-            means, _, _ = _class_means(self._centroid_space(centred, self.bank), labels)
+        if fit_labels is not None and self.use_centroids and len(set(fit_labels)) > 1:
+            means, _, _ = _class_means(self._centroid_space(centred[:kept], self.bank[:kept]), fit_labels)
             self.centroids = _normalize(means)
             centroid_part = self._centroid(self._centroid_space(centred[sample], self.bank[sample]))
             # Equal spread on the training data: same ranking as a sum of z-scores, but stays >= 0.
             self.centroid_weight = float(train_scores.std() / max(centroid_part.std(), 1e-6))
             train_scores = self._combine(train_scores, centroid_part)
-        self.meta = {"k": self.k, "dims": dims, "train_size": len(matrix),
+        self.meta = {"k": self.k, "dims": dims, "train_size": kept, "unscored_rows": len(matrix) - kept,
                      "centroids": self.centroids is not None,
                      "threshold_keep_95": float(np.quantile(train_scores, 0.95))}
         return self
+
+    def _scored_first(self, matrix: np.ndarray, labels: Sequence[str] | None, scored: Sequence[bool] | None
+                      ) -> tuple[np.ndarray, list[str] | None, int]:
+        """The rows reordered so the scored ones come first (the score reads ``bank[:scored_rows]``,
+        a view, so an unmasked bank costs nothing extra), and how many are scored."""
+        mask = np.ones(len(matrix), bool) if scored is None else np.asarray(scored, dtype=bool)
+        if len(mask) != len(matrix):
+            raise ValueError(f"scored has {len(mask)} entries for {len(matrix)} training prompts")
+        self.fit_order = np.argsort(~mask, kind="stable")
+        self.scored_rows = int(mask.sum())
+        ordered = None if labels is None else [str(labels[i]) for i in self.fit_order]
+        return matrix[self.fit_order], ordered, self.scored_rows
 
     def _fit_basis(self, centred: np.ndarray, labels: Sequence[str] | None, dims: int) -> np.ndarray:
         """The (dim, dims) projection: the top principal directions of the training prompts."""
@@ -133,7 +153,8 @@ class KNNDetector:
     def attach_answers(self, answer_hashes: Sequence[int], vote_k: int) -> None:
         """Remember the teacher's answer to every training prompt (in fit order)."""
         assert self.bank is not None and len(answer_hashes) == len(self.bank), "one answer per training prompt"
-        self.answer_hashes = np.asarray(answer_hashes, dtype=np.int64)
+        hashes = np.asarray(answer_hashes, dtype=np.int64)
+        self.answer_hashes = hashes if self.fit_order is None else hashes[self.fit_order]
         self.vote_k = max(1, min(int(vote_k), len(self.bank)))
 
     def score_with_neighbours(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -160,6 +181,7 @@ class KNNDetector:
         return self._knn_from(projected @ self.bank.T, exclude_self)
 
     def _knn_from(self, sims: np.ndarray, exclude_self: bool = False) -> np.ndarray:
+        sims = sims[:, :self.scored_rows]
         k = min(self.k + int(exclude_self), sims.shape[1])
         if k == 1:  # the default: a max is a quarter of a partition's cost per request
             return 1.0 - sims.max(axis=1)
@@ -192,7 +214,7 @@ class KNNDetector:
 
     def params(self) -> dict[str, Any]:
         return {"k": self.k, "dims": self.dims, "use_centroids": self.use_centroids,
-                "centroid_weight": self.centroid_weight, "vote_k": self.vote_k}
+                "centroid_weight": self.centroid_weight, "vote_k": self.vote_k, "scored_rows": self.scored_rows}
 
     def restore(self, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> None:
         self.mean, self.basis, self.bank = arrays["mean"], arrays["basis"], arrays["bank"]
@@ -200,6 +222,7 @@ class KNNDetector:
         self.centroid_weight = float(params.get("centroid_weight", 0.0))
         self.answer_hashes = arrays.get("answer_hashes")
         self.vote_k = int(params.get("vote_k", 0))
+        self.scored_rows = int(params.get("scored_rows", len(self.bank)))  # older files score every row
 
     def save(self, path: str | Path) -> Path:
         return save_detector(self, path)
@@ -399,6 +422,7 @@ def fit_detector_for_texts(
     embedder: Any,
     answers: Sequence[str] | None = None,
     vote_k: int = 5,
+    scored: Sequence[bool] | None = None,
 ) -> Path:
     """Fit a detector on a student's training prompts and save it; returns the saved file.
 
@@ -406,12 +430,17 @@ def fit_detector_for_texts(
     ``student_versions.detector_path`` so the detector is versioned with the student.
     ``meta["threshold_keep_95"]`` is a starting threshold that keeps 95% of the training
     prompts on the student, until ``distillgate calibrate`` has shadow data to do better.
+    Prompts with ``scored`` False (answered out of scope) only vote; a detector without a
+    bank (Mahalanobis) leaves them out.
     """
     detector = create_detector(kind)
     if getattr(detector, "fits_texts", False):
-        detector.fit_texts(list(texts), labels, embedder)
+        detector.fit_texts(list(texts), labels, embedder, scored=scored)
+    elif isinstance(detector, KNNDetector):
+        detector.fit(embedder.encode(list(texts)), labels, scored=scored)
     else:
-        detector.fit(embedder.encode(list(texts)), labels)
+        keep = [n for n in range(len(texts)) if scored is None or scored[n]]
+        detector.fit(embedder.encode([texts[n] for n in keep]), None if labels is None else [labels[n] for n in keep])
     if answers is not None and hasattr(detector, "attach_answers"):
         from core.answers import answer_hash
 

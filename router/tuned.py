@@ -182,18 +182,22 @@ class TunedKNNDetector(KNNDetector):
         self.tuned_rows: np.ndarray | None = None
         self._view: Any | None = None
 
-    def fit_texts(self, texts: Sequence[str], labels: Sequence[str] | None, embedder: Any) -> TunedKNNDetector:
+    def fit_texts(self, texts: Sequence[str], labels: Sequence[str] | None, embedder: Any,
+                  scored: Sequence[bool] | None = None) -> TunedKNNDetector:
         """Tune the token table on ``texts``/``labels`` (when there are two labels or more), then fit ``knn``.
 
         A seeded tenth of the prompts is kept out of the tuning: the table fits the prompts it
         was tuned on, so their scores run low (95th percentile 0.33 against 0.46 for new
         in-scope prompts on CLINC150), and ``threshold_keep_95`` (the starting threshold, and
-        drift's "novel" line) is read on the kept-out tenth instead.
+        drift's "novel" line) is read on the kept-out tenth instead. Prompts with ``scored``
+        False only vote (see ``KNNDetector.fit``): the tuning never sees them either.
         """
         texts = list(texts)
         encoder = static_encoder(embedder)
-        order = np.random.default_rng(self.seed).permutation(len(texts))
-        held = order[:round(len(texts) * CALIBRATION_SHARE)] if len(texts) >= CALIBRATION_MIN_PROMPTS else order[:0]
+        candidates = np.arange(len(texts)) if scored is None else np.flatnonzero(np.asarray(scored, dtype=bool))
+        # The same draw as a fit on the scored prompts alone: masking a prompt = leaving it out, but for the vote.
+        order = candidates[np.random.default_rng(self.seed).permutation(len(candidates))]
+        held = order[:round(len(order) * CALIBRATION_SHARE)] if len(order) >= CALIBRATION_MIN_PROMPTS else order[:0]
         tuned = np.setdiff1d(order, held)
         if labels is not None and len({labels[i] for i in tuned}) > 1:
             self.tuned_ids, self.tuned_rows, _ = tune_token_table(
@@ -201,7 +205,7 @@ class TunedKNNDetector(KNNDetector):
                 seed=self.seed, contrast=self.contrast, batch_size=self.batch_size)
         self.bind(embedder)
         embeddings = self.embed_texts(texts)
-        self.fit(embeddings, labels)
+        self.fit(embeddings, labels, scored)
         if len(held) and len(self.tuned_ids):
             self.meta["threshold_keep_95"] = float(np.quantile(self._held_out_scores(embeddings[held]), 0.95))
         self.meta.update(tuned_tokens=len(self.tuned_ids), calibration_prompts=len(held))

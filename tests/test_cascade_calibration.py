@@ -169,3 +169,36 @@ def test_an_answer_the_route_escalates_is_never_served_by_the_calibrated_thresho
     _add_served(plain, holdout, student, [-0.1, -0.2, -0.01, -0.3], None, None,
                 cascade.model_copy(update={"escalate_answers": []}), None, "r:v1")
     assert plain.cascade_scores[2] == -0.01  # without the rule it is the surest answer of all
+
+
+def test_the_trainer_masks_prompts_the_teacher_answered_out_of_scope(tmp_path: Any) -> None:
+    """A route's escalate answers mark prompts the student must hand back: they vote in the
+    detector's bank, but an out-of-scope prompt near them is not scored as known."""
+    from types import SimpleNamespace
+
+    from trainer.pipeline import Trainer
+
+    class Embedder:
+        id, dim = "test", 3
+
+        def encode(self, texts: list[str]) -> np.ndarray:
+            return np.array([[text.count("a"), text.count("z"), 1.0] for text in texts], dtype=np.float32)
+
+    examples = [SimpleNamespace(prompt_text="a" * i, answer=f"label{i % 2}") for i in range(1, 11)]
+    examples += [SimpleNamespace(prompt_text="z" * i, answer="OOS") for i in range(1, 4)]
+    paths = {}
+    for escalate in ([], ["oos"]):
+        settings = parse_settings({"store": {"path": str(tmp_path / "db.sqlite")},
+                                   "routes": [{"name": "r", "teacher": {"model": "openai/x"},
+                                               "cascade": {"disagreement_penalty": 0.5, "neighbours": 1,
+                                                           "escalate_answers": escalate}}]})
+        store = SQLiteStore(settings.store.path)
+        trainer = Trainer(settings, store, progress=False, embedder_factory=Embedder)
+        paths[bool(escalate)] = trainer._fit_detector(settings.routes[0], SimpleNamespace(train=examples),
+                                                      tmp_path / f"detector-{bool(escalate)}")
+        store.close()
+    masked, in_bank = load_detector(paths[True]), load_detector(paths[False])
+    assert masked.meta["unscored_rows"] == 3 and in_bank.meta["unscored_rows"] == 0
+    probe = Embedder().encode(["zz"])
+    assert in_bank.score(probe)[0] < 1e-6 < masked.score(probe)[0]
+    assert masked.score_with_neighbours(probe)[1][0, 0] == answer_hash("oos")

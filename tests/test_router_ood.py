@@ -177,3 +177,39 @@ def test_route_config_names_the_detector_kinds() -> None:
     assert parse_settings({"routes": [{**route, "ood_detector": "knn_lda"}]}).routes[0].ood_detector == "knn_lda"
     with pytest.raises(ConfigError, match="ood_detector"):
         parse_settings({"routes": [{**route, "ood_detector": "lda"}]})
+
+
+@pytest.mark.parametrize("kind", ["knn", "knn_lda"])
+def test_unscored_rows_vote_but_are_no_part_of_the_score(subset: dict, kind: str, tmp_path: Path) -> None:
+    """Prompts the teacher answered out of scope stay in the bank for the vote, but an
+    out-of-scope prompt near them must not score as in-distribution."""
+    from core.answers import answer_hash
+
+    oos = subset["oos_x"][:40]
+    # The unscored rows come first in fit order, so the bank's reordering must carry the answers.
+    matrix = np.concatenate([oos, subset["train_x"]])
+    labels = ["oos"] * len(oos) + list(subset["train_y"])
+    scored = [False] * len(oos) + [True] * len(subset["train_x"])
+    masked = create_detector(kind).fit(matrix, labels, scored=scored)
+    masked.attach_answers([answer_hash(label) for label in labels], vote_k=1)
+    in_bank = create_detector(kind).fit(matrix, labels)
+    without = create_detector(kind).fit(subset["train_x"], subset["train_y"])
+
+    # In the score each would be its own nearest prompt, and out-of-scope traffic would look known.
+    assert (in_bank.score(oos) < masked.score(oos)).all()
+    np.testing.assert_allclose(masked.score(oos), without.score(oos), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(masked.score(subset["test_x"]), without.score(subset["test_x"]), rtol=1e-5, atol=1e-6)
+    assert masked.meta["unscored_rows"] == len(oos) and masked.meta["train_size"] == len(subset["train_x"])
+    _, nearest = masked.score_with_neighbours(oos)
+    assert (nearest[:, 0] == answer_hash("oos")).all()  # the vote still sees them
+    _, nearest_in = masked.score_with_neighbours(subset["train_x"][:20])
+    assert list(nearest_in[:, 0]) == [answer_hash(label) for label in subset["train_y"][:20]]
+
+    loaded = load_detector(masked.save(tmp_path / "masked"))
+    np.testing.assert_allclose(loaded.score(oos), masked.score(oos), rtol=1e-5)
+    assert (loaded.score_with_neighbours(oos)[1][:, 0] == answer_hash("oos")).all()
+
+
+def test_a_mask_of_the_wrong_length_is_refused(subset: dict) -> None:
+    with pytest.raises(ValueError, match="scored has 3 entries"):
+        create_detector("knn").fit(subset["train_x"], subset["train_y"], scored=[True, False, True])

@@ -236,3 +236,28 @@ def test_a_real_gateway_decides_with_the_contrastive_table(
     for name, text in prompts.items():
         assert served[name][1] == pytest.approx(float(detector.score(detector.embed_texts([text]))[0]), abs=1e-3)
         assert abs(served[name][1] - float(plain.score(plain.embed_texts([text]))[0])) > 1e-3
+
+
+def test_prompts_answered_out_of_scope_only_vote(static: object, clinc: dict) -> None:
+    """Masked prompts (the trainer masks the route's escalate answers) are neither tuned on nor
+    scored against: the detector scores as if they were absent, and they still vote."""
+    from core.answers import answer_hash
+
+    texts, labels = texts_labels(clinc["train"])
+    oos = [text for text, _ in clinc["oos"][:60]]
+    mixed_texts = [text for pair in zip(texts[:60], oos, strict=True) for text in pair] + texts[60:]
+    mixed_labels = [label for pair in zip(labels[:60], ["oos"] * 60, strict=True) for label in pair] + labels[60:]
+    scored = [label != "oos" for label in mixed_labels]
+    masked = create_detector("knn_tuned").fit_texts(mixed_texts, mixed_labels, static, scored=scored)
+    masked.attach_answers([answer_hash(label) for label in mixed_labels], vote_k=1)
+    absent = create_detector("knn_tuned").fit_texts(texts, labels, static)
+    in_bank = create_detector("knn_tuned").fit_texts(mixed_texts, mixed_labels, static)
+
+    np.testing.assert_array_equal(masked.tuned_rows, absent.tuned_rows)  # the tuning never saw them
+    probe = oos + [text for text, _ in clinc["test"][:40]]
+    np.testing.assert_allclose(masked.score(masked.embed_texts(probe)), absent.score(absent.embed_texts(probe)),
+                               atol=1e-5)
+    assert masked.meta["threshold_keep_95"] == pytest.approx(absent.meta["threshold_keep_95"], abs=1e-6)
+    assert (in_bank.score(in_bank.embed_texts(oos)) < masked.score(masked.embed_texts(oos))).all()
+    _, nearest = masked.score_with_neighbours(masked.embed_texts(oos))
+    assert (nearest[:, 0] == answer_hash("oos")).all()
