@@ -72,11 +72,11 @@ def gateway_config(upstream: str, store_path: Path, embedder: str = "static") ->
 def fit_auto_detector(embedder: str, out: Path, kind: str | None = None) -> Path:
     """The auto route's detector (``kind``, default the router's default) on 3,000 CLINC150 training prompts."""
     from router.artifacts import create_embedder
-    from router.eval_ood import _subsample, load_clinc_format
+    from router.eval_ood import load_clinc_format, subsample
     from router.ood import fit_detector_for_texts
 
     config = argparse.Namespace(embedder=embedder, artifacts_dir=ROUTER_ARTIFACTS, cache_mb=0.0)
-    train = _subsample(load_clinc_format(CLINC)["train"], 3000, 0)
+    train = subsample(load_clinc_format(CLINC)["train"], 3000, 0)
     return fit_detector_for_texts([t for t, _ in train], [i for _, i in train], kind or DEFAULT_DETECTOR, out,
                                   create_embedder(config, build=True))
 

@@ -31,7 +31,7 @@ from core.modes import Mode
 from router.artifacts import create_embedder
 from router.decision import RoutePolicy
 from router.embeddings import Embedder
-from router.eval_ood import _subsample, load_clinc_format, near_ood, ood_metrics
+from router.eval_ood import load_clinc_format, near_ood, ood_metrics, subsample
 from router.ood import ALL_DETECTORS, DEFAULT_DETECTOR, DETECTORS, create_detector
 from router.ood_router import OODRouter
 
@@ -44,9 +44,9 @@ GOALS = {"decision_p50_ms": 1.0, "decisions_per_s": 3000.0, "far_auroc": 0.97, "
 def quality(splits: dict[str, list[tuple[str, str]]], embedder: Embedder, sizes: dict[str, int | None],
             chosen: str = DEFAULT_DETECTOR) -> tuple[dict[str, Any], dict[str, Any]]:
     """Embed once, fit every detector (far) and the chosen one (near); returns (figures, fitted)."""
-    train = _subsample(splits["train"], sizes["train"], 0)
-    test = _subsample(splits["test"], sizes["eval"], 0)
-    oos = _subsample(splits["oos_test"], sizes["eval"], 0)
+    train = subsample(splits["train"], sizes["train"], 0)
+    test = subsample(splits["test"], sizes["eval"], 0)
+    oos = subsample(splits["oos_test"], sizes["eval"], 0)
     started = time.perf_counter()
     train_x = embedder.encode([text for text, _ in train])
     test_x = embedder.encode([text for text, _ in test])

@@ -1,7 +1,9 @@
 """Drift: how far a route's recent traffic has moved from its live student's training prompts.
 
-The router appends each scored request's OOD score to its route's window, a bounded deque:
-the only drift work on the request path. Statistics are read off the window elsewhere (the
+The router appends each scored request's novelty to its route's window, a bounded deque:
+the only drift work on the request path. Novelty is the OOD score against every training
+prompt, those the teacher answered out of scope (masked out of the OOD score) included
+(``KNNDetector.assess``); for other detectors it is the OOD score. Statistics are read off the window elsewhere (the
 training schedule, a metrics scrape, the dashboard):
 
 - ``ood_share``: the share of the window above the route's ``ood_threshold``, i.e. of the

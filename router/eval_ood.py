@@ -47,7 +47,7 @@ def load_clinc_format(path: str | Path) -> dict[str, list[tuple[str, str]]]:
     return splits
 
 
-def _subsample(rows: list[tuple[str, str]], limit: int | None, seed: int) -> list[tuple[str, str]]:
+def subsample(rows: list[tuple[str, str]], limit: int | None, seed: int) -> list[tuple[str, str]]:
     if limit is None or len(rows) <= limit:
         return rows
     picked = np.random.default_rng(seed).choice(len(rows), size=limit, replace=False)
@@ -157,9 +157,9 @@ def evaluate(
         raise ValueError(f"unknown protocol {protocol!r}: far, near or both")
     splits = load_clinc_format(path)
     embedder = embedder or Embedder()
-    train = _subsample(splits["train"], max_train, seed)
-    test = _subsample(splits["test"], max_eval, seed)
-    oos = _subsample(splits["oos_test"], max_eval, seed)
+    train = subsample(splits["train"], max_train, seed)
+    test = subsample(splits["test"], max_eval, seed)
+    oos = subsample(splits["oos_test"], max_eval, seed)
     started = time.perf_counter()
     train_x = embedder.encode([text for text, _ in train])
     embed_s = time.perf_counter() - started

@@ -160,28 +160,39 @@ class KNNDetector:
     def score_with_neighbours(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """``score`` plus the answer hashes of each query's ``vote_k`` nearest training
         prompts (None without attached answers), from the same matrix product."""
+        scores, _, nearest_answers = self.assess(embeddings)
+        return scores, nearest_answers
+
+    def assess(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Per query: the score, the novelty (the same score against every bank row, masked
+        ones included: what drift reads, so traffic like prompts the teacher already answered
+        out of scope is not new), and the nearest answers (as ``score_with_neighbours``)."""
         return self._score(embeddings, neighbours=True)
 
-    def _score(self, embeddings: np.ndarray, neighbours: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def _score(self, embeddings: np.ndarray, neighbours: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         assert self.bank is not None, "detector is not fitted"
         centred = self._centre(embeddings)
         projected = self._project(centred)
         sims = projected @ self.bank.T
         scores = self._knn_from(sims)
+        masked = self.scored_rows < len(self.bank)
+        novelty = self._knn_from(sims, every_row=True) if masked else scores
         if self.centroids is not None:
-            scores = self._combine(scores, self._centroid(self._centroid_space(centred, projected)))
+            centroid_part = self._centroid(self._centroid_space(centred, projected))
+            scores = self._combine(scores, centroid_part)
+            novelty = self._combine(novelty, centroid_part) if masked else scores
         nearest_answers = None
         if neighbours and self.answer_hashes is not None:
             nearest = np.argpartition(-sims, self.vote_k - 1, axis=1)[:, :self.vote_k]
             nearest_answers = self.answer_hashes[nearest]
-        return np.maximum(scores, 0.0), nearest_answers
+        return np.maximum(scores, 0.0), np.maximum(novelty, 0.0), nearest_answers
 
     def _knn(self, projected: np.ndarray, exclude_self: bool = False) -> np.ndarray:
         assert self.bank is not None
         return self._knn_from(projected @ self.bank.T, exclude_self)
 
-    def _knn_from(self, sims: np.ndarray, exclude_self: bool = False) -> np.ndarray:
-        sims = sims[:, :self.scored_rows]
+    def _knn_from(self, sims: np.ndarray, exclude_self: bool = False, every_row: bool = False) -> np.ndarray:
+        sims = sims if every_row else sims[:, :self.scored_rows]
         k = min(self.k + int(exclude_self), sims.shape[1])
         if k == 1:  # the default: a max is a quarter of a partition's cost per request
             return 1.0 - sims.max(axis=1)

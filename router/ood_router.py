@@ -10,7 +10,8 @@ detector (``set_detector``/``load_detector``) before it flips the route's pointe
 first request on the new student is scored against the new training distribution.
 
 Every score also goes to the route's drift window (``self.drift``, router/drift.py): one
-append per request; the statistics are computed by whoever reads them.
+append per request (the detector's novelty, which unlike the score counts prompts the teacher
+answered out of scope as seen); the statistics are computed by whoever reads them.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ logger = logging.getLogger(__name__)
 
 ScoreJob = tuple[OODDetector, str]
 INLINE_GAP_S = 0.002  # a decision this soon after the previous one is batched, not inlined
-# The OOD score, the prompt's embedding, and the teacher's answers to its nearest training prompts.
-ScoreResult = tuple[float, np.ndarray, tuple[int, ...]]
+# The OOD score, the prompt's embedding, the teacher's answers to its nearest training prompts,
+# and the novelty drift reads (``KNNDetector.assess``; the score itself for other detectors).
+ScoreResult = tuple[float, np.ndarray, tuple[int, ...], float]
 
 
 def _limit_blas_threads() -> Any:
@@ -162,11 +164,11 @@ class OODRouter:
         # closely go to the batcher, where one matrix product scores many at once.
         started = time.perf_counter()
         if self.embedder.inline and self._batcher.idle and started >= self._quiet_after:
-            score, embedding, neighbours = self._score_batch([(detector, text)])[0]
+            score, embedding, neighbours, novelty = self._score_batch([(detector, text)])[0]
         else:
-            score, embedding, neighbours = await self._batcher.submit((detector, text))
+            score, embedding, neighbours, novelty = await self._batcher.submit((detector, text))
         self._quiet_after = time.perf_counter() + INLINE_GAP_S
-        self.drift.record(policy.route, policy.student_version, score)
+        self.drift.record(policy.route, policy.student_version, novelty)
         decision = self._decide_scored(policy, score, embedding)
         decision.neighbour_answers = neighbours
         return self._with_student_extras(policy, decision)
@@ -212,6 +214,7 @@ class OODRouter:
     def _score_batch(self, jobs: list[ScoreJob]) -> list[ScoreResult]:
         embeddings = self.embedder.encode([text for _, text in jobs])
         scores = np.empty(len(jobs), dtype=np.float64)
+        novelty = np.empty(len(jobs), dtype=np.float64)
         neighbours: list[tuple[int, ...]] = [()] * len(jobs)
         groups: dict[int, list[int]] = {}
         for index, (detector, _) in enumerate(jobs):
@@ -223,14 +226,14 @@ class OODRouter:
                 # (cached) still goes to the learned router, which was trained on it.
                 rows = (detector.embed_texts([jobs[i][1] for i in indices]) if getattr(detector, "fits_texts", False)
                         else embeddings[indices])
-                if hasattr(detector, "score_with_neighbours"):
-                    scores[indices], nearest = detector.score_with_neighbours(rows)
+                if hasattr(detector, "assess"):
+                    scores[indices], novelty[indices], nearest = detector.assess(rows)
                     if nearest is not None:
                         for row, index in enumerate(indices):
                             neighbours[index] = tuple(int(value) for value in nearest[row])
                 else:
-                    scores[indices] = detector.score(rows)
-        return [(float(scores[i]), embeddings[i], neighbours[i]) for i in range(len(jobs))]
+                    scores[indices] = novelty[indices] = detector.score(rows)
+        return [(float(scores[i]), embeddings[i], neighbours[i], float(novelty[i])) for i in range(len(jobs))]
 
     def close(self) -> None:
         self._batcher.close()

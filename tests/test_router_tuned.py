@@ -98,11 +98,11 @@ def test_the_router_scores_with_the_tuned_table(static: object, clinc: dict, tmp
     detector = router.detector("r", "v1")
     probe = [text for text, _ in clinc["test"][:8] + clinc["oos"][:8]]
     results = router._score_batch([(detector, text) for text in probe])
-    scores = np.array([score for score, _, _ in results])
+    scores = np.array([score for score, _, _, _ in results])
     np.testing.assert_allclose(scores, detector.score(detector.embed_texts(probe)), atol=1e-6)
     untuned = detector.score(static.encode(probe))  # what the shared embedding alone would score
     assert np.abs(scores - untuned).max() > 0.01
-    np.testing.assert_allclose(np.stack([row for _, row, _ in results]), static.encode(probe), atol=1e-6)
+    np.testing.assert_allclose(np.stack([row for _, row, _, _ in results]), static.encode(probe), atol=1e-6)
     in_scores, oos_scores = scores[:8], scores[8:]
     assert ood_metrics(in_scores, oos_scores)["auroc"] > 0.9
     router.close()
@@ -261,3 +261,30 @@ def test_prompts_answered_out_of_scope_only_vote(static: object, clinc: dict) ->
     assert (in_bank.score(in_bank.embed_texts(oos)) < masked.score(masked.embed_texts(oos))).all()
     _, nearest = masked.score_with_neighbours(masked.embed_texts(oos))
     assert (nearest[:, 0] == answer_hash("oos")).all()
+
+
+async def test_the_router_sends_known_out_of_scope_prompts_away_and_drift_reads_them_as_seen(
+        static: object, clinc: dict, tmp_path: Path) -> None:
+    """Through a real router: a prompt the teacher answered out of scope is scored as far (the
+    mask), while the drift window records it as seen (the novelty)."""
+    from core.modes import Mode
+    from router.decision import RoutePolicy
+
+    texts, labels = texts_labels(clinc["train"])
+    oos = [text for text, _ in clinc["oos"][:50]]
+    path = fit_detector_for_texts(texts + oos, labels + ["oos"] * len(oos), "knn_tuned", tmp_path / "det", static,
+                                  scored=[True] * len(texts) + [False] * len(oos))
+    router = OODRouter(static)
+    router.load_detector("r", "v1", path)
+    policy = RoutePolicy("r", Mode.auto, 0.39, None, 0.0, "v1")
+    try:
+        decisions = [await router.decide(policy, [{"role": "user", "content": text}]) for text in oos]
+        stats = router.drift_stats("r", 0.39)
+    finally:
+        router.close()
+    scores = np.array([decision.score for decision in decisions])
+    assert sum(decision.target == "teacher" for decision in decisions) >= 0.6 * len(oos)
+    # The novelty still has the distance to the nearest in-scope centroid in it (measured: 0.29
+    # against a score of 0.57; a fifth of the window above the percentile, against nearly all).
+    assert stats.requests == len(oos) and stats.mean_score < 0.7 * scores.mean()
+    assert stats.novel_share < 0.3 and float((scores > stats.train_p95).mean()) > 0.8
