@@ -3,7 +3,9 @@
 ``OODDetector`` is the seam: ``fit(embeddings, labels=None)`` on the student's training
 prompts, ``score(embeddings)`` for new ones (higher = further out, never negative, so an
 operator's ``ood_threshold`` is a plain non-negative number). Detectors save as one
-``.npz`` of arrays plus a JSON header (no pickled code) and are registered by name.
+``.npz`` of arrays plus a JSON header (no pickled code; router/detector_base.py) and are
+registered by name here (Mahalanobis lives in router/mahalanobis.py, ``knn_tuned`` in
+router/tuned.py).
 
 Measured on CLINC150 (train -> test vs. oos_test, frozen all-MiniLM-L6-v2): plain kNN cosine
 distance (k=5) 0.966 AUROC; centred and projected on 64 principal directions 0.973; plus the
@@ -25,44 +27,24 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
+from router.detector_base import (  # noqa: F401  (OODDetector, save_detector: this module's public names)
+    FORMAT_VERSION,
+    OODDetector,
+    as_matrix,
+    class_means,
+    normalize_rows,
+    npz_path,
+    save_detector,
+)
+from router.mahalanobis import MahalanobisDetector
+
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 _CALIBRATION_SAMPLE = 2000  # training rows used to learn score scales (leave-one-out)
-
-
-@runtime_checkable
-class OODDetector(Protocol):
-    name: str
-    meta: dict[str, Any]
-
-    def fit(self, embeddings: np.ndarray, labels: Sequence[str] | None = None) -> OODDetector: ...
-
-    def score(self, embeddings: np.ndarray) -> np.ndarray: ...
-
-    def save(self, path: str | Path) -> Path: ...
-
-
-def _normalize(matrix: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return (matrix / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
-def _as_matrix(embeddings: np.ndarray) -> np.ndarray:
-    matrix = np.asarray(embeddings, dtype=np.float32)
-    return matrix[None, :] if matrix.ndim == 1 else matrix
-
-
-def _class_means(matrix: np.ndarray, labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    classes, index = np.unique(np.asarray(labels, dtype=str), return_inverse=True)
-    sums = np.zeros((len(classes), matrix.shape[1]), dtype=np.float64)
-    np.add.at(sums, index, matrix)
-    means = sums / np.bincount(index, minlength=len(classes))[:, None]
-    return means.astype(np.float32), index, [str(name) for name in classes]
 
 
 class KNNDetector:
@@ -99,17 +81,17 @@ class KNNDetector:
 
     def _centre(self, embeddings: np.ndarray) -> np.ndarray:
         assert self.mean is not None, "detector is not fitted"
-        return _normalize(_as_matrix(embeddings) - self.mean)
+        return normalize_rows(as_matrix(embeddings) - self.mean)
 
     def _project(self, centred: np.ndarray) -> np.ndarray:
         assert self.basis is not None
-        return _normalize(centred @ self.basis)
+        return normalize_rows(centred @ self.basis)
 
     def fit(self, embeddings: np.ndarray, labels: Sequence[str] | None = None,
             scored: Sequence[bool] | None = None) -> KNNDetector:
         """Fit on the training prompts. Rows with ``scored`` False stay in the bank for the
         neighbours' vote but are no part of the score: not its space, kNN, centroids or percentile."""
-        matrix, labels, kept = self._scored_first(_as_matrix(embeddings), labels, scored)
+        matrix, labels, kept = self._scored_first(as_matrix(embeddings), labels, scored)
         if kept < 2:
             raise ValueError("kNN detector needs at least two scored training prompts")
         self.mean = matrix[:kept].mean(axis=0).astype(np.float32)
@@ -122,8 +104,8 @@ class KNNDetector:
         sample = np.random.default_rng(0).permutation(kept)[:_CALIBRATION_SAMPLE]
         train_scores = self._knn(self.bank[sample], exclude_self=True)
         if fit_labels is not None and self.use_centroids and len(set(fit_labels)) > 1:
-            means, _, _ = _class_means(self._centroid_space(centred[:kept], self.bank[:kept]), fit_labels)
-            self.centroids = _normalize(means)
+            means, _, _ = class_means(self._centroid_space(centred[:kept], self.bank[:kept]), fit_labels)
+            self.centroids = normalize_rows(means)
             centroid_part = self._centroid(self._centroid_space(centred[sample], self.bank[sample]))
             # Equal spread on the training data: same ranking as a sum of z-scores, but stays >= 0.
             self.centroid_weight = float(train_scores.std() / max(centroid_part.std(), 1e-6))
@@ -263,7 +245,7 @@ class LDAKNNDetector(KNNDetector):
         if labels is None or len(set(labels)) < 2:
             return super()._fit_basis(centred, labels, dims)
         matrix = centred.astype(np.float64)
-        means, index, _ = _class_means(matrix, labels)
+        means, index, _ = class_means(matrix, labels)
         residuals = matrix - means[index]
         within = residuals.T @ residuals / len(matrix)
         # Shrinkage: rare classes and few prompts leave directions with no spread to whiten.
@@ -283,63 +265,6 @@ class LDAKNNDetector(KNNDetector):
 
     def params(self) -> dict[str, Any]:
         return {**super().params(), "shrinkage": self.shrinkage}
-
-
-class MahalanobisDetector:
-    """Mahalanobis distance with a Ledoit-Wolf shrinkage covariance.
-
-    With labels: class-conditional means and one shared covariance of the residuals (the
-    usual recipe for sentence embeddings), scoring the distance to the nearest class mean.
-    """
-
-    name = "mahalanobis"
-
-    def __init__(self) -> None:
-        self.meta: dict[str, Any] = {}
-        self.means: np.ndarray | None = None
-        self.precision: np.ndarray | None = None
-
-    def fit(self, embeddings: np.ndarray, labels: Sequence[str] | None = None) -> MahalanobisDetector:
-        from sklearn.covariance import LedoitWolf
-
-        matrix = _as_matrix(embeddings).astype(np.float64)
-        if labels is not None and len(set(labels)) > 1:
-            means, index, _ = _class_means(matrix, labels)
-            residuals = matrix - means[index]
-        else:
-            means = matrix.mean(axis=0, keepdims=True)
-            residuals = matrix - means
-        estimator = LedoitWolf().fit(residuals)
-        self.means = np.asarray(means, dtype=np.float32)
-        self.precision = estimator.precision_.astype(np.float32)
-        self.meta = {"train_size": len(matrix), "classes": len(self.means),
-                     "shrinkage": float(estimator.shrinkage_)}
-        self.meta["threshold_keep_95"] = float(np.quantile(self.score(matrix), 0.95))
-        return self
-
-    def score(self, embeddings: np.ndarray) -> np.ndarray:
-        assert self.means is not None and self.precision is not None, "detector is not fitted"
-        queries = _as_matrix(embeddings)
-        projected = queries @ self.precision
-        # |x - m|^2_P expanded so all classes are scored in one matrix product.
-        squared = (
-            (projected * queries).sum(axis=1)[:, None]
-            - 2.0 * projected @ self.means.T
-            + ((self.means @ self.precision) * self.means).sum(axis=1)[None, :]
-        )
-        return np.sqrt(np.maximum(squared.min(axis=1), 0.0) / queries.shape[1])
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {"means": self.means, "precision": self.precision}
-
-    def params(self) -> dict[str, Any]:
-        return {}
-
-    def restore(self, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> None:
-        self.means, self.precision = arrays["means"], arrays["precision"]
-
-    def save(self, path: str | Path) -> Path:
-        return save_detector(self, path)
 
 
 DETECTORS: dict[str, type] = {KNNDetector.name: KNNDetector, LDAKNNDetector.name: LDAKNNDetector,
@@ -364,27 +289,9 @@ def create_detector(kind: str = DEFAULT_DETECTOR, **kwargs: Any) -> Any:
         raise ValueError(f"unknown detector {kind!r}; known: {', '.join(sorted(ALL_DETECTORS))}") from None
 
 
-def _npz_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
-
-
-def save_detector(detector: Any, path: str | Path) -> Path:
-    """Write ``<path>.npz`` (arrays) with a JSON header inside; returns the file written."""
-    target = _npz_path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    header = {"format": FORMAT_VERSION, "kind": detector.name, "params": detector.params(),
-              "meta": detector.meta}
-    arrays = {key: value for key, value in detector.arrays().items() if value is not None}
-    tmp = target.with_name(target.name + ".tmp.npz")
-    np.savez(tmp, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
-    tmp.replace(target)  # atomic: a loader never sees a half-written detector
-    return target
-
-
 def load_detector(path: str | Path) -> Any:
     """Load a detector written by :func:`save_detector` (no pickle: ``allow_pickle=False``)."""
-    with np.load(_npz_path(path), allow_pickle=False) as data:
+    with np.load(npz_path(path), allow_pickle=False) as data:
         header = json.loads(bytes(data["header"]).decode())
         arrays = {key: data[key] for key in data.files if key != "header"}
     if header.get("format") != FORMAT_VERSION:
