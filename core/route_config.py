@@ -282,6 +282,9 @@ class RedactConfig(StrictModel):
         return self.secrets or self.ibans or self.emails or self.phones or self.cards
 
 
+LABEL_DETECTORS = ("knn_lda", "knn_tuned")  # learn from the teacher's labels (labels_dataset)
+
+
 class RouteConfig(StrictModel):
     name: str
     mode: Mode = Mode.auto
@@ -312,3 +315,14 @@ class RouteConfig(StrictModel):
         if not ROUTE_NAME_PATTERN.match(name):
             raise ValueError("route names are 1-64 characters of letters, digits, '.', '_', '-'")
         return name
+
+    @model_validator(mode="after")
+    def _label_detectors_need_labels(self) -> RouteConfig:
+        # Without the teacher's labels these detectors are plain knn, whose distances are longer:
+        # a threshold chosen for them would silently send most in-scope prompts to the teacher.
+        if self.ood_detector in LABEL_DETECTORS and self.labels_dataset is None:
+            raise ValueError(
+                f"ood_detector {self.ood_detector} learns from the teacher's labels and this route has no "
+                f"labels_dataset: without one it would score as knn, in another unit of ood_threshold "
+                f"(knn keeps at 0.5 what knn_tuned keeps at 0.39-0.41); set labels_dataset, or ood_detector: knn")
+        return self

@@ -174,7 +174,8 @@ def test_knn_lda_without_labels_is_knn(subset: dict) -> None:
 
 def test_route_config_names_the_detector_kinds() -> None:
     route = {"name": "r", "teacher": {"model": "openai/x"}}
-    assert parse_settings({"routes": [{**route, "ood_detector": "knn_lda"}]}).routes[0].ood_detector == "knn_lda"
+    labelled = {**route, "labels_dataset": str(CLINC)}
+    assert parse_settings({"routes": [{**labelled, "ood_detector": "knn_lda"}]}).routes[0].ood_detector == "knn_lda"
     with pytest.raises(ConfigError, match="ood_detector"):
         parse_settings({"routes": [{**route, "ood_detector": "lda"}]})
 

@@ -125,7 +125,12 @@ def test_another_embedder_or_a_foreign_table_is_refused(static: object, clinc: d
 
 def test_config_accepts_knn_tuned() -> None:
     route = {"name": "r", "teacher": {"model": "openai/x"}}
-    assert parse_settings({"routes": [{**route, "ood_detector": "knn_tuned"}]}).routes[0].ood_detector == "knn_tuned"
+    labelled = {**route, "labels_dataset": str(CLINC)}
+    assert parse_settings({"routes": [{**labelled, "ood_detector": "knn_tuned"}]}).routes[0].ood_detector == "knn_tuned"
+    # Without labels it would be knn at a threshold chosen for knn_tuned's shorter distances.
+    for kind in ("knn_tuned", "knn_lda"):
+        with pytest.raises(ConfigError, match=f"ood_detector {kind} learns from the teacher's labels"):
+            parse_settings({"routes": [{**route, "ood_detector": kind}]})
     with pytest.raises(ConfigError, match="ood_detector"):
         parse_settings({"routes": [{**route, "ood_detector": "tuned"}]})
 
