@@ -1,8 +1,9 @@
 """Prompts the teacher answered out of scope: in the detector's score, or masked (vote only).
 
 A label route's teacher answers ``oos`` to what is out of scope, and the demo's stream (like an
-app's traffic) repeats such prompts. The trainer keeps them in the kNN bank for the cascade's
-neighbour vote but masks them out of the score (``KNNDetector.fit(..., scored=)``). This
+app's traffic) repeats such prompts. With ``cascade.mask_escalated_prompts`` the trainer keeps them
+in the kNN bank for the cascade's neighbour vote but out of the score (``KNNDetector.fit(...,
+scored=)``). This
 measures what the mask does to the OOD detector on CLINC150: each detector is fitted on
 ``--sizes`` training prompts plus the 200 ``oos_train`` + ``oos_val`` prompts labelled ``oos``
 (as the stream brings them), once with those in the score and once masked, then scored on

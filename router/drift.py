@@ -2,13 +2,14 @@
 
 The router appends each scored request's novelty to its route's window, a bounded deque:
 the only drift work on the request path. Novelty is the OOD score against every training
-prompt, those the teacher answered out of scope (masked out of the OOD score) included
+prompt, those the teacher answered out of scope included (``cascade.mask_escalated_prompts``
+masks them out of the OOD score)
 (``KNNDetector.assess``); for other detectors it is the OOD score. Statistics are read off
 the window elsewhere (the training schedule, a metrics scrape, the dashboard):
 
 - ``ood_share``: the share of the window above the route's ``ood_threshold``, i.e. of the
-  traffic the router sends to the teacher because the student does not know it (prompts like
-  the route's known out-of-scope ones aside: no retrain would serve them). Read with
+  traffic the router sends to the teacher because the student does not know it (with the mask,
+  prompts like the route's known out-of-scope ones aside: no retrain would serve them). Read with
   the threshold live at the time, so an operator's change applies to the whole window.
 - ``novel_share``: the share above the 95th percentile of the detector's own training scores
   (``meta["threshold_keep_95"]``; leave-one-out for the kNN detector). A new prompt drawn

@@ -187,15 +187,16 @@ def test_the_trainer_masks_prompts_the_teacher_answered_out_of_scope(tmp_path: A
     examples = [SimpleNamespace(prompt_text="a" * i, answer=f"label{i % 2}") for i in range(1, 11)]
     examples += [SimpleNamespace(prompt_text="z" * i, answer="OOS") for i in range(1, 4)]
     paths = {}
-    for escalate in ([], ["oos"]):
+    for mask in (False, True):  # off by default: the route's escalate answers are scored too
+        cascade = {"disagreement_penalty": 0.5, "neighbours": 1, "escalate_answers": ["oos"]}
         settings = parse_settings({"store": {"path": str(tmp_path / "db.sqlite")},
                                    "routes": [{"name": "r", "teacher": {"model": "openai/x"},
-                                               "cascade": {"disagreement_penalty": 0.5, "neighbours": 1,
-                                                           "escalate_answers": escalate}}]})
+                                               "cascade": {**cascade, "mask_escalated_prompts": True} if mask
+                                               else cascade}]})
         store = SQLiteStore(settings.store.path)
         trainer = Trainer(settings, store, progress=False, embedder_factory=Embedder)
-        paths[bool(escalate)] = trainer._fit_detector(settings.routes[0], SimpleNamespace(train=examples),
-                                                      tmp_path / f"detector-{bool(escalate)}")
+        paths[mask] = trainer._fit_detector(settings.routes[0], SimpleNamespace(train=examples),
+                                            tmp_path / f"detector-{mask}")
         store.close()
     masked, in_bank = load_detector(paths[True]), load_detector(paths[False])
     assert masked.meta["unscored_rows"] == 3 and in_bank.meta["unscored_rows"] == 0

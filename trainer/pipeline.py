@@ -201,9 +201,10 @@ class Trainer:
 
     def _fit_detector(self, config: RouteConfig, dataset: Dataset, path: Path) -> Path | None:
         """The router's OOD detector, fitted on this version's training prompts (with their
-        teacher answers when the cascade weighs neighbours' answers). Prompts the teacher
-        answered with an escalate answer (``oos``) only vote: in the score they would pull the
-        next out-of-scope prompts in (README, "The cascade")."""
+        teacher answers when the cascade weighs neighbours' answers). With
+        ``cascade.mask_escalated_prompts``, prompts the teacher answered with an escalate answer
+        (``oos``) only vote: in the score they pull the next out-of-scope prompts in (README,
+        "The cascade")."""
         if not self.fit_detector:
             return None
         try:
@@ -215,7 +216,8 @@ class Trainer:
         answers = [example.answer for example in dataset.train]
         labels = answers if config.labels_dataset is not None else None
         voting = config.cascade.disagreement_penalty > 0
-        scored = [not config.cascade.escalates(answer) for answer in answers]
+        scored = [not (config.cascade.mask_escalated_prompts and config.cascade.escalates(answer))
+                  for answer in answers]
         return Path(fit_detector_for_texts(texts, labels, config.ood_detector, path, self.embedder(),
                                            answers=answers if voting else None, vote_k=config.cascade.neighbours,
                                            scored=None if all(scored) or sum(scored) < 2 else scored))
