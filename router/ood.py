@@ -135,6 +135,8 @@ class KNNDetector:
     def attach_answers(self, answer_hashes: Sequence[int], vote_k: int) -> None:
         """Remember the teacher's answer to every training prompt (in fit order)."""
         assert self.bank is not None and len(answer_hashes) == len(self.bank), "one answer per training prompt"
+        # A masked bank is stored in another order than the fit's; only the fit knows it.
+        assert self.fit_order is not None or self.scored_rows == len(self.bank), "attach answers right after fit"
         hashes = np.asarray(answer_hashes, dtype=np.int64)
         self.answer_hashes = hashes if self.fit_order is None else hashes[self.fit_order]
         self.vote_k = max(1, min(int(vote_k), len(self.bank)))
@@ -157,7 +159,7 @@ class KNNDetector:
         projected = self._project(centred)
         sims = projected @ self.bank.T
         scores = self._knn_from(sims)
-        masked = self.scored_rows < len(self.bank)
+        masked = neighbours and self.scored_rows < len(self.bank)  # ``score`` alone needs no novelty
         novelty = self._knn_from(sims, every_row=True) if masked else scores
         if self.centroids is not None:
             centroid_part = self._centroid(self._centroid_space(centred, projected))
